@@ -1,0 +1,19 @@
+"""Evaluation process entry: ``python -m jobs.eval [flags]`` or under torchrun; exact top-1/top-5 counts."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jobs.common import parse_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv, "Evaluate a checkpoint on the val set (exact counts under DDP).")
+    from pipeline.evaluate import evaluate
+
+    evaluate(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

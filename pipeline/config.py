@@ -1,0 +1,279 @@
+"""Typed configuration: one dataclass per concern, TOML files and command-line flags.
+
+Precedence, written once here and nowhere else: command line > config file > defaults.
+
+Every field of every section is also a flag of the same name in kebab case (``lr`` is ``--lr``,
+``data_dir`` is ``--data-dir``), so field names are unique across sections. A config file is a
+small TOML override of the defaults, with one table per section::
+
+    [model]
+    model = "resnet50"
+    [optim]
+    lr = 0.1
+
+Unknown sections, unknown keys and values of the wrong type are errors, never ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from pipeline.atomic import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message says what to change."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A field with its default and the one-line help shown by ``--help``."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = opt("data", "prepared data dir: train/<wnid>/, val/<wnid>/ (ImageNet) or cifar-10-batches-py/")
+    dataset: Literal["imagenet", "cifar10"] = opt("imagenet", "which dataset the data dir holds")
+    workers: int = opt(4, "worker processes: data loading per training process, or class extraction in prep")
+    train_crop_size: int = opt(224, "RandomResizedCrop output size, pixels (CIFAR recipes use 32)")
+    val_resize_size: int = opt(256, "eval resize of the shorter side, pixels")
+    val_crop_size: int = opt(224, "eval center crop, pixels")
+    auto_augment: Literal["none", "ta_wide", "randaugment", "autoaugment"] = opt("none", "torchvision auto-augment policy")
+    color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation; 0 turns it off")
+    random_erase: float = opt(0.0, "RandomErasing probability")
+    mixup_alpha: float = opt(0.0, "MixUp alpha; 0 turns it off")
+    cutmix_alpha: float = opt(0.0, "CutMix alpha; 0 turns it off")
+    prefetch_factor: int = opt(4, "batches each loader worker prepares ahead")
+
+
+@dataclass
+class PrepConfig:
+    archive_dir: str = opt("archives", "folder holding the official ILSVRC2012 (or CIFAR-10) archives")
+    skip_checksum: bool = opt(False, "do not check the official MD5s (for mirrors and subsets)")
+    delete_archives: bool = opt(False, "delete each archive once its split is extracted and verified")
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt("resnet50", "registered model name, or package.module:factory for your own")
+    pretrained: str = opt("", "local weights file (state dict) to start from; nothing is downloaded")
+    sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
+    channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs")
+    compile: bool = opt(False, "torch.compile the model")
+    ema_decay: float = opt(0.0, "model EMA decay per step (e.g. 0.9999); 0 turns EMA off")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["sgd", "rmsprop", "adamw"] = opt("sgd", "optimizer")
+    lr: float = opt(0.1, "peak learning rate for the global batch")
+    momentum: float = opt(0.9, "momentum (SGD, RMSprop)")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(1e-4, "weight decay")
+    norm_weight_decay: bool = opt(True, "apply weight decay to norm and bias parameters too")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    scheduler: Literal["step", "cosine", "exponential"] = opt("step", "learning-rate schedule after warm-up")
+    lr_step_size: int = opt(30, "epochs between decays (step)")
+    lr_gamma: float = opt(0.1, "decay factor: per lr_step_size epochs (step) or per epoch (exponential)")
+    min_lr: float = opt(0.0, "floor of the cosine schedule, and the rate during cool-down")
+    warmup_epochs: int = opt(0, "linear warm-up epochs")
+    warmup_decay: float = opt(0.01, "warm-up starts at lr * warmup_decay")
+    cooldown_epochs: int = opt(0, "epochs at min_lr after the schedule ends")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = opt("runs/default", "run dir: resolved config, checkpoints, per-epoch records, logs")
+    epochs: int = opt(90, "training epochs")
+    batch_size: int = opt(32, "images per process per step")
+    device: Literal["auto", "cuda", "npu", "cpu"] = opt("auto", "device type: auto picks cuda, then npu, then cpu")
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision: bf16 autocast, or fp16 with a GradScaler")
+    resume: str = opt("", "checkpoint to resume from, or 'auto' for the newest valid one in the run dir")
+    max_steps: int = opt(0, "performance mode: stop after this many steps and report steady-state FPS; 0 is off")
+    seed: int = opt(0, "random seed of model init, sampling and augmentation")
+    print_freq: int = opt(10, "steps between log lines")
+    save_every: int = opt(1, "epochs between kept checkpoints (latest and best are always written)")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt("", "checkpoint to evaluate with --stage eval (default: best in the run dir)")
+
+
+@dataclass
+class LaunchConfig:
+    executor: Literal["auto", "slurm", "local", "debug"] = opt("auto", "slurm where sbatch exists, else local")
+    nodes: int = opt(1, "nodes per job")
+    gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
+    cpus_per_task: int = opt(0, "CPUs per node task; 0 lets Slurm decide")
+    mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
+    time: int = opt(60, "time limit, minutes")
+    partition: str = opt("", "Slurm partition")
+    account: str = opt("", "Slurm account")
+    qos: str = opt("", "Slurm QOS")
+    constraint: str = opt("", "Slurm node constraint")
+    exclusive: bool = opt(False, "whole nodes for the job")
+    job_name: str = opt("imagenet", "job name prefix")
+    sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
+    max_restarts: int = opt(2, "torchrun restarts of a crashed worker group before the job fails")
+    signal_delay_s: int = opt(90, "seconds before the time limit at which Slurm signals a checkpoint")
+    detach: bool = opt(False, "print job ids and return instead of waiting")
+    dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"]}
+
+
+def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Map each field name to (section, field, resolved type); names are unique across sections."""
+    owner = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in owner, f"field {f.name} is in two sections"
+            owner[f.name] = (section, f, hints[f.name])
+    return owner
+
+
+FIELDS = _field_owner()
+
+
+def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
+    """Return value converted to the field's type, or raise ConfigError naming the key and the expected type."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{where}: {name} = {value!r} is not one of {list(typing.get_args(kind))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
+        return list(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field; defaults are suppressed so only given flags override."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} config")
+        for name, (sec, f, kind) in FIELDS.items():
+            if sec != section:
+                continue
+            flags = ["--" + name.replace("_", "-")] + FLAG_ALIASES.get(name, [])
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            help_text = f"{f.metadata['help']} (default: {default!r})"
+            origin = typing.get_origin(kind)
+            if kind is bool:
+                group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            elif origin is Literal:
+                group.add_argument(*flags, dest=name, choices=typing.get_args(kind),
+                                   default=argparse.SUPPRESS, help=help_text)
+            elif origin is list:
+                group.add_argument(*flags, dest=name, action="append", default=argparse.SUPPRESS,
+                                   metavar="KEY=VALUE", help=help_text)
+            else:
+                group.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file (see configs/)")
+
+
+def read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a config file, with a clear error for a missing file or bad TOML."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; see configs/ for the recipes") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return data
+
+
+def build_config(file_values: dict[str, dict[str, Any]] | None = None,
+                 cli_values: dict[str, Any] | None = None, where: str = "config") -> Config:
+    """Defaults, then the file's tables, then the flags: the one place precedence is applied."""
+    cfg = Config()
+    for section, table in (file_values or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}]; known sections: {sorted(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
+        for name, value in table.items():
+            if name not in FIELDS or FIELDS[name][0] != section:
+                hint = f" (it belongs in [{FIELDS[name][0]}])" if name in FIELDS else ""
+                raise ConfigError(f"{where}: unknown key {name!r} in [{section}]{hint}")
+            setattr(getattr(cfg, section), name, _check_value(name, FIELDS[name][2], value, where))
+    for name, value in (cli_values or {}).items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown option {name!r}")
+        section = FIELDS[name][0]
+        setattr(getattr(cfg, section), name, _check_value(name, FIELDS[name][2], value, "command line"))
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config for parsed arguments of a parser that went through add_config_arguments."""
+    cli = {k: v for k, v in vars(args).items() if k in FIELDS}
+    file_values = read_toml(args.config) if getattr(args, "config", None) else None
+    return build_config(file_values, cli, where=str(args.config) if file_values is not None else "config")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dumps(cfg: Config) -> str:
+    """TOML text of the whole resolved config, every field written out."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{name} = {_toml_value(value)}" for name, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (the run dir's config.toml), so every number traces back to it."""
+    atomic_write_text(Path(path), dumps(cfg))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config file (e.g. a run dir's resolved config.toml) over the defaults."""
+    return build_config(read_toml(Path(path)), where=str(path))
