@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both build .venv first.
+# TORCH_SPEC pins the build this workplace keeps on disk; on a cluster pass your own, e.g.
+#   make venv TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The whole pipeline (prep, train, eval, report) on synthetic archives in the official shapes.
+demo: venv
+	$(PY) -m pipeline.synthetic imagenet $(DEMO_DIR)/archives
+	$(PY) launch.py --stage all --executor local --config configs/demo.toml \
+		--archive-dir $(DEMO_DIR)/archives --data-dir $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
