@@ -129,7 +129,7 @@ class LaunchConfig:
     max_restarts: int = opt(2, "torchrun restarts of a crashed worker group before the job fails")
     signal_delay_s: int = opt(90, "seconds before the time limit at which Slurm signals a checkpoint")
     max_requeues: int = opt(10, "times a job may be requeued after reaching its time limit (preemptions do not count)")
-    preflight_timeout_s: int = opt(120, "bound of the all-reduce pre-flight before multi-process training, s; 0 skips it")
+    preflight_timeout_s: int = opt(120, "bound of the all-reduce pre-flight before multi-process training, s; 0 is off")
     detach: bool = opt(False, "print job ids and return instead of waiting")
     dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
 
