@@ -1,0 +1,140 @@
+"""Optimizer parameter groups and the per-step learning-rate schedule, checked against its formulas."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.config import OptimConfig
+from pipeline.optim import build_optimizer, build_scheduler
+
+STEPS_PER_EPOCH = 10
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.LayerNorm(8 * 4 * 4), nn.Linear(8 * 4 * 4, 5))
+
+
+def lrs_over(cfg: OptimConfig, epochs: int, steps: int) -> list[float]:
+    """The learning rate used by each of the first ``steps`` optimizer steps."""
+    model = small_net()
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, epochs=epochs, steps_per_epoch=STEPS_PER_EPOCH)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_norm_and_bias_parameters_go_to_a_group_without_weight_decay():
+    model = small_net()
+    opt = build_optimizer(model, OptimConfig(weight_decay=5e-4, norm_weight_decay=False))
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert set(by_decay) == {5e-4, 0.0}
+    conv, bn, ln, fc = model[0], model[1], model[4], model[5]
+    assert by_decay[5e-4] == {id(conv.weight), id(fc.weight)}
+    assert by_decay[0.0] == {id(bn.weight), id(bn.bias), id(ln.weight), id(ln.bias), id(fc.bias)}
+
+
+def test_norm_weight_decay_true_keeps_one_group_over_all_parameters():
+    model = small_net()
+    opt = build_optimizer(model, OptimConfig(weight_decay=1e-4))
+    assert len(opt.param_groups) == 1
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
+    assert len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name, cls, expected", [
+    ("sgd", torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    ("rmsprop", torch.optim.RMSprop, {"momentum": 0.9, "alpha": 0.9, "eps": 0.0316}),
+    ("adamw", torch.optim.AdamW, {"weight_decay": 0.05}),
+])
+def test_optimizer_kinds_and_their_settings(name, cls, expected):
+    cfg = OptimConfig(optimizer=name, lr=0.2, momentum=0.9, nesterov=name == "sgd", weight_decay=0.05)
+    opt = build_optimizer(small_net(), cfg)
+    assert type(opt) is cls
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.2
+    for key, value in expected.items():
+        assert group[key] == value, key
+
+
+def test_nesterov_without_momentum_is_a_clear_error():
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        build_optimizer(small_net(), OptimConfig(nesterov=True, momentum=0.0))
+
+
+def test_warmup_then_cosine_then_cooldown_follow_the_formulas():
+    lr, decay, min_lr = 0.4, 0.1, 0.004
+    epochs, warmup, cooldown = 12, 2, 2
+    cfg = OptimConfig(lr=lr, scheduler="cosine", warmup_epochs=warmup, warmup_decay=decay, min_lr=min_lr,
+                      cooldown_epochs=cooldown)
+    lrs = lrs_over(cfg, epochs, epochs * STEPS_PER_EPOCH)
+    assert lrs[0] == pytest.approx(lr * decay)  # warm-up starts at lr * warmup_decay
+    assert lrs[5] == pytest.approx(lr * (decay + (1 - decay) * 0.25))  # step 5 = 0.5 of 2 warm-up epochs
+    assert lrs[warmup * STEPS_PER_EPOCH] == pytest.approx(lr)  # end of warm-up: the peak
+    # cosine over epochs 2..10 (8 epochs): halfway at epoch 6 is the mean of lr and min_lr
+    assert lrs[6 * STEPS_PER_EPOCH] == pytest.approx((lr + min_lr) / 2)
+    s = 3.5  # epochs into the cosine part: step 55
+    assert lrs[55] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi * s / 8)) / 2)
+    assert lrs[(epochs - cooldown) * STEPS_PER_EPOCH - 1] > min_lr
+    assert lrs[(epochs - cooldown) * STEPS_PER_EPOCH:] == pytest.approx([min_lr] * cooldown * STEPS_PER_EPOCH)
+
+
+def test_step_schedule_is_a_staircase_counted_from_the_end_of_warmup():
+    cfg = OptimConfig(lr=0.1, scheduler="step", lr_step_size=3, lr_gamma=0.1, warmup_epochs=1)
+    lrs = lrs_over(cfg, 10, 10 * STEPS_PER_EPOCH)
+    assert lrs[10] == pytest.approx(0.1)  # epoch 1: warm-up done
+    assert lrs[39] == pytest.approx(0.1)  # last step of epoch 3
+    assert lrs[40] == pytest.approx(0.01)  # epoch 4 = 3 epochs after warm-up
+    assert lrs[70] == pytest.approx(0.001)
+
+
+def test_exponential_schedule_decays_by_gamma_per_epoch_smoothly():
+    cfg = OptimConfig(lr=0.036, scheduler="exponential", lr_gamma=0.98)
+    lrs = lrs_over(cfg, 5, 5 * STEPS_PER_EPOCH)
+    assert lrs[0] == pytest.approx(0.036)
+    assert lrs[30] == pytest.approx(0.036 * 0.98 ** 3)
+    assert lrs[35] == pytest.approx(0.036 * 0.98 ** 3.5)
+
+
+def test_scheduler_state_round_trips_for_resume():
+    cfg = OptimConfig(lr=0.4, scheduler="cosine", warmup_epochs=1, cooldown_epochs=1)
+    uninterrupted = lrs_over(cfg, 6, 60)
+
+    model = small_net()
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, epochs=6, steps_per_epoch=STEPS_PER_EPOCH)
+    for _ in range(23):
+        opt.step()
+        sched.step()
+    saved = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+
+    opt2 = build_optimizer(model, cfg)
+    sched2 = build_scheduler(opt2, cfg, epochs=6, steps_per_epoch=STEPS_PER_EPOCH)
+    opt2.load_state_dict(saved["optimizer"])
+    sched2.load_state_dict(saved["scheduler"])
+    resumed = []
+    for _ in range(23, 60):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == pytest.approx(uninterrupted[23:])
+    assert sched2.state_dict()["last_epoch"] == 60
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"warmup_epochs": 3, "cooldown_epochs": 2}, "leave no epoch of the main schedule"),
+    ({"scheduler": "step", "lr_step_size": 0}, "lr_step_size must be at least 1"),
+])
+def test_impossible_schedules_are_clear_errors(change, message):
+    cfg = dataclasses.replace(OptimConfig(), **change)
+    opt = build_optimizer(small_net(), cfg)
+    with pytest.raises(ValueError, match=message):
+        build_scheduler(opt, cfg, epochs=5, steps_per_epoch=STEPS_PER_EPOCH)
