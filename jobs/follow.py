@@ -1,0 +1,151 @@
+"""Following a submitted job to its end: state changes and log lines on the terminal, never a hang.
+
+On Slurm the state comes from jobs.slurm (scontrol/squeue, no accounting needed), results from the
+pickles submitit leaves per task; a job that ends without them is reported with its state and log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from jobs import slurm
+
+RESULT_GRACE_S = 30  # shared file systems may show the result files a little after the scheduler's state
+FORGOTTEN_GRACE_S = 60  # how long a job may be unknown to Slurm (just submitted, or purged) before we give up
+
+
+class StageFailed(RuntimeError):
+    """A stage's job failed, was cancelled, or can never run; the message says why and where the logs are."""
+
+
+@dataclasses.dataclass
+class Submitted:
+    stage: str
+    job: Any  # submitit.Job
+    executor: str  # slurm, local or debug
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} {self.job.job_id}"
+
+    def log_paths(self) -> list[Path]:
+        """stdout and stderr of the first task (node 0, where rank 0 runs)."""
+        paths = self.job.task(0).paths
+        return [paths.stdout, paths.stderr]
+
+
+class LogFollower:
+    """Prints the lines appended to some files since the last poll, each with a prefix."""
+
+    def __init__(self, paths: Sequence[Path], prefix: str, out: TextIO):
+        self.prefix, self.out = prefix, out
+        self.offsets = {Path(p): 0 for p in paths}
+        self.partial = {Path(p): b"" for p in paths}
+
+    def poll(self, final: bool = False) -> None:
+        for path in self.offsets:
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(self.offsets[path])
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            self.offsets[path] += len(data)
+            *lines, self.partial[path] = (self.partial[path] + data).split(b"\n")
+            if final and self.partial[path]:
+                lines.append(self.partial[path])
+                self.partial[path] = b""
+            for line in lines:
+                self.out.write(self.prefix + line.decode(errors="replace") + "\n")
+        self.out.flush()
+
+
+def failure_text(exc: BaseException, limit: int = 40) -> str:
+    """The part of a job's error that matters: its exception line(s), not submitit's frames."""
+    lines = str(exc).splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), None)
+    if start is not None:
+        skip = ("Traceback", "During handling", "The above exception", " ", "\t")
+        start = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(skip)), start)
+        lines = [line for line in lines[start:] if not line.startswith("-" * 10)]
+        lines = [line for line in lines if not line.startswith("You can check full logs")]
+    return "\n".join(lines[:limit])
+
+
+def follow(sub: Submitted, out: TextIO, poll_s: float = 2.0) -> list[Any]:
+    """Wait for the job while streaming its log; its results (one per task), or StageFailed."""
+    if sub.executor == "debug":
+        return collect(sub, None)
+    follower = LogFollower(sub.log_paths(), f"[{sub.label}] ", out)
+    try:
+        info = wait_slurm(sub, follower, out, poll_s) if sub.executor == "slurm" else wait_local(sub, follower, poll_s)
+    finally:
+        follower.poll(final=True)
+    return collect(sub, info)
+
+
+def wait_local(sub: Submitted, follower: LogFollower, poll_s: float) -> None:
+    while not sub.job.done():
+        follower.poll()
+        time.sleep(poll_s)
+
+
+def wait_slurm(sub: Submitted, follower: LogFollower, out: TextIO, poll_s: float) -> slurm.JobInfo | None:
+    """Poll scontrol/squeue until the job is final; None when Slurm forgot it but left its results."""
+    last: tuple[str, int] | None = None
+    unknown_since: float | None = None
+    while True:
+        follower.poll()
+        info = slurm.job_info(sub.job.job_id)
+        if info is None:
+            if all_results_exist(sub):
+                return None
+            unknown_since = unknown_since or time.monotonic()
+            if time.monotonic() - unknown_since > FORGOTTEN_GRACE_S:
+                raise StageFailed(f"Slurm no longer knows job {sub.job.job_id} ({sub.stage}) and it left no "
+                                  f"result; see {sub.log_paths()[1]}")
+        else:
+            unknown_since = None
+            if (info.state, info.restarts) != last:
+                last = (info.state, info.restarts)
+                where = f" on {info.nodes}" if info.nodes and info.nodes != "(null)" else ""
+                again = f" (requeued {info.restarts}x)" if info.restarts else ""
+                out.write(f"[{sub.label}] {info.state}{where}{again}\n")
+                out.flush()
+            if info.final:
+                return info
+            if info.dependency_failed:
+                raise StageFailed(f"job {sub.job.job_id} ({sub.stage}) will never start: a stage it depends on "
+                                  "failed")
+        time.sleep(poll_s)
+
+
+def all_results_exist(sub: Submitted) -> bool:
+    return all(sub.job.task(i).paths.result_pickle.exists() for i in range(sub.job.num_tasks))
+
+
+def collect(sub: Submitted, info: slurm.JobInfo | None) -> list[Any]:
+    """Results of every task, or StageFailed with the first task's error and where its log is."""
+    if sub.executor == "slurm":
+        deadline = time.monotonic() + (RESULT_GRACE_S if info is None or info.state == "COMPLETED" else 5)
+        while not all_results_exist(sub) and time.monotonic() < deadline:
+            time.sleep(1)
+        if not all_results_exist(sub):
+            assert info is not None
+            tail = tail_text(sub.log_paths()[1], 20)
+            raise StageFailed(f"{sub.stage} job {sub.job.job_id} ended {info.state} (exit code {info.exit_code}) "
+                              f"without results; logs: {sub.log_paths()[1]}\n{tail}")
+    try:
+        return sub.job.results()
+    except Exception as exc:  # the job's own error, pickled by submitit: shown, not re-raised as ours
+        raise StageFailed(f"{sub.stage} job {sub.job.job_id} failed:\n{failure_text(exc)}\n"
+                          f"logs: {sub.log_paths()[1]}") from None
+
+
+def tail_text(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"({path} was not written: the job may not have started)"

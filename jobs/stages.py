@@ -1,0 +1,105 @@
+"""The pipeline's stages as submitit callables, and the checks a chain must pass before anything is submitted.
+
+prep and report run in one process (the job's single task); train and eval run one torchrun per node
+(jobs.torchrun.TorchrunJob). Each callable imports the stage's door from pipeline/ when it runs, so the
+pickle stays small and the launcher does not import training code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.torchrun import TorchrunJob
+from pipeline.config import Config
+from pipeline.records import CHECKPOINT_DIR
+
+STAGES = ("prep", "train", "eval", "report")
+TORCHRUN_STAGES = ("train", "eval")
+
+
+class StageInputError(ValueError):
+    """A stage's input is missing; the message says what to run or pass instead."""
+
+
+def stage_chain(stage: str) -> list[str]:
+    """The stages one ``--stage`` value runs, in order; 'all' is the whole pipeline."""
+    if stage == "all":
+        return list(STAGES)
+    if stage not in STAGES:
+        raise StageInputError(f"unknown stage {stage!r}; choose one of {[*STAGES, 'all']}")
+    return [stage]
+
+
+class PrepJob:
+    """prep in one process; requeued after a time limit it resumes class by class (extraction is atomic)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self) -> dict[str, Any]:
+        from pipeline.logs import setup_logging
+        from pipeline.prep import prepare
+
+        setup_logging()
+        return prepare(self.cfg)
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class ReportJob:
+    """report over one or more run dirs, in one process."""
+
+    def __init__(self, run_dirs: list[str]):
+        self.run_dirs = list(run_dirs)
+
+    def __call__(self) -> Any:
+        from pipeline.logs import setup_logging
+        from pipeline.report import report
+
+        setup_logging()
+        return report(self.run_dirs)
+
+
+def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]:
+    """The callable a stage's job runs; training always resumes from the newest valid checkpoint."""
+    if stage == "prep":
+        return PrepJob(cfg)
+    if stage == "report":
+        return ReportJob(run_dirs)
+    if stage == "train":
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
+    return TorchrunJob(stage, cfg)
+
+
+def check_inputs(stages: list[str], cfg: Config, run_dirs: list[str]) -> None:
+    """Fail before submitting when a stage's input is neither on disk nor made by an earlier stage."""
+    made = set()
+    for stage in stages:
+        if stage == "prep" and not Path(cfg.prep.archive_dir).is_dir():
+            raise StageInputError(f"archive dir {cfg.prep.archive_dir} does not exist; pass --archive-dir with the "
+                                  "official archives (or make synthetic ones: python -m pipeline.synthetic)")
+        if stage in TORCHRUN_STAGES and "prep" not in made and not Path(cfg.data.data_dir).is_dir():
+            raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
+                                  "or pass --data-dir with a prepared dataset")
+        if stage == "eval" and "train" not in made:
+            check_eval_checkpoint(cfg)
+        if stage == "report" and "train" not in made:
+            missing = [d for d in run_dirs if not Path(d).is_dir()]
+            if missing:
+                raise StageInputError(f"run dir(s) {missing} do not exist; pass the run dirs of finished or "
+                                      "running trainings with --run-dir")
+        made.add(stage)
+
+
+def check_eval_checkpoint(cfg: Config) -> None:
+    if cfg.eval.checkpoint:
+        if not Path(cfg.eval.checkpoint).is_file():
+            raise StageInputError(f"checkpoint {cfg.eval.checkpoint} does not exist; pass --checkpoint with a "
+                                  "saved checkpoint or weights file")
+    elif not (Path(cfg.train.run_dir) / CHECKPOINT_DIR).is_dir():
+        raise StageInputError(f"run dir {cfg.train.run_dir} has no {CHECKPOINT_DIR}/ to evaluate; train first "
+                              "(--stage train) or pass --checkpoint")

@@ -1,0 +1,335 @@
+"""One node of a torchrun job: the command it runs, and the submitit callable that runs it.
+
+A job of N nodes is N submitit tasks, one per node; each task starts one torchrun with a static
+rendezvous on the first host of the allocation, so global rank = node rank * P + local rank and
+rank 0 (the one that writes checkpoints and tables) is on the first node::
+
+    python -m torch.distributed.run --nnodes N --nproc-per-node P --node-rank K \\
+        --master-addr <first host> --master-port <port from the job id> --rdzv-id <job id> \\
+        --max-restarts R --log-dir <run dir>/logs/<job id>/node<K> --tee 3 -m jobs.train --config ...
+
+Requeue: Slurm sends USR2 ``signal_delay_s`` before the time limit (or on ``scancel --signal=USR2``);
+submitit calls ``checkpoint()`` on the first task, which asks the training processes to save (SIGUSR1:
+they agree on a step boundary, write latest.pt and exit 0), waits for them within a bound, and returns
+itself for the requeue. The requeued job derives a fresh port from its restart count and resumes
+(resume = auto). USR2 itself is ignored below torchrun: its default action would kill the workers.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.config import Config, save_config
+
+log = logging.getLogger("jobs.node")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PORT_BASE, PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+)
+STAGE_MODULES = {"train": "jobs.train", "eval": "jobs.eval"}
+
+
+class WorkerFailedError(RuntimeError):
+    """A training or eval process failed beyond torchrun's restarts; the message names rank and log file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendezvous:
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int  # the stage's torchrun; master_port + 1 is the pre-flight's
+    job_id: str
+    restarts: int = 0  # times Slurm requeued the job
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.job_id}-{self.restarts}"
+
+
+def rendezvous_port(job_id: str, restart_count: int) -> int:
+    """An even port every node derives alike from the job id; each requeue (restart) gets a fresh one."""
+    number = int(re.sub(r"\D", "", job_id) or 0)
+    return PORT_BASE + (number * 16 + 2 * restart_count) % PORT_SPAN
+
+
+def free_port_pair() -> int:
+    """An even port p with p and p + 1 free on this host (single-node jobs need no agreement)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1] & ~1
+        try:
+            for candidate in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("found no two free adjacent ports on this host")
+
+
+def node_rendezvous() -> Rendezvous:
+    """This node's place in the job, from submitit's view of Slurm (or of the local executor)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if env.num_nodes == 1:
+        return Rendezvous(1, 0, "127.0.0.1", free_port_pair(), env.job_id, restarts)
+    return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(env.job_id, restarts),
+                      env.job_id, restarts)
+
+
+def node_hosts(rdzv: Rendezvous) -> list[str]:
+    """Host of each node rank, for messages that name the node a silent rank lives on."""
+    import submitit
+
+    if rdzv.nnodes == 1:
+        return [socket.gethostname()]
+    return list(submitit.JobEnvironment().hostnames)
+
+
+def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
+                     master_port: int | str, run_id: str, max_restarts: int, log_dir: str | Path, module: str,
+                     args: Sequence[str], rdzv_timeout_s: int = 0) -> list[str]:
+    """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+           "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node_rank),
+           "--master-addr", master_addr, "--master-port", str(master_port), "--rdzv-id", run_id,
+           "--max-restarts", str(max_restarts), "--log-dir", str(log_dir), "--tee", "3",
+           "--log-line-prefix-template", "[rank${rank}]: "]
+    if rdzv_timeout_s:
+        cmd += ["--rdzv-conf", f"timeout={rdzv_timeout_s}"]
+    return cmd + ["-m", module, *args]
+
+
+def node_command(rdzv: Rendezvous, *, port_offset: int = 0, **kwargs: Any) -> list[str]:
+    """torchrun_command for this node's place in the job."""
+    return torchrun_command(nnodes=rdzv.nnodes, node_rank=rdzv.node_rank, master_addr=rdzv.master_addr,
+                            master_port=rdzv.master_port + port_offset, run_id=rdzv.run_id, **kwargs)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the worker processes of a torchrun), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _preemption_signal() -> signal.Signals:
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+
+
+def _ignore_preemption_signal() -> None:
+    """Runs in the forked child before exec: torchrun and its workers inherit SIG_IGN for USR2."""
+    signal.signal(_preemption_signal(), signal.SIG_IGN)
+
+
+def process_env(nproc_per_node: int) -> dict[str, str]:
+    """The children's environment: this repo importable, OpenMP threads split among the processes."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc_per_node))
+    return env
+
+
+class RunningTorchrun:
+    """A torchrun child: its stderr copied to ours with a tail kept for the error report.
+
+    The exit code is set by a reaper thread and read as a plain attribute, so the signal handler that
+    calls checkpoint() never waits on a lock the interrupted main thread may hold.
+    """
+
+    def __init__(self, cmd: list[str], env: dict[str, str]):
+        self.tail: collections.deque[str] = collections.deque(maxlen=300)
+        self.returncode: int | None = None
+        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                                     bufsize=1, preexec_fn=_ignore_preemption_signal)
+        self._threads = [threading.Thread(target=self._copy_stderr, daemon=True),
+                         threading.Thread(target=self._reap, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _copy_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.tail.append(line)
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def _reap(self) -> None:
+        self.returncode = self.proc.wait()
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Exit code, or None when ``timeout_s`` passed first; sleeps instead of blocking in waitpid."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.returncode is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+        if self.returncode is not None:
+            for thread in self._threads:
+                thread.join(timeout=5)
+        return self.returncode
+
+    def signal_workers(self, signum: int) -> list[int]:
+        pids = child_pids(self.proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def failure_report(what: str, returncode: int, tail: Sequence[str], log_dir: Path, rdzv: Rendezvous,
+                   max_restarts: int) -> str:
+    """Name the first failed rank, its exit code and its log file, from torchrun's own summary."""
+    text = "".join(tail)
+    root = text.split("Root Cause", 1)[-1]
+    rank = re.search(r"rank\s*:\s*(\d+) \(local_rank: (\d+)\)", root)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    where = f"{what} failed on node {rdzv.node_rank} ({socket.gethostname()})"
+    if not rank:
+        last = "".join(tail[-20:])
+        return f"{where}: torchrun exited with code {returncode}; its last lines:\n{last}"
+    local_rank = rank.group(2)
+    logs = sorted(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
+    log_file = logs[-1] if logs else log_dir
+    last_lines = "".join(logs[-1].read_text(errors="replace").splitlines(keepends=True)[-15:]) if logs else ""
+    return (f"{where}: rank {rank.group(1)} (local rank {local_rank}) exited with code "
+            f"{code.group(1) if code else '?'} after {max_restarts} restart(s) (--max-restarts {max_restarts}).\n"
+            f"Its log: {log_file}\nLast lines:\n{last_lines}")
+
+
+def setup_node_logging(node_rank: int) -> None:
+    """Node-level lines (not a training rank) in the task's log, once per process."""
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    host = socket.gethostname().split(".")[0]
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [{host} node {node_rank}] %(levelname)s %(name)s: "
+                                           "%(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class TorchrunJob:
+    """Submitit callable for train and eval: one per node, each running one torchrun.
+
+    ``cfg`` travels in the pickle (a requeue reuses it unchanged); it is written into the job's log
+    folder as the ``--config`` of the processes.
+    """
+
+    def __init__(self, stage: str, cfg: Config, module: str | None = None):
+        self.stage = stage
+        self.cfg = cfg
+        self.module = module or STAGE_MODULES[stage]
+        self._running: RunningTorchrun | None = None
+
+    @property
+    def graceful_stop(self) -> bool:
+        """Training saves on SIGUSR1 before a requeue; eval simply starts over."""
+        return self.stage == "train"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_running"] = None
+        return state
+
+    def __call__(self) -> dict[str, Any]:
+        rdzv = node_rendezvous()
+        setup_node_logging(rdzv.node_rank)
+        launch = self.cfg.launch
+        job_dir = Path(self.cfg.train.run_dir) / "logs" / rdzv.job_id
+        config_path = job_dir / f"{self.stage}_config.toml"
+        save_config(self.cfg, config_path)
+        nproc = launch.gpus_per_node
+        env = process_env(nproc)
+        world = rdzv.nnodes * nproc
+        log.info("%s: node %d of %d, %d processes here, world size %d, master %s:%d, config %s",
+                 self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master_addr, rdzv.master_port,
+                 config_path)
+        if world > 1 and self.graceful_stop and launch.preflight_timeout_s > 0:
+            self.preflight(rdzv, job_dir, config_path, env)
+        log_dir = job_dir / f"node{rdzv.node_rank}"
+        cmd = node_command(rdzv, nproc_per_node=nproc, max_restarts=launch.max_restarts, log_dir=log_dir,
+                           module=self.module, args=["--config", str(config_path)])
+        log.info("running: %s", " ".join(cmd))
+        returncode = self.run(cmd, env)
+        if returncode != 0:
+            assert self._running is not None
+            raise WorkerFailedError(failure_report(self.stage, returncode, list(self._running.tail), log_dir,
+                                                   rdzv, launch.max_restarts))
+        return {"stage": self.stage, "node": rdzv.node_rank, "host": socket.gethostname(), "world_size": world,
+                "log_dir": str(log_dir)}
+
+    def preflight(self, rdzv: Rendezvous, job_dir: Path, config_path: Path, env: dict[str, str]) -> None:
+        """A short all-reduce over every rank, with the same layout, before the training starts."""
+        from jobs.preflight import preflight_args
+
+        timeout_s = self.cfg.launch.preflight_timeout_s
+        nproc = self.cfg.launch.gpus_per_node
+        log_dir = job_dir / f"preflight-node{rdzv.node_rank}"
+        hosts = node_hosts(rdzv)
+        args = preflight_args(config_path, timeout_s, job_dir / f"preflight-{rdzv.master_port}", hosts)
+        cmd = node_command(rdzv, port_offset=1, nproc_per_node=nproc, max_restarts=0, log_dir=log_dir,
+                           module="jobs.preflight", args=args, rdzv_timeout_s=timeout_s)
+        bound_s = 2 * timeout_s + 60  # rendezvous, then the all-reduce, then start-up and teardown
+        returncode = self.run(cmd, env, timeout_s=bound_s)
+        if returncode is None:
+            raise WorkerFailedError(f"pre-flight on node {rdzv.node_rank} did not finish within {bound_s} s "
+                                    f"(master {rdzv.master_addr}:{rdzv.master_port + 1}); see {log_dir}")
+        if returncode != 0:
+            assert self._running is not None
+            raise WorkerFailedError(failure_report("pre-flight", returncode, list(self._running.tail), log_dir,
+                                                   rdzv, 0))
+        log.info("pre-flight passed on node %d", rdzv.node_rank)
+
+    def run(self, cmd: list[str], env: dict[str, str], timeout_s: float | None = None) -> int | None:
+        """Run one torchrun to its end (None if ``timeout_s`` passed and it was killed)."""
+        self._running = RunningTorchrun(cmd, env)
+        returncode = self._running.wait(timeout_s)
+        if returncode is None:
+            self._running.kill()
+            self._running.wait(10)
+        return returncode
+
+    def checkpoint(self) -> Any:
+        """Called by submitit on the preemption signal: let training save, then requeue this same job."""
+        import submitit
+
+        running = self._running
+        if running is not None and running.returncode is None and self.graceful_stop:
+            pids = running.signal_workers(signal.SIGUSR1)
+            bound_s = max(self.cfg.launch.signal_delay_s - 10, 5)
+            log.info("preemption: asked %d training process(es) %s to save a checkpoint; waiting up to %d s",
+                     len(pids), pids, bound_s)
+            if running.wait(bound_s) is None:
+                log.warning("training did not stop within %d s; requeueing anyway, it resumes from the "
+                            "newest valid checkpoint", bound_s)
+            else:
+                log.info("training stopped (exit code %s); requeueing", running.returncode)
+        return submitit.helpers.DelayedSubmission(self)

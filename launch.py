@@ -1,0 +1,327 @@
+"""The one command line: prep, train, eval and report as submitit jobs, on Slurm, on this machine, or in-process.
+
+    python launch.py --stage all --config configs/demo.toml --executor local \\
+        --archive-dir A --data-dir D --run-dir R
+    python launch.py --stage train --nodes 2 --gpus-per-node 8 --partition gpu --time 1440 --run-dir runs/r50
+    python launch.py --stage train --nodes 4 --gpus-per-node 8 --executor slurm --dry-run
+    python launch.py --stage report --run-dir runs/r50-1node runs/r50-2nodes
+
+Every config field is a flag; precedence: command line > --config file > defaults (pipeline.config).
+Executors: slurm (a chain's jobs wait on each other with afterok and kill_on_invalid_dep), local (this
+machine, stages one after the other), debug (in this process, for pdb); auto = slurm where sbatch is on
+PATH, else local. Each job keeps its sbatch script, logs per task, the config its processes read and
+torchrun's logs per node and rank in <run dir>/logs/<job id>/.
+
+This module is the only place that builds executors and sbatch parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from jobs import slurm
+from jobs.follow import StageFailed, Submitted, follow
+from jobs.stages import STAGES, TORCHRUN_STAGES, StageInputError, check_inputs, stage_chain, stage_job
+from jobs.torchrun import REPO_ROOT, STAGE_MODULES, torchrun_command
+from pipeline.config import Config, ConfigError, LaunchConfig, add_config_arguments, config_from_args
+
+SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+OWN_FLAGS = {"nodes": "--nodes", "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task",
+             "mem": "--mem", "time": "--time", "partition": "--partition", "account": "--account", "qos": "--qos",
+             "constraint": "--constraint", "exclusive": "--exclusive", "job-name": "--job-name",
+             "signal": "--signal-delay-s"}
+SET_BY_LAUNCHER = {"ntasks-per-node", "output", "error", "dependency", "array", "open-mode"}
+
+
+class LaunchError(RuntimeError):
+    """Input the launcher cannot act on; the message says what to do instead."""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help, conflict_handler="resolve",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--stage", required=True, choices=[*STAGES, "all"],
+                        help="what to run; all = prep, train, eval, report as a chain of jobs")
+    parser.add_argument("--run-dir", dest="run_dirs", nargs="+", metavar="RUN_DIR", default=argparse.SUPPRESS,
+                        help="run dir (config: [train] run_dir); several only with --stage report")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The resolved config with absolute paths (jobs may start elsewhere), and the run dirs."""
+    run_dirs = getattr(args, "run_dirs", None)
+    if run_dirs:
+        if len(run_dirs) > 1 and args.stage != "report":
+            raise LaunchError(f"{len(run_dirs)} run dirs given: several --run-dir values are for --stage report")
+        args.run_dir = run_dirs[0]
+    cfg = config_from_args(args)
+    absolute = {"data_dir": cfg.data.data_dir, "archive_dir": cfg.prep.archive_dir, "run_dir": cfg.train.run_dir}
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, data_dir=str(Path(absolute["data_dir"]).absolute())),
+        prep=dataclasses.replace(cfg.prep, archive_dir=str(Path(absolute["archive_dir"]).absolute())),
+        train=dataclasses.replace(cfg.train, run_dir=str(Path(absolute["run_dir"]).absolute())),
+        eval=dataclasses.replace(cfg.eval, checkpoint=_absolute_if_file(cfg.eval.checkpoint)),
+        model=dataclasses.replace(cfg.model, pretrained=_absolute_if_file(cfg.model.pretrained)))
+    return cfg, [str(Path(d).absolute()) for d in (run_dirs or [cfg.train.run_dir])]
+
+
+def _absolute_if_file(path: str) -> str:
+    return str(Path(path).absolute()) if path and Path(path).exists() else path
+
+
+def choose_executor(requested: str, out: TextIO) -> str:
+    if requested != "auto":
+        return requested
+    sbatch = shutil.which("sbatch")
+    choice = "slurm" if sbatch else "local"
+    out.write(f"executor: {choice} ({f'sbatch at {sbatch}' if sbatch else 'no sbatch on PATH'}; "
+              "--executor slurm|local|debug picks another)\n")
+    return choice
+
+
+def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None:
+    if launch.nodes < 1 or launch.gpus_per_node < 1:
+        raise LaunchError(f"--nodes {launch.nodes} --gpus-per-node {launch.gpus_per_node}: both must be at least 1")
+    if launch.nodes > 1 and executor != "slurm" and any(s in TORCHRUN_STAGES for s in stages):
+        raise LaunchError(f"--nodes {launch.nodes} needs Slurm: the {executor} executor runs on this machine only. "
+                          f"Use --procs-per-node N for N processes here, or --executor slurm")
+    if launch.detach and executor != "slurm" and len(stages) > 1:
+        raise LaunchError(f"--detach with the {executor} executor runs one stage only (a chain waits on each "
+                          "stage here); use --executor slurm, or drop --detach")
+    if launch.time < 1 or launch.signal_delay_s < 0:
+        raise LaunchError(f"--time {launch.time} must be at least 1 minute and --signal-delay-s non-negative")
+
+
+def parse_sbatch_options(options: Sequence[str]) -> dict[str, str | bool]:
+    """``--sbatch key=value`` (or a bare ``key`` for a switch) as extra #SBATCH lines."""
+    parsed: dict[str, str | bool] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("_", "-")
+        if not SBATCH_KEY.match(key):
+            raise LaunchError(f"--sbatch {item!r}: expected key=value, e.g. --sbatch mail-type=END")
+        if key in OWN_FLAGS:
+            raise LaunchError(f"--sbatch {item!r}: use {OWN_FLAGS[key]} for this option")
+        if key in SET_BY_LAUNCHER:
+            raise LaunchError(f"--sbatch {item!r}: the launcher sets --{key} itself")
+        parsed[key] = value if sep else True
+    return parsed
+
+
+def get_slurm_executor_parameters(launch: LaunchConfig, *, nodes: int, gpus_per_node: int,
+                                  **kwargs: Any) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters: one task per node; ``kwargs`` override anything."""
+    params: dict[str, Any] = {"job_name": launch.job_name, "time": launch.time, "nodes": nodes, "ntasks_per_node": 1,
+                              "signal_delay_s": launch.signal_delay_s, "stderr_to_stdout": False,
+                              "setup": [pythonpath_setup()],
+                              "additional_parameters": parse_sbatch_options(launch.sbatch)}
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if launch.cpus_per_task:
+        params["cpus_per_task"] = launch.cpus_per_task
+    for key in ("mem", "partition", "account", "qos", "constraint"):
+        if getattr(launch, key):
+            params[key] = getattr(launch, key)
+    if launch.exclusive:
+        params["exclusive"] = True
+    params.update(kwargs)
+    return params
+
+
+def pythonpath_setup() -> str:
+    """Lets the job's python unpickle jobs.* even when the package is not installed."""
+    return f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"
+
+
+def stage_resources(cfg: Config, stage: str) -> tuple[int, int, int]:
+    """(nodes, processes per node, GPUs per node to request) of a stage's job."""
+    if stage not in TORCHRUN_STAGES:
+        return 1, 1, 0
+    nproc = cfg.launch.gpus_per_node
+    return cfg.launch.nodes, nproc, nproc if cfg.train.device in ("auto", "cuda") else 0
+
+
+def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None) -> dict[str, Any]:
+    """The parameters of one stage's job for the chosen executor; ``after`` is the job it waits for."""
+    nodes, nproc, gpus = stage_resources(cfg, stage)
+    if executor != "slurm":
+        return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
+                "signal_delay_s": cfg.launch.signal_delay_s, "setup": [pythonpath_setup()]}
+    extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}"}
+    if stage in TORCHRUN_STAGES and not cfg.launch.cpus_per_task:
+        extra["cpus_per_task"] = nproc  # at least one CPU per process
+    params = get_slurm_executor_parameters(cfg.launch, nodes=nodes, gpus_per_node=gpus, **extra)
+    if after:
+        params["dependency"] = f"afterok:{after}"
+        params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
+    return params
+
+
+def job_folder(cfg: Config) -> str:
+    return str(Path(cfg.train.run_dir) / "logs" / "%j")
+
+
+def make_executor(executor: str, cfg: Config, params: dict[str, Any]) -> Any:
+    import submitit
+
+    folder = job_folder(cfg)
+    if executor == "slurm":
+        ex: Any = submitit.SlurmExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+    elif executor == "local":
+        ex = submitit.LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+    else:
+        ex = submitit.DebugExecutor(folder)
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(cfg: Config, params: dict[str, Any]) -> str:
+    """The script sbatch receives: the same text submitit's SlurmExecutor writes, rendered without Slurm."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = job_folder(cfg)
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(folder)}"
+    return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def node_command(cfg: Config, stage: str) -> str:
+    """The torchrun command of each node, with the values the job fills in as shell-style placeholders."""
+    nodes, nproc, _ = stage_resources(cfg, stage)
+    job_dir = f"{cfg.train.run_dir}/logs/$JOB_ID"
+    cmd = torchrun_command(nnodes=nodes, nproc_per_node=nproc, node_rank="$NODE_RANK", master_addr="$MASTER_ADDR",
+                           master_port="$MASTER_PORT", run_id="$JOB_ID-$RESTARTS",
+                           max_restarts=cfg.launch.max_restarts, log_dir=f"{job_dir}/node$NODE_RANK",
+                           module=STAGE_MODULES[stage], args=["--config", f"{job_dir}/{stage}_config.toml"])
+    return " ".join(a if a.startswith("$") or "/$" in a else shlex.quote(a) for a in cmd)
+
+
+PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of the allocation; MASTER_PORT: "
+                "20000 + (job id x 16 + 2 x restarts) mod 12000 on several nodes, a free port on one; "
+                "JOB_ID, RESTARTS: the Slurm job id and requeue count")
+
+
+def dry_run(cfg: Config, stages: list[str], executor: str, out: TextIO) -> None:
+    for i, stage in enumerate(stages):
+        after = f"<{stages[i - 1]} job id>" if i and executor == "slurm" else None
+        params = executor_parameters(executor, cfg, stage, after)
+        if executor == "slurm":
+            out.write(f"===== {stage}: sbatch script (saved as {job_folder(cfg)}/%j_submission.sh) =====\n")
+            out.write(sbatch_script(cfg, params) + "\n")
+        else:
+            out.write(f"===== {stage}: {executor} executor on this machine, parameters {params} =====\n")
+        if stage not in TORCHRUN_STAGES:
+            door = "prep.prepare(cfg)" if stage == "prep" else "report.report(run_dirs)"
+            out.write(f"===== {stage}: the job's one process runs pipeline.{door} =====\n")
+            continue
+        nodes, nproc, _ = stage_resources(cfg, stage)
+        out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
+                  f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
+        if stage == "train":
+            out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n")
+            if nodes * nproc > 1 and cfg.launch.preflight_timeout_s:
+                out.write("  before it, the same torchrun layout runs jobs.preflight on MASTER_PORT + 1: an all-reduce "
+                          f"over all {nodes * nproc} ranks, bounded by {cfg.launch.preflight_timeout_s} s\n")
+    out.write("dry run: nothing was submitted\n")
+
+
+def validate_on_slurm(cfg: Config, stages: list[str]) -> None:
+    """Every stage's script passes ``sbatch --test-only`` before the first is submitted."""
+    slurm.check_partition(cfg.launch.partition)
+    for stage in stages:
+        try:
+            slurm.test_only(sbatch_script(cfg, executor_parameters("slurm", cfg, stage)))
+        except slurm.SlurmError as exc:
+            hint = "; on a cluster without GPUs pass --device cpu" if "gres" in str(exc).lower() else ""
+            raise LaunchError(f"Slurm rejects the {stage} job, nothing was submitted: {exc}{hint}") from None
+
+
+def submit(executor: str, cfg: Config, stage: str, fn: Callable[[], Any], after: str | None,
+           out: TextIO) -> Submitted:
+    from submitit.core.utils import FailedJobError
+
+    try:
+        job = make_executor(executor, cfg, executor_parameters(executor, cfg, stage, after)).submit(fn)
+    except FailedJobError as exc:
+        raise LaunchError(f"sbatch rejected the {stage} job: {exc}") from None
+    sub = Submitted(stage, job, executor)
+    nodes, nproc, _ = stage_resources(cfg, stage)
+    waits = f", starts after job {after} succeeds" if after else ""
+    out.write(f"[{stage}] job {job.job_id} submitted ({executor}, {nodes} node(s) x {nproc} process(es){waits})\n")
+    if executor != "debug":
+        out.write(f"    logs: {sub.log_paths()[0].parent}/\n"
+                  f"    follow: tail -f {' '.join(map(str, sub.log_paths()))}\n")
+    return sub
+
+
+def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, out: TextIO) -> int:
+    plan = [(stage, stage_job(stage, cfg, run_dirs)) for stage in stages]
+    submitted: list[Submitted] = []
+    if executor == "slurm":
+        validate_on_slurm(cfg, stages)
+        try:
+            for stage, fn in plan:
+                after = submitted[-1].job.job_id if submitted else None
+                submitted.append(submit(executor, cfg, stage, fn, after, out))
+        except LaunchError:
+            slurm.cancel([s.job.job_id for s in submitted])
+            raise
+        out.write(f"    cancel: scancel {' '.join(s.job.job_id for s in submitted)}\n")
+    if cfg.launch.detach:
+        if executor != "slurm":
+            submitted.append(submit(executor, cfg, *plan[0], None, out))
+        out.write("detached: the jobs run on; follow them with the tail -f lines above\n")
+        return 0
+    for i, (stage, fn) in enumerate(plan):
+        sub = submitted[i] if executor == "slurm" else submit(executor, cfg, stage, fn, None, out)
+        try:
+            follow(sub, out)
+        except StageFailed as exc:
+            rest = [s.job.job_id for s in submitted[i + 1:]]
+            slurm.cancel(rest)
+            raise StageFailed(f"{exc}\nlater stages not run{f' (cancelled jobs {rest})' if rest else ''}") from None
+        out.write(f"[{sub.label}] done\n")
+    out.write(f"finished: {' -> '.join(stages)}; run dir {cfg.train.run_dir}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    out = sys.stdout
+    try:
+        cfg, run_dirs = resolve_config(args)
+        stages = stage_chain(args.stage)
+        executor = choose_executor(cfg.launch.executor, out)
+        check_launch(cfg.launch, stages, executor)
+        parse_sbatch_options(cfg.launch.sbatch)
+        if cfg.launch.dry_run:
+            dry_run(cfg, stages, executor, out)
+            try:
+                check_inputs(stages, cfg, run_dirs)
+            except StageInputError as exc:
+                out.write(f"warning: a real launch would stop here: {exc}\n")
+            return 0
+        check_inputs(stages, cfg, run_dirs)
+        return run_chain(cfg, stages, run_dirs, executor, out)
+    except (LaunchError, ConfigError, StageInputError, slurm.SlurmError) as exc:
+        out.flush()
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
+    except StageFailed as exc:
+        out.flush()
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("launch.py: stopped following; Slurm jobs keep running (scancel them by id)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
