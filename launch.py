@@ -207,7 +207,7 @@ PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of t
                 "JOB_ID, RESTARTS: the Slurm job id and requeue count")
 
 
-def dry_run(cfg: Config, stages: list[str], executor: str, out: TextIO) -> None:
+def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, out: TextIO) -> None:
     for i, stage in enumerate(stages):
         after = f"<{stages[i - 1]} job id>" if i and executor == "slurm" else None
         params = executor_parameters(executor, cfg, stage, after)
@@ -228,6 +228,10 @@ def dry_run(cfg: Config, stages: list[str], executor: str, out: TextIO) -> None:
             if nodes * nproc > 1 and cfg.launch.preflight_timeout_s:
                 out.write("  before it, the same torchrun layout runs jobs.preflight on MASTER_PORT + 1: an all-reduce "
                           f"over all {nodes * nproc} ranks, bounded by {cfg.launch.preflight_timeout_s} s\n")
+    try:
+        check_inputs(stages, cfg, run_dirs)
+    except StageInputError as exc:
+        out.write(f"warning: a real launch would stop here: {exc}\n")
     out.write("dry run: nothing was submitted\n")
 
 
@@ -302,11 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_launch(cfg.launch, stages, executor)
         parse_sbatch_options(cfg.launch.sbatch)
         if cfg.launch.dry_run:
-            dry_run(cfg, stages, executor, out)
-            try:
-                check_inputs(stages, cfg, run_dirs)
-            except StageInputError as exc:
-                out.write(f"warning: a real launch would stop here: {exc}\n")
+            dry_run(cfg, stages, run_dirs, executor, out)
             return 0
         check_inputs(stages, cfg, run_dirs)
         return run_chain(cfg, stages, run_dirs, executor, out)

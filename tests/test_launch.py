@@ -1,0 +1,276 @@
+"""launch.py without Slurm: dry-run scripts, bad input, and real jobs through submitit's local executor."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+import launch
+from jobs.follow import LogFollower, StageFailed, Submitted, failure_text, follow
+from jobs.preflight import EXIT_NO_ANSWER
+from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port
+from pipeline.config import Config
+
+REPO = Path(launch.__file__).resolve().parent
+
+
+@pytest.fixture
+def no_slurm_path(tmp_path, monkeypatch):
+    """A PATH without sbatch, srun or squeue: this machine as one without Slurm."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
+
+
+def run_main(capsys, *argv):
+    code = launch.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def sbatch_sections(text: str) -> dict[str, str]:
+    """Dry-run output split into {stage: its sbatch script}."""
+    parts = re.split(r"===== (\w+): sbatch script[^\n]*\n", text)
+    return {parts[i]: parts[i + 1].split("=====")[0] for i in range(1, len(parts), 2)}
+
+
+def test_dry_run_four_nodes_eight_gpus(no_slurm_path, tmp_path, capsys):
+    code, out, _ = run_main(capsys, "--stage", "train", "--nodes", 4, "--gpus-per-node", 8, "--executor", "slurm",
+                            "--dry-run", "--partition", "gpu", "--time", 1440, "--run-dir", tmp_path / "run")
+    assert code == 0
+    script = sbatch_sections(out)["train"]
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --time=1440",
+                 "#SBATCH --signal=USR2@90", "#SBATCH --job-name=imagenet-train",
+                 f"#SBATCH --output={tmp_path}/run/logs/%j/%j_0_log.out"):
+        assert line in script.splitlines()
+    assert "dependency" not in script
+    assert re.search(r"^srun .* -m submitit\.core\._submit .*/run/logs/%j$", script, re.M)
+    torchrun = next(line for line in out.splitlines() if "torch.distributed.run" in line)
+    assert "--nnodes 4 --nproc-per-node 8 --node-rank $NODE_RANK --master-addr $MASTER_ADDR" in torchrun
+    assert "--max-restarts 2" in torchrun and torchrun.endswith(f"-m jobs.train --config {tmp_path}/run/logs/"
+                                                                 "$JOB_ID/train_config.toml")
+    assert "jobs.preflight" in out and "over all 32 ranks" in out
+    assert out.rstrip().endswith("dry run: nothing was submitted")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_chain_waits_on_each_stage_and_cpu_jobs_ask_for_no_gpus(no_slurm_path, tmp_path, capsys):
+    config = tmp_path / "cluster.toml"
+    config.write_text('[launch]\npartition = "from-file"\nnodes = 2\nsbatch = ["mail-type=END"]\n'
+                      '[train]\ndevice = "cpu"\n')
+    code, out, _ = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--config", config,
+                            "--partition", "from-flag", "--procs-per-node", 2, "--sbatch", "requeue",
+                            "--run-dir", tmp_path / "run")
+    assert code == 0
+    scripts = sbatch_sections(out)
+    assert list(scripts) == ["prep", "train", "eval", "report"]
+    for stage, script in scripts.items():
+        lines = script.splitlines()
+        assert "#SBATCH --partition=from-flag" in lines  # command line > file
+        assert "#SBATCH --requeue" in lines and "#SBATCH --mail-type=END" not in lines  # a flag's list replaces
+        assert not any("gpus" in line for line in lines)  # device cpu: tasks and CPUs, no GRES
+        if stage == "prep":
+            assert not any("dependency" in line for line in lines) and "#SBATCH --nodes=1" in lines
+        else:
+            previous = list(scripts)[list(scripts).index(stage) - 1]
+            assert f"#SBATCH --dependency='afterok:<{previous} job id>'" in lines
+            assert "#SBATCH --kill-on-invalid-dep=yes" in lines
+    assert "#SBATCH --nodes=2" in scripts["train"] and "#SBATCH --cpus-per-task=2" in scripts["train"]
+    assert "--nnodes 2 --nproc-per-node 2" in out
+    assert "warning: a real launch would stop here: archive dir" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "nope"], "invalid choice: 'nope'"),
+    (["--stage", "train", "--nodes", "2", "--executor", "local"], "Use --procs-per-node N for N processes here"),
+    (["--stage", "train", "--executor", "local", "--data-dir", "{tmp}/missing"], "data dir {tmp}/missing does not"),
+    (["--stage", "prep", "--executor", "local", "--archive-dir", "{tmp}/none"], "archive dir {tmp}/none does not"),
+    (["--stage", "eval", "--executor", "local", "--data-dir", "{tmp}", "--checkpoint", "{tmp}/c.pt"],
+     "checkpoint {tmp}/c.pt does not exist"),
+    (["--stage", "train", "--run-dir", "{tmp}/a", "{tmp}/b", "--executor", "local"], "are for --stage report"),
+    (["--stage", "train", "--sbatch", "nodes=3", "--dry-run"], "use --nodes for this option"),
+    (["--stage", "train", "--sbatch", "x y", "--dry-run"], "expected key=value"),
+    (["--stage", "all", "--detach", "--executor", "local"], "--detach with the local executor runs one stage"),
+    (["--stage", "train", "--gpus-per-node", "0", "--dry-run"], "both must be at least 1"),
+    (["--stage", "train", "--config", "{tmp}/missing.toml"], "config file {tmp}/missing.toml does not exist"),
+])
+def test_bad_input_is_a_clear_error(argv, message, no_slurm_path, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with_executor = argv if "--executor" in argv else [*argv, "--executor", "slurm"]
+    try:
+        code, _, err = run_main(capsys, *with_executor)
+    except SystemExit as exc:  # argparse's own errors
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("**/*_submitted.pkl"))
+
+
+def test_auto_executor_without_sbatch_is_local_and_says_so(no_slurm_path, tmp_path, capsys):
+    code, out, _ = run_main(capsys, "--stage", "train", "--dry-run", "--procs-per-node", 2, "--run-dir", tmp_path)
+    assert code == 0
+    assert out.startswith("executor: local (no sbatch on PATH")
+    assert "local executor on this machine" in out and "--nnodes 1 --nproc-per-node 2" in out
+
+
+def test_slurm_executor_without_slurm_says_what_to_do(no_slurm_path, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    code, _, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--data-dir", tmp_path / "data",
+                            "--run-dir", tmp_path / "run")
+    assert code == 2 and "no Slurm client; use --executor local" in err
+
+
+def test_rendezvous_port_is_shared_by_nodes_and_fresh_after_requeue():
+    ports = {rendezvous_port("123456", restarts) for restarts in range(5)}
+    assert len(ports) == 5
+    assert all(20000 <= p < 32000 and p % 2 == 0 for p in ports)  # p + 1 (pre-flight) stays below 32768
+    assert rendezvous_port("123456", 0) == rendezvous_port("123456", 0)
+
+
+def test_log_follower_prints_only_new_complete_lines(tmp_path):
+    log = tmp_path / "a.log"
+    out = io.StringIO()
+    follower = LogFollower([log, tmp_path / "never.log"], "[x] ", out)
+    follower.poll()
+    log.write_text("one\ntw")
+    follower.poll()
+    with open(log, "a") as fh:
+        fh.write("o\nthree")
+    follower.poll()
+    assert out.getvalue() == "[x] one\n[x] two\n"
+    follower.poll(final=True)
+    assert out.getvalue().endswith("[x] three\n")
+
+
+def test_failure_text_keeps_the_exception_not_the_frames():
+    trace = textwrap.dedent("""\
+        Job (task=0) failed during processing with trace:
+        ----------------------
+        Traceback (most recent call last):
+          File "x.py", line 1, in f
+            g()
+        jobs.torchrun.WorkerFailedError: train failed on node 0: rank 1 exited with code 3
+        Last lines:
+        Traceback (most recent call last):
+          File "w.py", line 2
+        ValueError: bad
+        ----------------------
+        You can check full logs with 'job.stderr(0)'""")
+    text = failure_text(RuntimeError(trace))
+    assert text.startswith("jobs.torchrun.WorkerFailedError: train failed on node 0: rank 1 exited with code 3")
+    assert text.rstrip().endswith("ValueError: bad") and 'File "x.py"' not in text
+
+
+def write_module(folder: Path, name: str, body: str) -> str:
+    (folder / f"{name}.py").write_text(textwrap.dedent(body))
+    return name
+
+
+def local_torchrun_job(tmp_path, module: str, nproc: int, **launch_fields) -> Submitted:
+    """Submit a TorchrunJob running ``module`` through the launcher's own local executor."""
+    cfg = Config()
+    cfg.train.run_dir = str(tmp_path / "run")
+    cfg.train.device = "cpu"
+    cfg.launch.gpus_per_node = nproc
+    for key, value in launch_fields.items():
+        setattr(cfg.launch, key, value)
+    executor = launch.make_executor("local", cfg, launch.executor_parameters("local", cfg, "train"))
+    return Submitted("train", executor.submit(TorchrunJob("train", cfg, module=module)), "local")
+
+
+def test_crashed_worker_is_retried_then_reported_with_rank_and_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    module = write_module(tmp_path, "crashing_worker", """\
+        import os, sys
+        if os.environ["RANK"] == "1":
+            print("rank 1 gives up", file=sys.stderr, flush=True)
+            sys.exit(3)
+    """)
+    sub = local_torchrun_job(tmp_path, module, nproc=2, max_restarts=1, preflight_timeout_s=0)
+    with pytest.raises(StageFailed) as failure:
+        follow(sub, io.StringIO(), poll_s=0.5)
+    message = str(failure.value)
+    assert "rank 1 (local rank 1) exited with code 3 after 1 restart(s)" in message
+    log_file = Path(re.search(r"Its log: (\S+)", message).group(1))
+    assert log_file.name == "stderr.log" and log_file.parent.parent.name == "attempt_1"
+    assert "rank 1 gives up" in log_file.read_text() and "rank 1 gives up" in message
+
+
+def test_preflight_names_the_rank_that_never_answers(tmp_path):
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
+    beats = tmp_path / "beats"
+    cmd = [sys.executable, "-m", "jobs.preflight", "--device", "cpu", "--timeout-s", "4", "--heartbeat-dir",
+           str(beats), "--hosts", "node-a,node-b"]
+    start = time.monotonic()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_NO_ANSWER, result.stderr
+    assert time.monotonic() - start < 60
+    assert "no answer from rank 1 (node-b) never started" in result.stderr
+    assert "pre-flight environment" in result.stderr and '"master_addr": "127.0.0.1"' in result.stderr
+    assert (beats / "arrived_0.json").exists() and not (beats / "arrived_1.json").exists()
+
+
+def job_tasks(pid: int) -> list[int]:
+    """Processes below ``pid`` that run submitit's task entry point (what Slurm would signal)."""
+    found = []
+    for child in child_pids(pid):
+        if b"submitit.core._submit" in Path(f"/proc/{child}/cmdline").read_bytes():
+            found.append(child)
+        else:
+            found += job_tasks(child)
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_preemption_signal_saves_and_requeues_the_job(tmp_path, monkeypatch):
+    """USR2 to the job's task (what Slurm sends before the time limit): workers get SIGUSR1, save, exit 0; the
+    job requeues itself and the new run resumes from what was saved."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    module = write_module(tmp_path, "preemptible_worker", f"""\
+        import os, signal, sys, time
+        from pathlib import Path
+        out = Path({str(tmp_path)!r})
+        rank = os.environ["RANK"]
+        with open(out / f"starts_{{rank}}", "a") as fh:
+            fh.write("x")
+        if (out / f"saved_{{rank}}").exists():
+            sys.exit(0)  # resumed: finish
+        stop = []
+        signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
+        (out / f"running_{{rank}}").write_text("")
+        while not stop:
+            time.sleep(0.1)
+        (out / f"saved_{{rank}}").write_text("checkpoint")
+    """)
+    sub = local_torchrun_job(tmp_path, module, nproc=2, preflight_timeout_s=0)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"running_{r}").exists() for r in "01") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (task,) = job_tasks(int(sub.job.job_id))  # the local job id is the pid of its controller's shell
+    os.kill(task, signal.SIGUSR2)
+    results = follow(sub, io.StringIO(), poll_s=0.5)
+    assert results[0]["world_size"] == 2
+    assert all((tmp_path / f"saved_{r}").read_text() == "checkpoint" for r in "01")
+    assert all((tmp_path / f"starts_{r}").read_text() == "xx" for r in "01")  # stopped once, resumed once
+    log = sub.log_paths()[1].read_text()
+    assert "asked 2 training process(es)" in log and "requeueing" in log
