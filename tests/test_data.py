@@ -1,0 +1,203 @@
+"""Loaders on real JPEG folders and real CIFAR-10 pickles: sharding, reproducibility, bad data, clear errors."""
+from __future__ import annotations
+
+import logging
+import pickle
+import tarfile
+
+import pytest
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.data import (DataDirError, EpochSampler, ShardSampler, build_train_loader, build_val_loader,
+                           dataset_info, skipped_images)
+from pipeline.distributed import DistEnv
+from pipeline.synthetic import make_cifar10_archive, make_image_folder
+from pipeline.transforms import CIFAR10_MEAN, CIFAR10_STD
+
+CPU = torch.device("cpu")
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 10, 5  # 40 train and 20 val images
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagenet"), num_classes=CLASSES,
+                             train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS, size=(40, 36), seed=0)
+
+
+def small_config(data_dir, *, batch_size: int = 4, workers: int = 0, **data) -> Config:
+    cfg = Config()
+    cfg.data.data_dir = str(data_dir)
+    cfg.data.workers = workers
+    cfg.data.train_crop_size, cfg.data.val_resize_size, cfg.data.val_crop_size = 32, 36, 32
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    cfg.train.batch_size = batch_size
+    return cfg
+
+
+def epoch_batches(loader, sampler, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    sampler.set_epoch(epoch)
+    return [(images.clone(), targets.clone()) for images, targets in loader]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [0, 1, 7, 10, 13])
+def test_shard_sampler_gives_every_index_exactly_once(size, world_size):
+    shards = [list(ShardSampler(size, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [len(ShardSampler(size, rank=r, world_size=world_size)) for r in range(world_size)] == \
+        [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_val_loaders_of_all_ranks_cover_the_val_set_exactly(image_dir):
+    cfg = small_config(image_dir, batch_size=3)
+    whole = [t for _, targets in build_val_loader(cfg, DistEnv(), CPU) for t in targets.tolist()]
+    assert len(whole) == CLASSES * VAL_PER_CLASS
+    world = 3  # 20 images do not divide by 3 ranks
+    counts = [0] * CLASSES
+    for rank in range(world):
+        loader = build_val_loader(cfg, DistEnv(rank=rank, world_size=world), CPU)
+        for images, targets in loader:
+            assert images.shape[1:] == (3, 32, 32)
+            for t in targets.tolist():
+                counts[t] += 1
+    assert counts == [VAL_PER_CLASS] * CLASSES
+
+
+def test_train_ranks_draw_disjoint_samples_every_epoch():
+    ranks = [EpochSampler(range(41), num_replicas=2, rank=r, shuffle=True, seed=5, drop_last=True) for r in (0, 1)]
+    for epoch in (0, 1):
+        keys = []
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+            keys += list(sampler)
+        assert {e for e, _ in keys} == {epoch}
+        indices = [i for _, i in keys]
+        assert len(indices) == len(set(indices)) == 40  # 41 // 2 per rank, the tail dropped
+
+
+def test_train_epoch_is_reproducible_whatever_the_workers(image_dir):
+    cfg = small_config(image_dir, auto_augment="ta_wide", color_jitter=0.4, random_erase=0.5)
+    loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=3)
+    assert sampler is not None and len(loader) == CLASSES * TRAIN_PER_CLASS // 4
+    first = epoch_batches(loader, sampler, 0)
+    cfg.data.workers = 2
+    loader2, sampler2 = build_train_loader(cfg, DistEnv(), CPU, seed=3)
+    assert loader2.persistent_workers and loader2.prefetch_factor == cfg.data.prefetch_factor
+    assert not loader2.pin_memory  # CPU only
+    for epoch_run in (epoch_batches(loader2, sampler2, 0), epoch_batches(loader2, sampler2, 0)):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, epoch_run))
+    other_epoch = epoch_batches(loader, sampler, 1)
+    assert not torch.equal(torch.cat([t for _, t in first]), torch.cat([t for _, t in other_epoch]))
+    images = torch.cat([i for i, _ in first])
+    assert images.shape == (40, 3, 32, 32) and abs(images.mean().item()) < 1.5  # normalized floats
+
+
+def test_mixup_cutmix_give_soft_targets(image_dir):
+    cfg = small_config(image_dir, mixup_alpha=0.2, cutmix_alpha=1.0)
+    loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=0)
+    _, targets = epoch_batches(loader, sampler, 0)[0]
+    assert targets.dtype == torch.float32 and targets.shape == (4, CLASSES)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(4))
+    plain, plain_sampler = build_train_loader(small_config(image_dir), DistEnv(), CPU, seed=0)
+    assert epoch_batches(plain, plain_sampler, 0)[0][1].dtype == torch.int64
+
+
+def test_dataset_info_reads_classes_file(image_dir):
+    info = dataset_info(small_config(image_dir))
+    assert info.num_classes == CLASSES and len(info.wnids) == CLASSES
+    assert info.wnids == sorted(info.wnids) and info.names[0] == "synthetic class 0"
+    assert (info.train_size, info.val_size) == (CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLASS)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_unreadable_val_image_is_skipped_counted_and_named(tmp_path, caplog, damage):
+    root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=3, size=(40, 36))
+    bad = sorted((root / "val").rglob("*.JPEG"))[1]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"this is no JPEG")
+    loader = build_val_loader(small_config(root, batch_size=2), DistEnv(), CPU)
+    with caplog.at_level(logging.WARNING):
+        total = sum(len(targets) for _, targets in loader)
+    assert total == 2 * 3 - 1
+    assert skipped_images(loader) == 1
+    assert str(bad) in caplog.text
+
+
+def test_unreadable_train_images_keep_batches_full_and_are_counted_across_workers(tmp_path):
+    root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=8, val_per_class=1, size=(40, 36))
+    for bad in sorted((root / "train").rglob("*.JPEG"))[0:15:5]:  # not neighbours: each failed load is one file
+        bad.write_bytes(b"\xff\xd8\xff garbage")
+    loader, sampler = build_train_loader(small_config(root, batch_size=4, workers=2), DistEnv(), CPU, seed=0)
+    batches = epoch_batches(loader, sampler, 0)
+    assert [len(t) for _, t in batches] == [4] * 4
+    assert skipped_images(loader) == 3  # each bad file drawn once this epoch, counted in the worker processes
+
+
+def test_batch_larger_than_the_share_of_one_process_is_a_clear_error(image_dir):
+    cfg = small_config(image_dir, batch_size=21)
+    with pytest.raises(ConfigError, match="batch size 21 per process is larger than the 20 training images"):
+        build_train_loader(cfg, DistEnv(rank=0, world_size=2), CPU, seed=0)
+
+
+def make_bad_dir(tmp_path, kind: str):
+    if kind == "missing":
+        return tmp_path / "nowhere"
+    root = tmp_path / "data"
+    if kind == "no_splits":
+        root.mkdir()
+    elif kind == "no_images":
+        for split in ("train", "val"):
+            (root / split / "n01440764").mkdir(parents=True)
+    elif kind == "bad_classes_file":
+        root = make_image_folder(root, num_classes=2, train_per_class=1, val_per_class=1, size=(32, 32))
+        (root / "classes.tsv").write_text("wnid,words\nn1,a\n")
+    return root
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"),
+    ("no_splits", "has no train/ and val/ folders"),
+    ("no_images", "no images with extensions"),
+    ("bad_classes_file", "classes.tsv is malformed"),
+])
+def test_malformed_data_dir_says_what_is_expected(tmp_path, kind, message):
+    cfg = small_config(make_bad_dir(tmp_path, kind))
+    with pytest.raises(DataDirError, match=message) as err:
+        dataset_info(cfg)
+    assert "--stage prep" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cifar")
+    archive = make_cifar10_archive(tmp / "archives", per_class=6, test_per_class=3, seed=1)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp / "data", filter="data")
+    return tmp / "data"
+
+
+def test_cifar10_loaders_read_the_pickled_batches(cifar_dir):
+    cfg = small_config(cifar_dir, batch_size=8, dataset="cifar10")
+    info = dataset_info(cfg)
+    assert info.num_classes == 10 and info.names[:2] == ["airplane", "automobile"]
+    assert (info.train_size, info.val_size) == (60, 30)
+    loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=0)
+    batches = epoch_batches(loader, sampler, 0)
+    assert len(batches) == 60 // 8 and batches[0][0].shape == (8, 3, 32, 32)
+
+    val = [(images, targets) for images, targets in build_val_loader(cfg, DistEnv(), CPU)]
+    with open(cifar_dir / "cifar-10-batches-py" / "test_batch", "rb") as fh:
+        raw = pickle.load(fh, encoding="latin1")
+    first = torch.tensor(raw["data"][0], dtype=torch.float32).reshape(3, 32, 32) / 255
+    expected = (first - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+    assert torch.allclose(val[0][0][0], expected, atol=1e-5)
+    assert torch.cat([t for _, t in val]).tolist() == list(raw["labels"])
+
+
+def test_cifar10_without_batches_is_a_clear_error(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataDirError, match="cannot read CIFAR-10 batches.*data_batch_1"):
+        dataset_info(small_config(tmp_path / "data", dataset="cifar10"))
