@@ -65,13 +65,14 @@ class LogFollower:
 def failure_text(exc: BaseException, limit: int = 40) -> str:
     """The part of a job's error that matters: its exception line(s), not submitit's frames."""
     lines = str(exc).splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), None)
-    if start is not None:
+    dashed = [i for i, line in enumerate(lines) if line.startswith("-" * 10)]
+    if len(dashed) >= 2:  # submitit puts the job's traceback between two dashed lines
+        lines = lines[dashed[0] + 1:dashed[-1]]
+    if lines and lines[0].startswith("Traceback (most recent call last)"):
         skip = ("Traceback", "During handling", "The above exception", " ", "\t")
-        start = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(skip)), start)
-        lines = [line for line in lines[start:] if not line.startswith("-" * 10)]
-        lines = [line for line in lines if not line.startswith("You can check full logs")]
-    return "\n".join(lines[:limit])
+        first = next((i for i, line in enumerate(lines) if line and not line.startswith(skip)), 0)
+        lines = lines[first:]
+    return "\n".join(lines[:limit]).rstrip()
 
 
 def follow(sub: Submitted, out: TextIO, poll_s: float = 2.0) -> list[Any]:

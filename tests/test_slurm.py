@@ -1,0 +1,158 @@
+"""launch.py on a real two-node Slurm cluster (the CI one from .ci/slurm: partition debug, node1 and node2).
+
+The ``slurm_cluster`` fixture uses the cluster SLURM_CONF names; without one it starts the CI cluster
+(when Slurm is installed) and stops it at the end. With CI set, a missing cluster fails the run.
+Each test drives the real CLI in a subprocess with a time bound, and cancels what it submitted.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slurm
+
+
+def _cluster_answers() -> bool:
+    if not os.environ.get("SLURM_CONF"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+def _wait_for_idle_nodes(count: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        idle = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix", "-o", "%N"], capture_output=True, text=True)
+        if len(set(idle.stdout.split())) >= count:
+            return
+        time.sleep(1)
+    pytest.fail(f"the Slurm test cluster has fewer than {count} usable nodes:\n"
+                + subprocess.run(["sinfo", "-N", "-l"], capture_output=True, text=True).stdout, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """The partition of a running two-node cluster; started from .ci/slurm when none answers."""
+    started = False
+    patch = pytest.MonkeyPatch()
+    if not _cluster_answers():
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but no Slurm cluster answers (SLURM_CONF unset or sinfo fails); .ci/run starts it "
+                        "with `bash .ci/slurm/start.sh` and `source /tmp/ci-slurm/env.sh`", pytrace=False)
+        daemons = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
+        if not (shutil.which("sbatch") and shutil.which("slurmctld", path=daemons)):
+            pytest.fail("Slurm is not installed: run `bash .ci/slurm/install.sh` (Debian's slurm-wlm and munge); "
+                        "these tests then start a two-node cluster on this machine themselves", pytrace=False)
+        result = subprocess.run(["bash", str(REPO / ".ci/slurm/start.sh")], capture_output=True, text=True,
+                                timeout=180)
+        conf = re.search(r"export SLURM_CONF=(\S+)", result.stdout)
+        if result.returncode != 0 or not conf:
+            pytest.fail(f"could not start the Slurm test cluster:\n{result.stdout}\n{result.stderr}", pytrace=False)
+        patch.setenv("SLURM_CONF", conf.group(1))
+        started = True
+    _wait_for_idle_nodes(2)
+    yield "debug"
+    if started:
+        subprocess.run(["bash", str(REPO / ".ci/slurm/stop.sh")], capture_output=True, timeout=120)
+    patch.undo()
+
+
+class Launcher:
+    """Runs ``python launch.py`` as a user would, remembering the job ids it printed."""
+
+    def __init__(self, partition: str):
+        self.partition = partition
+        self.job_ids: list[str] = []
+
+    def __call__(self, *argv: object, timeout_s: float = 240) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(REPO / "launch.py"), "--executor", "slurm", "--partition", self.partition,
+               *map(str, argv)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+        self.job_ids += re.findall(r"job (\d+) submitted", result.stdout)
+        return result
+
+    def cancel_all(self) -> None:
+        if self.job_ids:
+            subprocess.run(["scancel", *self.job_ids], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def launcher(slurm_cluster) -> Iterator[Launcher]:
+    run = Launcher(slurm_cluster)
+    yield run
+    run.cancel_all()
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    found = re.search(r"JobState=(\S+)", out)
+    return found.group(1) if found else "UNKNOWN"
+
+
+def test_dry_run_prints_the_script_sbatch_receives(launcher, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = ("--stage", "report", "--run-dir", run_dir, "--time", 5)
+    dry = launcher(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not launcher.job_ids and not (run_dir / "logs").exists()
+    submitted = launcher(*args, "--detach")
+    assert submitted.returncode == 0, submitted.stderr
+    (job_id,) = launcher.job_ids
+    script = (run_dir / "logs" / job_id / f"{job_id}_submission.sh").read_text()
+    assert script in dry.stdout
+    assert f"tail -f {run_dir}/logs/{job_id}/{job_id}_0_log.out" in submitted.stdout
+
+
+def test_partition_that_does_not_exist_submits_nothing(launcher, tmp_path):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    launcher.partition = "no-such-partition"
+    result = launcher("--stage", "all", "--archive-dir", archives, "--run-dir", tmp_path / "run")
+    assert result.returncode == 2
+    assert "partition 'no-such-partition' does not exist on this cluster; known partitions: ['debug']" in result.stderr
+    assert not launcher.job_ids and not (tmp_path / "run" / "logs").exists()
+
+
+def test_resources_slurm_cannot_give_are_refused_before_any_submission(launcher, tmp_path):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    result = launcher("--stage", "all", "--archive-dir", archives, "--run-dir", tmp_path / "run", "--nodes", 3,
+                      "--device", "cpu")
+    assert result.returncode == 2
+    assert "Slurm rejects the train job, nothing was submitted" in result.stderr
+    assert "Requested node configuration is not available" in result.stderr
+    assert not launcher.job_ids
+    gpus = launcher("--stage", "train", "--data-dir", archives, "--run-dir", tmp_path / "run")
+    assert gpus.returncode == 2 and "on a cluster without GPUs pass --device cpu" in gpus.stderr
+
+
+def test_failed_stage_cancels_the_rest_of_the_chain(launcher, tmp_path):
+    """Without accounting submitit cannot see cancelled jobs; the launcher must still end, not hang."""
+    archives = tmp_path / "empty-archives"
+    archives.mkdir()
+    start = time.monotonic()
+    result = launcher("--stage", "all", "--archive-dir", archives, "--data-dir", tmp_path / "data",
+                      "--run-dir", tmp_path / "run", "--device", "cpu", "--time", 5)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - start < 120
+    prep, *later = launcher.job_ids
+    assert len(later) == 3
+    assert f"prep job {prep} failed" in result.stderr and "later stages not run" in result.stderr
+    deadline = time.monotonic() + 30
+    while any(job_state(j) not in ("CANCELLED", "UNKNOWN") for j in later) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert {job_state(j) for j in later} <= {"CANCELLED", "UNKNOWN"}
