@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from pipeline.config import Config, ConfigError
 from pipeline.datasets import (DataDirError, SampleSet, cifar_split, imagenet_classes, imagenet_split,
-                               sample_seed)
+                               sample_seed, seeded_cpu_rng)
 from pipeline.distributed import DistEnv
 from pipeline.transforms import BatchTransform, batch_mix, eval_transform, train_transform
 
@@ -100,8 +100,7 @@ class Collate:
         images, targets = default_collate([(image, label) for image, label, _ in samples])
         if self.mix is None:
             return images, targets
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(samples[0][2], len(samples), 0))  # seeded by the batch's first sample
+        with seeded_cpu_rng(sample_seed(samples[0][2], len(samples), 0)):  # seeded by the batch's first sample
             return self.mix(images, targets)
 
 

@@ -82,7 +82,9 @@ def test_train_epoch_is_reproducible_whatever_the_workers(image_dir):
     cfg = small_config(image_dir, auto_augment="ta_wide", color_jitter=0.4, random_erase=0.5)
     loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=3)
     assert sampler is not None and len(loader) == CLASSES * TRAIN_PER_CLASS // 4
+    trainer_rng = torch.get_rng_state()
     first = epoch_batches(loader, sampler, 0)
+    assert torch.equal(torch.get_rng_state(), trainer_rng)  # augmentation in this process leaves the trainer's RNG
     cfg.data.workers = 2
     loader2, sampler2 = build_train_loader(cfg, DistEnv(), CPU, seed=3)
     assert loader2.persistent_workers and loader2.prefetch_factor == cfg.data.prefetch_factor
