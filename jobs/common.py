@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+import contextlib
+import sys
+from typing import Iterator, Sequence
 
 from pipeline.config import Config, ConfigError, add_config_arguments, config_from_args
 
@@ -21,3 +23,27 @@ def parse_config(argv: Sequence[str] | None, description: str) -> Config:
         return config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says all (what is wrong, what to do): shown without a traceback."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataDirError
+    from pipeline.distributed import DistributedSetupError
+    from pipeline.models import PretrainedWeightsError, UnknownModelError
+    from pipeline.precision import PrecisionError
+
+    return (ConfigError, CheckpointError, DataDirError, DistributedSetupError, PretrainedWeightsError,
+            UnknownModelError, PrecisionError)
+
+
+@contextlib.contextmanager
+def exit_on_bad_input(prog: str) -> Iterator[None]:
+    """Bad input (config, data dir, model, device, checkpoint) exits with status 2 and its message."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, bad_input_errors()):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

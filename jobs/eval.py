@@ -4,14 +4,15 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs.common import parse_config
+from jobs.common import exit_on_bad_input, parse_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv, "Evaluate a checkpoint on the val set (exact counts under DDP).")
     from pipeline.evaluate import evaluate
 
-    evaluate(cfg)
+    with exit_on_bad_input("jobs.eval"):
+        evaluate(cfg)
     return 0
 
 

@@ -46,6 +46,7 @@ EPOCH_COLUMNS = (
     "world_size", "nodes", "amp", "model",
     "peak_mem_mib",         # peak device memory of rank 0, MiB (max RSS on CPU)
     "finished_at",          # ISO 8601 time the epoch's record was written
+    "ema_val_acc1", "ema_val_acc5",  # the model EMA over the whole val set, %; empty when EMA is off
 )
 PERF_COLUMNS = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
                 "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at")

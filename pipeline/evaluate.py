@@ -1,0 +1,148 @@
+"""The eval stage: exact top-1/top-5 counts over the whole val set, whatever the number of processes.
+
+    python -m jobs.eval --data-dir DATA --run-dir RUN [--checkpoint FILE]
+    torchrun --nproc-per-node 2 -m jobs.eval --data-dir DATA --run-dir RUN
+
+Each rank runs its exact shard of the val set (pipeline.data: every image once, no padding, no dropped
+tail); the correct counts, image counts and loss sums are summed over the ranks (float64, exact), and the
+total is checked against the val set's size (minus unreadable images, which are counted and named), so a
+sharding error fails loudly instead of shifting the accuracy. Rank 0 prints the torchvision-style line::
+
+    top1_correct=37657 top5_correct=46224 total=50000 Acc@1 75.314 Acc@5 92.448
+
+and writes ``<run dir>/eval.json`` (keys in pipeline/records.EVAL_KEYS). The checkpoint is
+``--checkpoint`` or ``<run dir>/checkpoints/best.pt``: one of ours (the model name and class count come
+from it) or a plain state dict for ``--model``; loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from pipeline import distributed
+from pipeline.checkpoint import BEST, CheckpointError, checkpoint_dir, load_checkpoint
+from pipeline.config import Config
+from pipeline.data import build_val_loader, dataset_info, skipped_images
+from pipeline.logs import Progress
+from pipeline.metrics import RunningSums, batch_sums
+from pipeline.models import build_model, read_state_dict
+from pipeline.precision import Precision, setup_precision
+from pipeline.records import EVAL_FILE, write_json
+from pipeline.stage_process import stage_process
+
+log = logging.getLogger(__name__)
+
+
+class EvalCountError(RuntimeError):
+    """The ranks together did not see every val image exactly once."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    top1_correct: int
+    top5_correct: int
+    total: int
+    loss_sum: float
+    skipped: int  # unreadable val images, left out of total
+
+    @property
+    def acc1(self) -> float:
+        return 100.0 * self.top1_correct / self.total if self.total else float("nan")
+
+    @property
+    def acc5(self) -> float:
+        return 100.0 * self.top5_correct / self.total if self.total else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.total if self.total else float("nan")
+
+    def line(self) -> str:
+        return (f"top1_correct={self.top1_correct} top5_correct={self.top5_correct} total={self.total} "
+                f"Acc@1 {self.acc1:.3f} Acc@5 {self.acc5:.3f}")
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader: DataLoader, precision: Precision, *, expected_total: int,
+             desc: str = "val") -> EvalResult:
+    """Exact counts of ``model`` over the val set (a collective: every rank calls it with its shard)."""
+    model.eval()
+    sums = RunningSums(precision.device)
+    skipped_before = skipped_images(loader)
+    criterion = nn.CrossEntropyLoss()
+    with Progress(desc, total=len(loader), unit="batch", logger=log, enabled=distributed.is_main_process()) as bar:
+        for images, targets in loader:
+            if len(targets):
+                targets = targets.to(precision.device, non_blocking=True)
+                with precision.autocast():
+                    logits = model(precision.images_to_device(images))
+                logits = logits.float()
+                sums.add(batch_sums(criterion(logits, targets), logits, targets))
+            bar.update()
+    skipped_here = skipped_images(loader) - skipped_before
+    loss_sum, top1, top5, total, skipped = distributed.all_reduce_sum(sums.sums.tolist() + [skipped_here],
+                                                                      precision.device)
+    result = EvalResult(int(top1), int(top5), int(total), loss_sum, int(skipped))
+    if result.total + result.skipped != expected_total:
+        raise EvalCountError(f"{desc}: the {distributed.world_size()} process(es) counted {result.total} images "
+                             f"(+{result.skipped} unreadable) but the val set has {expected_total}; the val "
+                             "sampler must give every image to exactly one rank")
+    if result.skipped:
+        log.warning("%s: %d unreadable val image(s) left out of the total (named in the warnings above)",
+                    desc, result.skipped)
+    return result
+
+
+def load_eval_weights(path: Path, model_name: str) -> tuple[str, int | None, dict[str, torch.Tensor]]:
+    """(model name, class count or None, state dict) of one of our checkpoints or of a plain weights file."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train first, or pass --checkpoint FILE")
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return model_name, None, read_state_dict(path)
+    if state["model_name"] != model_name:
+        log.info("%s holds a %s model; evaluating that (not --model %s)", path, state["model_name"], model_name)
+    return state["model_name"], state["num_classes"], state["model"]
+
+
+def build_eval_model(path: Path, model_name: str, num_classes: int) -> tuple[str, nn.Module]:
+    name, saved_classes, weights = load_eval_weights(path, model_name)
+    if saved_classes is not None and saved_classes != num_classes:
+        raise CheckpointError(f"checkpoint {path} has {saved_classes} classes but the val set has {num_classes}; "
+                              "point --data-dir at the data it was trained on")
+    model = build_model(name, num_classes=num_classes)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights in {path} do not fit model {name} with {num_classes} classes "
+                              f"(was it trained as another --model?): {exc}") from exc
+    return name, model
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """The eval stage's door: exact counts of a checkpoint on the val set; rank 0 writes eval.json."""
+    with stage_process(cfg.train.device) as (env, device):
+        return _evaluate(cfg, env, device)
+
+
+def _evaluate(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
+    info = dataset_info(cfg)
+    path = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else checkpoint_dir(cfg.train.run_dir) / BEST
+    name, model = build_eval_model(path, cfg.model.model, info.num_classes)
+    precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
+    model = precision.prepare_model(model)
+    result = validate(model, build_val_loader(cfg, env, device), precision, expected_total=info.val_size)
+    distributed.on_main_process(log.info, "%s from %s on %d process(es):", name, path, env.world_size)
+    distributed.on_main_process(log.info, result.line())
+    record = {"checkpoint": str(path), "top1_correct": result.top1_correct, "top5_correct": result.top5_correct,
+              "total": result.total, "acc1": result.acc1, "acc5": result.acc5, "loss": result.loss,
+              "world_size": env.world_size}
+    distributed.on_main_process(write_json, Path(cfg.train.run_dir) / EVAL_FILE, record)
+    return record

@@ -1,0 +1,79 @@
+"""The fast path of a device: AMP autocast (bf16, or fp16 with a GradScaler), channels_last, cudnn autotuning.
+
+``amp = "bf16"`` runs the forward pass under ``torch.autocast(device_type, dtype=torch.bfloat16)``;
+bf16 keeps fp32's exponent range, so the loss needs no scaling. ``amp = "fp16"`` autocasts to float16
+and scales the loss with ``torch.amp.GradScaler`` so small gradients do not flush to zero; torch 2.14
+supports both on CPU too, where fp16 is slower than bf16 (no native fp16 matmul on most CPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrecisionError(ValueError):
+    """A precision mode the device cannot run."""
+
+
+@dataclass
+class Precision:
+    """How tensors are laid out and cast on one device; ``scaler`` is set for fp16 only."""
+
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self) -> ContextManager:
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch on the device, NHWC when channels_last is on (non-blocking from pinned memory)."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model moved to the device, in channels_last layout when asked."""
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward pass and optimizer step, through the GradScaler when there is one."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def setup_precision(device: torch.device, amp: str, channels_last: bool) -> Precision:
+    """The Precision for ``device``; turns on cudnn autotuning on CUDA (fixed input sizes, faster kernels)."""
+    if amp not in ("none", *AMP_DTYPES):
+        raise PrecisionError(f"--amp {amp!r} is not one of none, bf16, fp16")
+    if amp != "none" and not torch.amp.is_autocast_available(device.type):
+        raise PrecisionError(f"--amp {amp} is not supported on device {device.type}; use --amp none")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError("--amp bf16 needs a GPU with bfloat16 support (Ampere or newer); use --amp fp16")
+    if amp == "fp16" and device.type == "cpu":
+        log.warning("--amp fp16 on CPU runs, but slower than --amp bf16 on most CPUs")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return Precision(device=device, amp=amp, channels_last=channels_last, scaler=scaler)

@@ -1,0 +1,66 @@
+"""provenance.json: which code, libraries and hardware made a run's numbers (keys in pipeline/records.py)."""
+from __future__ import annotations
+
+import datetime
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from pipeline.distributed import DistEnv
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """The checked-out commit, with ``+dirty`` when tracked files changed; 'unknown' outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":
+        return torch.npu.get_device_name(device)
+    return cpu_model() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), '' elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def collect_provenance(device: torch.device, env: DistEnv, seed: int) -> dict[str, Any]:
+    """The provenance record of this process (rank 0's is the one written)."""
+    return {
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda or "",
+        "cudnn": str(torch.backends.cudnn.version() or "") if torch.cuda.is_available() else "",
+        "device_type": device.type,
+        "device_name": device_name(device),
+        "hostname": socket.gethostname(),
+        "world_size": env.world_size,
+        "nodes": env.nodes,
+        "seed": seed,
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

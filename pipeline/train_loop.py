@@ -1,0 +1,212 @@
+"""The inner loop: one optimizer step, an epoch of steps (resumable mid-epoch), a performance run.
+
+Every ``print_freq`` steps rank 0 logs a line like torchvision's reference::
+
+    Epoch: [3] [ 40/100] eta: 0:00:31 loss: 1.2031 (1.3350) acc1: 56.25 (51.80) acc5: 93.75 (90.12)
+    lr: 0.100000 img/s: 812.4 data: 0.0031s max mem: 2201MB
+
+loss/acc are the mean over the last ``print_freq`` steps (and, in brackets, over the epoch so far) of
+this rank; img/s is this rank's rate over those steps, by wall clock including the data wait; data is
+the mean wait for the loader per step. The epoch's record uses the steady-state figures over all ranks
+(pipeline.metrics.ThroughputTimer).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline import distributed
+from pipeline.logs import format_seconds
+from pipeline.metrics import (RunningSums, Throughput, ThroughputTimer, Totals, batch_sums, peak_memory_mib,
+                              warmup_steps_for)
+from pipeline.precision import Precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stepper:
+    """What one optimizer step needs. ``model`` is as trained (DDP and/or compiled), ``raw_model`` unwrapped."""
+
+    model: nn.Module
+    raw_model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    precision: Precision
+    ema: AveragedModel | None = None
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, optimizer and schedule step, EMA update; returns the batch's ``batch_sums``."""
+        self.model.train()
+        images = self.precision.images_to_device(images)
+        targets = targets.to(self.precision.device, non_blocking=True)
+        with self.precision.autocast():
+            logits = self.model(images)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward_and_step(loss, self.optimizer)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw_model)
+        return batch_sums(loss, logits, targets)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class LogWindow:
+    """The steps since the last log line: their sums, wall time and data wait (this rank)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = RunningSums(self.device)
+        self.start = self.last = time.perf_counter()
+        self.data_wait_s = 0.0
+        self.steps = 0
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_wait_s += now - self.last
+
+    def step_done(self, batch: torch.Tensor) -> None:
+        self.sums.add(batch)
+        self.steps += 1
+        self.last = time.perf_counter()
+
+    def line(self, prefix: str, step: int, total: int, epoch_sums: Totals, lr: float) -> str:
+        window = self.sums.local()
+        elapsed_s = max(time.perf_counter() - self.start, 1e-9)
+        eta_s = (total - step) * elapsed_s / max(self.steps, 1)
+        width = len(str(total))
+        return (f"{prefix} [{step:>{width}}/{total}] eta: {format_seconds(eta_s)} "
+                f"loss: {window.loss:.4f} ({epoch_sums.loss:.4f}) "
+                f"acc1: {window.acc1:.2f} ({epoch_sums.acc1:.2f}) acc5: {window.acc5:.2f} ({epoch_sums.acc5:.2f}) "
+                f"lr: {lr:.6f} img/s: {window.samples / elapsed_s:.1f} "
+                f"data: {self.data_wait_s / max(self.steps, 1):.4f}s "
+                f"max mem: {peak_memory_mib(self.device):.0f}MB")
+
+
+class _SkipFirstBatches:
+    """A batch sampler without its first ``skip`` batches (of the order it draws for the current epoch)."""
+
+    def __init__(self, batch_sampler: Iterable[list], skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+    def __iter__(self) -> Iterator[list]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+
+def skip_batches(loader: DataLoader, skip: int) -> DataLoader:
+    """The same loader starting at batch ``skip``; the skipped batches are never loaded.
+
+    Exact for pipeline.data's loaders, whose order and augmentation depend only on (seed, epoch, index).
+    """
+    if skip == 0:
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=_SkipFirstBatches(loader.batch_sampler, skip),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, in_order=loader.in_order)
+
+
+class StepBook:
+    """Bookkeeping around each step: epoch sums, log window, steady-state throughput, log lines."""
+
+    def __init__(self, device: torch.device, *, warmup_steps: int, print_freq: int, prefix: str,
+                 carried: torch.Tensor | None = None):
+        self.sums = RunningSums(device)
+        if carried is not None and distributed.is_main_process():  # global sums of an earlier run: count once
+            self.sums.add(carried.to(device))
+        self.window = LogWindow(device)
+        self.timer = ThroughputTimer(device, warmup_steps)
+        self.print_freq, self.prefix = max(print_freq, 1), prefix
+
+    def data_ready(self) -> None:
+        self.timer.data_ready()
+        self.window.data_ready()
+
+    def step_done(self, batch: torch.Tensor, images: int, step: int, total: int, lr: float) -> None:
+        self.sums.add(batch)
+        self.window.step_done(batch)
+        if step % self.print_freq == 0 or step == total:
+            distributed.on_main_process(log.info, self.window.line(self.prefix, step, total, self.sums.local(), lr))
+            self.window.reset()
+        self.timer.step_done(images)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    step_in_epoch: int       # batches of the epoch done, including those of an earlier run before a resume
+    stopped: bool            # preempted before the epoch's end
+    sums: torch.Tensor       # batch_sums over the epoch so far, all ranks, on the CPU
+    throughput: Throughput
+    elapsed_s: float         # wall clock of this run's part of the epoch, s
+
+    @property
+    def totals(self) -> Totals:
+        return Totals(*self.sums.tolist())
+
+
+def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
+              stop: Callable[[], bool], carried: torch.Tensor | None = None) -> EpochResult:
+    """Train over ``loader`` from batch ``start_step``; ``stop()`` is asked after every step (a collective)."""
+    total = len(loader)
+    book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(total - start_step),
+                    print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried)
+    start_s = time.perf_counter()
+    step, stopped = start_step, False
+    for images, targets in skip_batches(loader, start_step):
+        book.data_ready()
+        batch = stepper.step(images, targets)
+        step += 1
+        book.step_done(batch, len(images), step, total, stepper.lr)
+        if stop():
+            stopped = True
+            break
+    throughput = book.timer.result()
+    sums = torch.tensor(distributed.all_reduce_sum(book.sums.sums.tolist(), stepper.precision.device),
+                        dtype=torch.float64)
+    return EpochResult(step, stopped, sums, throughput, time.perf_counter() - start_s)
+
+
+def endless_batches(loader: DataLoader, sampler: DistributedSampler | None) -> Iterator[tuple]:
+    """The loader's batches epoch after epoch (a new order each epoch)."""
+    if len(loader) == 0:
+        raise ValueError("the train loader yields no batch; lower --batch-size")
+    for epoch in itertools.count():
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+
+
+def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler | None, *, max_steps: int,
+             print_freq: int, stop: Callable[[], bool]) -> Throughput | None:
+    """``max_steps`` steps over as many epochs as they take: the steady-state throughput after the warm-up,
+    or None when ``stop()`` (asked after every step, a collective) ended the run early."""
+    book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
+                    prefix="Perf:")
+    batches = itertools.islice(endless_batches(loader, sampler), max_steps)
+    for step, (images, targets) in enumerate(batches, start=1):
+        book.data_ready()
+        book.step_done(stepper.step(images, targets), len(images), step, max_steps, stepper.lr)
+        if step < max_steps and stop():
+            return None
+    return book.timer.result()
