@@ -1,0 +1,188 @@
+"""Reading archives safely and in one pass: the MD5 is computed from the same bytes that are extracted.
+
+The official archives are large (the train tar is 138 GiB), so they are read once, front to back: every
+byte tarfile asks for goes through ``HashingReader``, which feeds the MD5 and the progress line. When
+no checksum is wanted, skipped members are seeked over instead (a resumed run then skips finished classes
+without reading them).
+
+Every member is checked before anything is written: absolute names, ``..``, links, devices and FIFOs are
+refused with ``UnsafeMemberError`` (stricter than tarfile's ``data`` filter, which allows links inside the
+destination). Files are written by this module, never by ``TarFile.extract``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import logging
+import re
+import shutil
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Callable, Iterator
+
+from pipeline.logs import Progress
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 4 << 20  # bytes per read when draining or reading through a skipped member
+
+
+class PrepError(RuntimeError):
+    """Bad input to the prep stage; the message says what is wrong and what to do."""
+
+
+class ArchiveError(PrepError):
+    """An archive that is missing, truncated or not in the expected shape."""
+
+
+class ChecksumError(ArchiveError):
+    """An archive whose MD5 differs from the expected one."""
+
+
+class UnsafeMemberError(ArchiveError):
+    """A member that could write outside the destination (absolute path, '..', link, device)."""
+
+
+class HashingReader:
+    """A read-only file over ``fh`` that hashes every byte it hands out, in order.
+
+    Forward seeks read through (and hash) the bytes in between, so the digest covers the whole file;
+    with ``hashing=False`` they are real seeks. A backward seek while hashing would break the digest
+    and is refused.
+    """
+
+    def __init__(self, fh: IO[bytes], *, hashing: bool, on_read: Callable[[int], None]):
+        self._fh, self.hashing, self._on_read = fh, hashing, on_read
+        self._md5 = hashlib.md5()
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        if self.hashing:
+            self._md5.update(data)
+        self.position += len(data)
+        self._on_read(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = {0: offset, 1: self.position + offset}.get(whence)
+        if target is None:
+            raise OSError("HashingReader seeks from the start or the current position only")
+        if not self.hashing:
+            self._on_read(target - self.position)
+            self.position = self._fh.seek(target)
+            return self.position
+        if target < self.position:
+            raise OSError(f"backward seek to {target} from {self.position} would skip bytes of the MD5")
+        while self.position < target and self.read(min(READ_CHUNK, target - self.position)):
+            pass
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Read (and hash) whatever follows the archive's end: tar record padding."""
+        while self.read(READ_CHUNK):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._md5.hexdigest()
+
+
+@dataclass
+class ArchiveRead:
+    """An open archive and, once it is read to the end, what the prep report says about it."""
+    path: Path
+    tar: tarfile.TarFile | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def missing_archive_error(path: Path) -> ArchiveError:
+    present = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+    return ArchiveError(f"archive {path} is missing (the archive dir holds {present or 'nothing'}); "
+                        f"put the official {path.name} there or pass --archive-dir")
+
+
+@contextlib.contextmanager
+def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRead]:
+    """Open ``path`` (tar or tar.gz) for one front-to-back pass; on leaving, check its end and its MD5.
+
+    A truncated or corrupt archive raises ArchiveError, a wrong MD5 ChecksumError; both name the file.
+    """
+    if not path.is_file():
+        raise missing_archive_error(path)
+    size = path.stat().st_size
+    start = time.monotonic()
+    read = ArchiveRead(path)
+    with open(path, "rb") as fh, Progress(path.name, size, unit="B", logger=log) as progress:
+        reader = HashingReader(fh, hashing=expected_md5 is not None, on_read=progress.update)
+        try:
+            mode = "r:gz" if path.name.endswith(".gz") else "r:"
+            read.tar = tarfile.open(fileobj=reader, mode=mode)  # type: ignore[call-overload]
+            yield read
+            _check_end(read.tar, path)
+            reader.drain()
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise ArchiveError(f"archive {path} is truncated or corrupt ({exc}); download it again") from None
+    seconds = time.monotonic() - start
+    digest = reader.hexdigest() if expected_md5 else None
+    read.stats = {"bytes": size, "md5": digest, "expected_md5": expected_md5,
+                  "checksum": "skipped" if expected_md5 is None else "ok" if digest == expected_md5 else "mismatch",
+                  "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 1)}
+    if read.stats["checksum"] == "mismatch":
+        raise ChecksumError(f"checksum mismatch for {path}: MD5 {digest}, expected {expected_md5}. The file is "
+                            "damaged or not the official one: download it again, or pass --skip-checksum "
+                            "for a mirror or a subset you trust")
+
+
+def _check_end(tar: tarfile.TarFile, path: Path) -> None:
+    """tarfile stops quietly when an archive ends exactly between two members: demand the end-of-archive blocks."""
+    tar.getmembers()  # reads the remaining headers, should the caller have stopped early
+    stream = tar.fileobj
+    assert stream is not None
+    end = tar.offset
+    while stream.read(READ_CHUNK):  # for .tar.gz this also checks the gzip trailer (CRC and length)
+        pass
+    if stream.tell() < end + 2 * tarfile.BLOCKSIZE:
+        raise ArchiveError(f"archive {path} ends after {end:,} bytes without the end-of-archive marker: it is "
+                           "truncated (an interrupted download or copy); download it again")
+
+
+def check_member(member: tarfile.TarInfo, where: str) -> PurePosixPath:
+    """The member's relative path, or UnsafeMemberError when it could escape or is not a plain file or folder."""
+    path = PurePosixPath(member.name)
+    reason = ""
+    if path.is_absolute() or member.name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member.name):
+        reason = "has an absolute path"
+    elif ".." in path.parts or "\\" in member.name:
+        reason = "has '..' or a backslash in its path"
+    elif member.issym() or member.islnk():
+        reason = f"is a link to {member.linkname!r}"
+    elif not (member.isfile() or member.isdir()):
+        reason = "is a device, FIFO or other special file"
+    if reason:
+        raise UnsafeMemberError(f"{where}: member {member.name!r} {reason}; nothing more is extracted from it. "
+                                "Official archives hold plain files only: download the archive again from the "
+                                "official source")
+    return path
+
+
+def flat_name(path: PurePosixPath) -> str | None:
+    """The file name when the member sits at the top of the archive (``./`` allowed), else None."""
+    return path.name if len(path.parts) == 1 else None
+
+
+def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """Copy one checked regular member to ``dest``, which must not exist yet."""
+    source = tar.extractfile(member)
+    assert source is not None, f"{member.name} is not a regular file"
+    with source, open(dest, "xb") as out:
+        shutil.copyfileobj(source, out, READ_CHUNK)

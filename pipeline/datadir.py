@@ -1,0 +1,94 @@
+"""The prepared data dir as a whole: its report, which dataset it holds, and a full disk.
+
+``prep_report.json`` is written last and atomically, so its presence means the data dir is complete;
+a re-run then only re-verifies the counts it states. Splits are built in hidden staging folders
+(``.train.partial``) and renamed into place once extracted and verified.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.archives import PrepError
+from pipeline.atomic import atomic_write_text
+from pipeline.logs import human_bytes
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "prep_report.json"
+CIFAR_FOLDER = "cifar-10-batches-py"
+DATASET_MARKERS = {"imagenet": ("train", "val", ".train.partial", ".val.partial"), "cifar10": (CIFAR_FOLDER,)}
+
+
+class DataDirError(PrepError):
+    """A data dir that holds something else, or that changed since it was prepared."""
+
+
+class DiskFullError(PrepError):
+    """The data dir's file system ran out of space (or quota) during prep."""
+
+
+def staging_dir(data_dir: Path, split: str) -> Path:
+    """Where a split is built before it is renamed to ``data_dir/split``."""
+    return data_dir / f".{split}.partial"
+
+
+def read_report(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / REPORT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataDirError(f"{path} is not valid JSON ({exc}); remove it and re-run prep to rebuild it") from None
+
+
+def check_dataset(data_dir: Path, dataset: str) -> None:
+    """Refuse a data dir that already holds (part of) another dataset: prep never mixes two."""
+    report = read_report(data_dir)
+    if report is not None and report.get("dataset") != dataset:
+        raise DataDirError(f"{data_dir} already holds the prepared {report.get('dataset')} dataset; "
+                           f"choose another --data-dir for {dataset}")
+    for other, markers in DATASET_MARKERS.items():
+        found = [m for m in markers if other != dataset and (data_dir / m).exists()]
+        if found:
+            raise DataDirError(f"{data_dir} holds {found[0]}/ of the {other} dataset; choose another --data-dir "
+                               f"for {dataset}")
+
+
+def write_report(data_dir: Path, report: dict[str, Any], *, start: float) -> dict[str, Any]:
+    """Add timing and throughput of this run, then write the report atomically (the data dir is then complete)."""
+    seconds = time.monotonic() - start
+    read_bytes = sum(a["bytes"] for a in report["archives"].values() if a.get("read_in_this_run", True))
+    report.update(seconds=round(seconds, 3), mb_per_s=round(read_bytes / 1e6 / max(seconds, 1e-9), 1),
+                  finished_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    atomic_write_text(data_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def delete_archive(path: Path) -> None:
+    if path.exists():
+        log.info("deleting %s (asked by --delete-archives; its contents are extracted and verified)", path)
+        path.unlink()
+
+
+@contextlib.contextmanager
+def disk_full_guard(data_dir: Path) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT anywhere inside into a DiskFullError that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(data_dir).free if data_dir.exists() else 0
+        raise DiskFullError(f"no space left in {data_dir} ({human_bytes(free)} free) while writing "
+                            f"{exc.filename or 'a file'}: the half-written part was removed. Free space (ImageNet "
+                            "needs about 160 GB for train, val and test) or pass another --data-dir, then run prep "
+                            "again: finished classes are kept and it resumes") from None
