@@ -180,9 +180,19 @@ def flat_name(path: PurePosixPath) -> str | None:
     return path.name if len(path.parts) == 1 else None
 
 
+@contextlib.contextmanager
+def naming_errors(path: Path) -> Iterator[None]:
+    """Attach ``path`` to an OSError raised by a write (ENOSPC from write() names no file)."""
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+
+
 def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     """Copy one checked regular member to ``dest``, which must not exist yet."""
     source = tar.extractfile(member)
     assert source is not None, f"{member.name} is not a regular file"
-    with source, open(dest, "xb") as out:
+    with naming_errors(dest), source, open(dest, "xb") as out:
         shutil.copyfileobj(source, out, READ_CHUNK)

@@ -92,7 +92,7 @@ def prepare_cifar10(archive_dir: Path, data_dir: Path, *, expected_md5: str | No
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     extra: list[str] = []
-    with disk_full_guard(data_dir):
+    with disk_full_guard(data_dir, needs="about 180 MB"):
         try:
             with read_archive(archive, expected_md5=expected_md5) as read:
                 assert read.tar is not None

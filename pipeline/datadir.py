@@ -80,8 +80,8 @@ def delete_archive(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def disk_full_guard(data_dir: Path) -> Iterator[None]:
-    """Turn ENOSPC / EDQUOT anywhere inside into a DiskFullError that says what to do."""
+def disk_full_guard(data_dir: Path, needs: str) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT anywhere inside into a DiskFullError that says what to do; ``needs``: the space wanted."""
     try:
         yield
     except OSError as exc:
@@ -89,6 +89,6 @@ def disk_full_guard(data_dir: Path) -> Iterator[None]:
             raise
         free = shutil.disk_usage(data_dir).free if data_dir.exists() else 0
         raise DiskFullError(f"no space left in {data_dir} ({human_bytes(free)} free) while writing "
-                            f"{exc.filename or 'a file'}: the half-written part was removed. Free space (ImageNet "
-                            "needs about 160 GB for train, val and test) or pass another --data-dir, then run prep "
-                            "again: finished classes are kept and it resumes") from None
+                            f"{exc.filename or 'a file'}: the half-written part was removed. Free space (the dataset "
+                            f"needs {needs}) or pass another --data-dir, then run prep again: what is finished is "
+                            "kept and it resumes") from None

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from pipeline.archives import ArchiveError, check_member, flat_name, read_archive, write_member
+from pipeline.archives import ArchiveError, check_member, flat_name, naming_errors, read_archive, write_member
 from pipeline.devkit import Devkit, val_number
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def extract_train(archive: Path, staging: Path, *, classes: Collection[str], exp
 
 def _write_files(batch: list[tuple[Path, bytes]]) -> None:
     for path, data in batch:
-        with open(path, "xb") as out:
+        with naming_errors(path), open(path, "xb") as out:
             out.write(data)
 
 

@@ -79,7 +79,7 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
             f"archives {[p.name for p in absent]} are missing from {archive_dir}; put the official files there "
             "or pass --archive-dir")
     expected = dict(expected_md5 or {})
-    with disk_full_guard(data_dir):
+    with disk_full_guard(data_dir, needs="about 160 GB: train 140 GB, val 6.4 GB, test 13 GB"):
         devkit = read_devkit(archive_dir / DEVKIT_TAR, expected_md5=expected.get(DEVKIT_TAR))
         check_classes(data_dir, devkit)
         write_classes(data_dir, [(wnid, devkit.words[wnid]) for wnid in devkit.wnids])
@@ -147,12 +147,11 @@ def _run_split(split: str, archive: Path, data_dir: Path, devkit: Devkit, *, exp
             record = extract_val(archive, staging, devkit=devkit, expected_md5=expected_md5, workers=workers)
         else:
             record = extract_flat(archive, staging, expected_md5=expected_md5, workers=workers)
-    except ChecksumError:
-        log.error("removing %s: files from an archive with the wrong checksum are not kept", staging)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    except OSError:
-        if split != "train":  # val and test start afresh anyway; train keeps finished classes to resume
+    except BaseException as exc:
+        # train keeps its finished classes to resume; val and test start afresh anyway; files from an
+        # archive with the wrong checksum are never kept
+        if split != "train" or isinstance(exc, ChecksumError):
+            log.error("removing %s after the error", staging)
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if split == "test":

@@ -1,0 +1,62 @@
+"""Helpers shared by the prep tests: small official-shaped archives, tar surgery, and the checks of a tree."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.synthetic import SyntheticImageNet, make_imagenet_archives
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_archives(out_dir: Path, **overrides) -> SyntheticImageNet:
+    """6 classes x 5 train, 4 val per class; val 3 and 17 left out, 2 val files without ground truth."""
+    params = dict(num_classes=6, train_per_class=5, val_per_class=4, missing_val=(3, 17), unlabelled_val=2,
+                  size=(32, 28), seed=5)
+    return make_imagenet_archives(out_dir, **{**params, **overrides})
+
+
+def tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(path) as tar:
+        return [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+
+
+def write_tar(path: Path, members: Iterable[tuple[tarfile.TarInfo, bytes | None]]) -> None:
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def tar_bytes(members: Iterable[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def file_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def train_class_bytes(info: SyntheticImageNet, wnid: str) -> dict[str, bytes]:
+    """File name -> bytes of one class, read straight from the archive (the truth a tree is checked against)."""
+    with tarfile.open(info.archive_dir / "ILSVRC2012_img_train.tar") as outer:
+        with tarfile.open(fileobj=outer.extractfile(f"{wnid}.tar")) as inner:
+            return {m.name: inner.extractfile(m).read() for m in inner.getmembers()}
+
+
+def assert_prepared(info: SyntheticImageNet, data_dir: Path) -> None:
+    """Every train file in its class with the archive's bytes; every val file in the folder of its label."""
+    for wnid in info.wnids:
+        expected = train_class_bytes(info, wnid)
+        folder = data_dir / "train" / wnid
+        assert sorted(p.name for p in folder.iterdir()) == sorted(expected), wnid
+        assert all((folder / name).read_bytes() == data for name, data in expected.items())
+    placed = {p.name: p.parent.name for p in (data_dir / "val").glob("*/*")}
+    assert placed == info.val_labels
+    assert not list(data_dir.rglob("*.tmp")) and not list(data_dir.glob(".*.partial"))

@@ -1,0 +1,108 @@
+"""CIFAR-10 prep: verified extraction that torchvision's reader accepts, counts, no pickle code execution."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from torchvision.datasets import CIFAR10
+
+from pipeline.archives import ArchiveError, ChecksumError
+from pipeline.cifar import prepare_cifar10
+from pipeline.classes import read_classes
+from pipeline.config import Config
+from pipeline.datadir import DataDirError
+from pipeline.prep import prepare
+from pipeline.synthetic import CIFAR10_LABEL_NAMES, CIFAR10_TAR, make_cifar10_archive
+from prep_fixtures import file_member, tar_members, write_tar
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_cifar10_archive(tmp_path_factory.mktemp("cifar"), per_class=5, test_per_class=2, seed=1)
+
+
+def cifar_config(archive_dir, data_dir, **prep) -> Config:
+    cfg = Config()
+    cfg.data.dataset, cfg.prep.archive_dir, cfg.data.data_dir = "cifar10", str(archive_dir), str(data_dir)
+    for key, value in prep.items():
+        setattr(cfg.prep, key, value)
+    return cfg
+
+
+class UncheckedCIFAR10(CIFAR10):
+    """torchvision's reader minus the MD5s of the real batch files (the synthetic ones differ by design)."""
+    train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+def test_prepared_cifar_is_read_by_torchvision_with_counts_and_classes(archive, tmp_path):
+    report = prepare(cifar_config(archive.parent, tmp_path, skip_checksum=True))
+    train, test = UncheckedCIFAR10(str(tmp_path), train=True), UncheckedCIFAR10(str(tmp_path), train=False)
+    assert len(train) == 50 and len(test) == 20
+    assert report["splits"]["train"]["per_class"] == dict.fromkeys(CIFAR10_LABEL_NAMES, 5)
+    assert report["splits"]["test"]["images"] == 20 and report["official_counts_match"] is False
+    assert [(e.index, e.wnid) for e in read_classes(tmp_path)] == list(enumerate(train.classes))
+    assert np.bincount(test.targets).tolist() == [2] * 10
+
+
+def test_cifar_checksum_is_verified_and_a_mismatch_names_the_archive(archive, tmp_path):
+    actual = hashlib.md5(archive.read_bytes()).hexdigest()
+    report = prepare_cifar10(archive.parent, tmp_path / "ok", expected_md5=actual)
+    assert report["archives"][CIFAR10_TAR]["checksum"] == "ok"
+    with pytest.raises(ChecksumError, match=f"checksum mismatch for {archive}: MD5 {actual}, "
+                                            "expected c58f30108f718f92721af3b95e74349a"):
+        prepare(cifar_config(archive.parent, tmp_path / "official"))
+    assert not (tmp_path / "official" / "cifar-10-batches-py").exists()
+    assert not list((tmp_path / "official").iterdir())
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_batch_with_foreign_pickle_globals_is_refused_without_running_them(archive, tmp_path):
+    evil = RunsCode()
+    evil.marker = str(tmp_path / "code-ran")
+    members = [(m, pickle.dumps({"data": evil, "labels": []}) if m.name.endswith("data_batch_3") else d)
+               for m, d in tar_members(archive)]
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write_tar(bad_dir / CIFAR10_TAR, [file_member(m.name, d) for m, d in members])
+    with pytest.raises(ArchiveError, match="data_batch_3 in the CIFAR-10 archive is not a readable batch .*mkdir"):
+        prepare(cifar_config(bad_dir, tmp_path / "data", skip_checksum=True))
+    assert not (tmp_path / "code-ran").exists()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == []
+
+
+def test_missing_batch_and_rerun_checks(archive, tmp_path):
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write_tar(bad_dir / CIFAR10_TAR, [(m, d) for m, d in tar_members(archive) if not m.name.endswith("test_batch")])
+    with pytest.raises(ArchiveError, match="has no cifar-10-batches-py/test_batch"):
+        prepare(cifar_config(bad_dir, tmp_path / "a", skip_checksum=True))
+    first = prepare(cifar_config(archive.parent, tmp_path / "b", skip_checksum=True))
+    assert prepare(cifar_config(archive.parent, tmp_path / "b", skip_checksum=True)) == first
+    with open(tmp_path / "b" / "cifar-10-batches-py" / "data_batch_2", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(DataDirError, match="data_batch_2 is .* bytes, the prep report says"):
+        prepare(cifar_config(archive.parent, tmp_path / "b", skip_checksum=True))
+    (tmp_path / "c" / "train").mkdir(parents=True)
+    with pytest.raises(DataDirError, match="holds train/ of the imagenet dataset"):
+        prepare(cifar_config(archive.parent, tmp_path / "c", skip_checksum=True))
+
+
+def test_delete_archives_removes_the_archive_only_after_success(archive, tmp_path):
+    copy = tmp_path / "archives" / CIFAR10_TAR
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    prepare(cifar_config(copy.parent, tmp_path / "data", skip_checksum=True, delete_archives=True))
+    assert not copy.exists()
+    with tarfile.open(archive) as tar:
+        names = {m.name.split("/")[-1] for m in tar.getmembers()}
+    assert {p.name for p in (tmp_path / "data" / "cifar-10-batches-py").iterdir()} == names
