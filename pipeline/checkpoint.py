@@ -114,6 +114,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete temporary files left by a save that was killed (they are never read, but they are large)."""
+    for tmp in checkpoint_dir(run_dir).glob(".*.tmp"):
+        log.info("removing %s, left by an interrupted save", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The most recently written checkpoint in the run dir that loads; corrupt ones are skipped with a warning."""
     folder = checkpoint_dir(run_dir)

@@ -43,7 +43,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pipeline import distributed
 from pipeline.atomic import atomic_path
 from pipeline.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
-                                 epoch_file, resolve_resume, restore_rng_state, save_checkpoint)
+                                 epoch_file, remove_stale_temporaries, resolve_resume, restore_rng_state,
+                                 save_checkpoint)
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data import build_train_loader, build_val_loader, dataset_info
 from pipeline.evaluate import EvalResult, validate
@@ -215,6 +216,7 @@ class Trainer:
 
     # ---- records ----------------------------------------------------------------------------------------
     def write_run_metadata(self) -> None:
+        remove_stale_temporaries(self.run_dir)
         save_config(self.cfg, self.run_dir / CONFIG_FILE)
         write_json(self.run_dir / PROVENANCE_FILE, collect_provenance(self.device, self.env, self.cfg.train.seed))
 
