@@ -60,6 +60,16 @@ def environment_record(backend: str, device: Any) -> dict[str, Any]:
     return record
 
 
+def summary(record: dict[str, Any]) -> str:
+    """One log line per rank; the whole record goes to the heartbeat file."""
+    comm = {k: v for k, v in record["variables"].items() if k.startswith(("NCCL_", "HCCL_", "GLOO_"))}
+    return (f"host {record['host']} rank {record['rank']}/{record['world_size']} local rank "
+            f"{record['local_rank']}/{record['local_world_size']} master {record['master_addr']}:"
+            f"{record['master_port']} backend {record['backend']} device {record['device']} torch {record['torch']} "
+            f"cuda {record['cuda'] or 'none'} nccl {record.get('nccl', 'none')}; NCCL/HCCL/GLOO variables: "
+            f"{comm or 'none set'}")
+
+
 class Watchdog(threading.Thread):
     """Reports arrivals every ``every_s`` and ends the process, naming the silent ranks, after ``timeout_s``."""
 
@@ -137,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = distributed.resolve_device(cfg.train.device, env.local_rank)
     backend = distributed.BACKENDS[device.type]
     record = environment_record(backend, device)
-    log.info("pre-flight environment: %s", json.dumps(record, sort_keys=True))
+    log.info("pre-flight: %s", summary(record))
     folder = args.heartbeat_dir
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"arrived_{env.rank}.json", json.dumps(record))

@@ -156,3 +156,64 @@ def test_failed_stage_cancels_the_rest_of_the_chain(launcher, tmp_path):
     while any(job_state(j) not in ("CANCELLED", "UNKNOWN") for j in later) and time.monotonic() < deadline:
         time.sleep(1)
     assert {job_state(j) for j in later} <= {"CANCELLED", "UNKNOWN"}
+
+
+# resnet18 on 32 px crops of a 2-class set: the smallest run that is still the real training stage.
+TINY = ("--model", "resnet18", "--batch-size", "8", "--workers", "0", "--train-crop-size", "32",
+        "--val-resize-size", "36", "--val-crop-size", "32", "--device", "cpu", "--print-freq", "1", "--time", "10")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from pipeline.synthetic import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("slurm") / "data", num_classes=2, train_per_class=16,
+                             val_per_class=4, size=(36, 36))
+
+
+def epoch_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "epochs.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_two_node_training_has_world_size_two(launcher, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launcher("--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", tiny_data,
+                      "--run-dir", run_dir, "--epochs", 1, *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    (job_id,) = launcher.job_ids
+    assert f"[train {job_id}] RUNNING on node[1-2]" in result.stdout
+    assert "pre-flight passed: all-reduce over 2 ranks" in result.stdout
+    rows = epoch_rows(run_dir)
+    assert [(r["epoch"], r["world_size"], r["nodes"]) for r in rows] == [("0", "2", "2")]
+    ranks = json.loads(next((run_dir / "logs" / job_id).glob("preflight-*/ranks.json")).read_text())
+    assert [(r["rank"], r["master_addr"]) for r in ranks] == [("0", "node1"), ("1", "node1")]
+
+
+def test_signalled_job_saves_requeues_and_finishes(launcher, tiny_data, tmp_path):
+    """USR2 is what Slurm sends signal_delay_s before the time limit; the job must come back and finish."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch.py"), "--executor", "slurm", "--partition", launcher.partition,
+           "--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", tiny_data, "--run-dir", run_dir,
+           "--epochs", 3, "--preflight-timeout-s", 0, *TINY]
+    with subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=REPO) as proc:
+        try:
+            output = []
+            for line in proc.stdout:
+                output.append(line)
+                launcher.job_ids += re.findall(r"job (\d+) submitted", line)
+                if "training resnet18 on 2 process(es)" in line:
+                    subprocess.run(["scancel", "--signal=USR2", launcher.job_ids[0]], check=True)
+                    break
+            rest, _ = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    text = "".join(output) + rest
+    assert proc.returncode == 0, text[-4000:]
+    job_id = launcher.job_ids[0]
+    assert "asked 1 training process(es)" in text and "training stopped (exit code 0); requeueing" in text
+    assert f"[train {job_id}] RUNNING on node[1-2] (requeued 1x)" in text
+    assert "resumed from" in text and "latest.pt" in text
+    assert [r["epoch"] for r in epoch_rows(run_dir)] == ["0", "1", "2"]
+    assert job_state(job_id) == "COMPLETED"
