@@ -200,6 +200,8 @@ class RunningTorchrun:
         return pids
 
     def kill(self) -> None:
+        """Workers first: killed alone, torchrun would leave them waiting on their peers."""
+        self.signal_workers(signal.SIGKILL)
         self.proc.kill()
 
 
