@@ -1,0 +1,59 @@
+"""Top-k counts and the throughput timer, on real tensors and the real clock."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pipeline.metrics import ThroughputTimer, Totals, batch_sums, topk_correct, warmup_steps_for
+
+CPU = torch.device("cpu")
+
+
+def test_topk_correct_counts_hard_and_soft_targets():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0],   # class 1 first
+                           [0.5, 0.1, 0.4, 0.3, 0.2, 0.0],   # class 5 last: outside the top 5
+                           [0.0, 0.1, 0.2, 0.9, 0.3, 0.4]])  # class 4 third
+    labels = torch.tensor([1, 5, 4])
+    assert topk_correct(logits, labels).tolist() == [1, 2]
+    soft = torch.nn.functional.one_hot(labels, 6).float() * 0.7 + 0.05  # MixUp-like: argmax is the label
+    assert topk_correct(logits, soft).tolist() == [1, 2]
+
+
+def test_topk_is_capped_at_the_class_count():
+    logits = torch.tensor([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])
+    assert topk_correct(logits, torch.tensor([2, 0])).tolist() == [0, 2]  # top-5 of 3 classes is all of them
+
+
+def test_batch_sums_weight_the_mean_loss_by_the_batch():
+    logits = torch.eye(4)
+    sums = batch_sums(torch.tensor(0.5), logits, torch.tensor([0, 1, 2, 0]))
+    assert sums.tolist() == [2.0, 3.0, 4.0, 4.0]
+    totals = Totals(*sums.tolist())
+    assert (totals.loss, totals.acc1, totals.acc5) == (0.5, 75.0, 100.0)
+
+
+@pytest.mark.parametrize("steps, warmup", [(0, 0), (1, 0), (2, 1), (3, 1), (9, 4), (10, 5), (5000, 5)])
+def test_warmup_leaves_at_least_half_of_a_short_epoch(steps, warmup):
+    assert warmup_steps_for(steps) == warmup
+
+
+def test_throughput_leaves_out_warmup_and_counts_the_data_wait():
+    timer = ThroughputTimer(CPU, warmup_steps=2)
+    for step in range(6):
+        time.sleep(0.3 if step < 2 else 0.02)  # slow warm-up steps, then 20 ms waiting for data
+        timer.data_ready()
+        time.sleep(0.02)  # 20 ms of compute
+        timer.step_done(images=10)
+    result = timer.result()
+    assert result.measured_steps == 4 and result.warmup_steps == 2
+    assert 120 < result.img_per_s_all_ranks < 260  # 10 images per 40 ms is 250 img/s; with the warm-up 75
+    assert result.img_per_s_per_rank == result.img_per_s_all_ranks
+    assert 0.35 < result.data_wait_frac < 0.6
+
+
+def test_throughput_of_an_epoch_without_measured_steps_is_nan():
+    timer = ThroughputTimer(CPU, warmup_steps=warmup_steps_for(0))
+    result = timer.result()
+    assert result.measured_steps == 0 and result.img_per_s_all_ranks != result.img_per_s_all_ranks
