@@ -16,8 +16,9 @@ import gzip
 import hashlib
 import logging
 import re
-import shutil
+import queue
 import tarfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pipeline.logs import Progress
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 4 << 20  # bytes per read when draining or reading through a skipped member
+HASH_QUEUE_CHUNKS = 16  # chunks read but not yet hashed, at most (the chunks are shared with the writers)
 
 
 class PrepError(RuntimeError):
@@ -47,23 +49,38 @@ class UnsafeMemberError(ArchiveError):
     """A member that could write outside the destination (absolute path, '..', link, device)."""
 
 
+class _Hasher(threading.Thread):
+    """MD5 in its own thread (hashlib releases the GIL), so hashing overlaps reading and writing."""
+
+    def __init__(self) -> None:
+        super().__init__(name="prep-md5", daemon=True)
+        self.md5 = hashlib.md5()
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=HASH_QUEUE_CHUNKS)
+
+    def run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            self.md5.update(chunk)
+
+
 class HashingReader:
     """A read-only file over ``fh`` that hashes every byte it hands out, in order.
 
     Forward seeks read through (and hash) the bytes in between, so the digest covers the whole file;
     with ``hashing=False`` they are real seeks. A backward seek while hashing would break the digest
-    and is refused.
+    and is refused. ``finish()`` ends the hashing thread and returns the digest.
     """
 
     def __init__(self, fh: IO[bytes], *, hashing: bool, on_read: Callable[[int], None]):
         self._fh, self.hashing, self._on_read = fh, hashing, on_read
-        self._md5 = hashlib.md5()
+        self._hasher = _Hasher() if hashing else None
+        if self._hasher is not None:
+            self._hasher.start()
         self.position = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._fh.read(size)
-        if self.hashing:
-            self._md5.update(data)
+        if self._hasher is not None and data:
+            self._hasher.chunks.put(data)
         self.position += len(data)
         self._on_read(len(data))
         return data
@@ -93,8 +110,14 @@ class HashingReader:
         while self.read(READ_CHUNK):
             pass
 
-    def hexdigest(self) -> str:
-        return self._md5.hexdigest()
+    def finish(self) -> str | None:
+        """The MD5 of everything read (None when not hashing); stops the hashing thread."""
+        if self._hasher is None:
+            return None
+        if self._hasher.is_alive():
+            self._hasher.chunks.put(None)
+            self._hasher.join()
+        return self._hasher.md5.hexdigest()
 
 
 @dataclass
@@ -132,8 +155,9 @@ def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRea
             reader.drain()
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise ArchiveError(f"archive {path} is truncated or corrupt ({exc}); download it again") from None
+        finally:
+            digest = reader.finish()
     seconds = time.monotonic() - start
-    digest = reader.hexdigest() if expected_md5 else None
     read.stats = {"bytes": size, "md5": digest, "expected_md5": expected_md5,
                   "checksum": "skipped" if expected_md5 is None else "ok" if digest == expected_md5 else "mismatch",
                   "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 1)}
@@ -190,9 +214,23 @@ def naming_errors(path: Path) -> Iterator[None]:
         raise
 
 
+def member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular member's data in one read from the archive stream (no small-buffer copies)."""
+    stream = tar.fileobj
+    assert stream is not None and member.isfile()
+    stream.seek(member.offset_data)
+    data = stream.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+    return data
+
+
+def write_file(dest: Path, data: bytes) -> None:
+    """Write a new file (never over an existing one); an OSError names the file."""
+    with naming_errors(dest), open(dest, "xb") as out:
+        out.write(data)
+
+
 def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     """Copy one checked regular member to ``dest``, which must not exist yet."""
-    source = tar.extractfile(member)
-    assert source is not None, f"{member.name} is not a regular file"
-    with naming_errors(dest), source, open(dest, "xb") as out:
-        shutil.copyfileobj(source, out, READ_CHUNK)
+    write_file(dest, member_bytes(tar, member))

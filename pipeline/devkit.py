@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from pipeline.archives import ArchiveError, check_member, read_archive
+from pipeline.archives import ArchiveError, check_member, member_bytes, read_archive
 
 META_MAT = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
@@ -101,7 +101,7 @@ def read_devkit(path: Path, *, expected_md5: str | None) -> Devkit:
             relative = check_member(member, path.name).as_posix()
             for wanted in (META_MAT, GROUND_TRUTH):
                 if member.isfile() and (relative == wanted or relative.endswith("/" + wanted)):
-                    found[wanted] = archive.tar.extractfile(member).read()  # type: ignore[union-attr]
+                    found[wanted] = member_bytes(archive.tar, member)
     for wanted in (META_MAT, GROUND_TRUTH):
         if wanted not in found:
             raise DevkitError(f"devkit {path} has no {wanted}: is it ILSVRC2012_devkit_t12.tar.gz, the "

@@ -18,7 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from pipeline.archives import ArchiveError, check_member, flat_name, naming_errors, read_archive, write_member
+from pipeline.archives import (ArchiveError, check_member, flat_name, member_bytes, read_archive, write_file,
+                               write_member)
 from pipeline.devkit import Devkit, val_number
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,14 @@ def extract_train(archive: Path, staging: Path, *, classes: Collection[str], exp
             if wnid not in classes:
                 extra.append(member.name)
             elif wnid not in done:
-                data = read.tar.extractfile(member).read()  # type: ignore[union-attr]
+                data = member_bytes(read.tar, member)
                 pool.submit(len(data), extract_class, data, wnid, staging, f"{archive.name}:{member.name}")
     return {"archive": read.stats, "extra": extra}
 
 
 def _write_files(batch: list[tuple[Path, bytes]]) -> None:
     for path, data in batch:
-        with naming_errors(path), open(path, "xb") as out:
-            out.write(data)
+        write_file(path, data)
 
 
 class _Batcher:
@@ -178,7 +178,7 @@ def extract_val(archive: Path, staging: Path, *, devkit: Devkit, expected_md5: s
                 unlabelled.append(member.name)
             else:
                 seen.add(number)
-                batcher.add(staging / wnid / name, read.tar.extractfile(member).read())  # type: ignore
+                batcher.add(staging / wnid / name, member_bytes(read.tar, member))
         batcher.flush()
     missing = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, len(devkit.ground_truth) + 1) if k not in seen]
     return {"archive": read.stats, "missing": missing, "unlabelled": unlabelled, "extra": extra}
@@ -201,7 +201,7 @@ def extract_flat(archive: Path, staging: Path, *, expected_md5: str | None, work
                 duplicates.append(member.name)
                 continue
             names.add(path.name)
-            batcher.add(staging / path.name, read.tar.extractfile(member).read())  # type: ignore[union-attr]
+            batcher.add(staging / path.name, member_bytes(read.tar, member))
         batcher.flush()
     return {"archive": read.stats, "extra": duplicates}
 
