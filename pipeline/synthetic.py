@@ -335,10 +335,12 @@ def _folder_cli(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write small synthetic datasets in the official shapes.")
     sub = parser.add_subparsers(dest="kind", required=True)
-    commands: dict[str, Callable[[argparse.Namespace], None]] = {
-        "imagenet": _imagenet_cli, "cifar10": _cifar_cli, "folder": _folder_cli}
-    for kind, func in commands.items():
-        p = sub.add_parser(kind, help=(func.__doc__ or kind))
+    commands: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+        "imagenet": (_imagenet_cli, "the three ILSVRC2012 archives (train, val, devkit)"),
+        "cifar10": (_cifar_cli, "cifar-10-python.tar.gz"),
+        "folder": (_folder_cli, "a prepared train/ and val/ tree with classes.tsv (no archives)")}
+    for kind, (func, help_text) in commands.items():
+        p = sub.add_parser(kind, help=help_text)
         p.set_defaults(func=func)
         p.add_argument("out_dir", type=Path)
         p.add_argument("--seed", type=int, default=0)

@@ -18,8 +18,9 @@ def small_archives(out_dir: Path, **overrides) -> SyntheticImageNet:
     return make_imagenet_archives(out_dir, **{**params, **overrides})
 
 
-def tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
-    with tarfile.open(path) as tar:
+def tar_members(source: Path | bytes) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """(member, data) pairs of a tar file, or of a tar held in memory."""
+    with (tarfile.open(fileobj=io.BytesIO(source)) if isinstance(source, bytes) else tarfile.open(source)) as tar:
         return [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
 
 
