@@ -56,12 +56,13 @@ class ReportJob:
     def __init__(self, run_dirs: list[str]):
         self.run_dirs = list(run_dirs)
 
-    def __call__(self) -> Any:
+    def __call__(self) -> list[str]:
+        """The files written (the tables also go to the job's log, which the launcher streams)."""
         from pipeline.logs import setup_logging
         from pipeline.report import report
 
         setup_logging()
-        return report(self.run_dirs)
+        return [str(path) for path in report(self.run_dirs).files]
 
 
 def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]:

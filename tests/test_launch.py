@@ -1,7 +1,9 @@
 """launch.py without Slurm: dry-run scripts, bad input, and real jobs through submitit's local executor."""
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 import re
 import signal
@@ -19,6 +21,7 @@ from jobs.follow import LogFollower, StageFailed, Submitted, failure_text, follo
 from jobs.preflight import EXIT_NO_ANSWER
 from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port
 from pipeline.config import Config
+from train_helpers import TINY_FLAGS  # resnet18 on 32 px crops: the smallest real training
 
 REPO = Path(launch.__file__).resolve().parent
 
@@ -274,3 +277,29 @@ def test_preemption_signal_saves_and_requeues_the_job(tmp_path, monkeypatch):
     assert all((tmp_path / f"starts_{r}").read_text() == "xx" for r in "01")  # stopped once, resumed once
     log = sub.log_paths()[1].read_text()
     assert "asked 2 training process(es)" in log and "requeueing" in log
+
+
+
+@pytest.mark.slow
+def test_local_executor_runs_the_whole_chain_with_two_processes(tmp_path, capsys):
+    from pipeline.synthetic import make_imagenet_archives
+
+    archives = tmp_path / "archives"
+    make_imagenet_archives(archives, num_classes=2, train_per_class=8, val_per_class=4, missing_val=[3])
+    run_dir = tmp_path / "run"
+    code, out, err = run_main(capsys, "--stage", "all", "--executor", "local", "--archive-dir", archives,
+                              "--skip-checksum", "--data-dir", tmp_path / "data", "--run-dir", run_dir,
+                              "--procs-per-node", 2, "--epochs", 2, "--preflight-timeout-s", 0, *TINY_FLAGS)
+    assert code == 0, out[-3000:] + err
+    order = [re.search(rf"^\[{stage} (\d+)\] done$", out, re.M) for stage in ("prep", "train", "eval", "report")]
+    assert all(order) and [m.start() for m in order] == sorted(m.start() for m in order)
+    assert out.rstrip().endswith(f"finished: prep -> train -> eval -> report; run dir {run_dir}")
+    assert "--nnodes 1 --nproc-per-node 2" in out
+    with open(run_dir / "epochs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["epoch"], r["world_size"]) for r in rows] == [("0", "2"), ("1", "2")]
+    assert json.loads((run_dir / "eval.json").read_text())["total"] == 7  # 8 val images, one left out of the tar
+    assert (run_dir / "report" / "summary.csv").stat().st_size > 0 and "# Training report" in out
+    job_dirs = sorted(p.name for p in (run_dir / "logs").iterdir() if p.name.isdigit())  # one folder per job
+    assert len(job_dirs) == 4
+    assert any((run_dir / "logs" / d / "train_config.toml").exists() for d in job_dirs)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from train_helpers import TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
@@ -158,9 +159,7 @@ def test_failed_stage_cancels_the_rest_of_the_chain(launcher, tmp_path):
     assert {job_state(j) for j in later} <= {"CANCELLED", "UNKNOWN"}
 
 
-# resnet18 on 32 px crops of a 2-class set: the smallest run that is still the real training stage.
-TINY = ("--model", "resnet18", "--batch-size", "8", "--workers", "0", "--train-crop-size", "32",
-        "--val-resize-size", "36", "--val-crop-size", "32", "--device", "cpu", "--print-freq", "1", "--time", "10")
+TINY = (*TINY_FLAGS, "--time", "10")  # resnet18 on 32 px crops, a 10-minute limit
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +189,7 @@ def test_two_node_training_has_world_size_two(launcher, tiny_data, tmp_path):
     assert [(r["rank"], r["master_addr"]) for r in ranks] == [("0", "node1"), ("1", "node1")]
 
 
+@pytest.mark.slow
 def test_signalled_job_saves_requeues_and_finishes(launcher, tiny_data, tmp_path):
     """USR2 is what Slurm sends signal_delay_s before the time limit; the job must come back and finish."""
     run_dir = tmp_path / "run"
@@ -217,3 +217,25 @@ def test_signalled_job_saves_requeues_and_finishes(launcher, tiny_data, tmp_path
     assert "resumed from" in text and "latest.pt" in text
     assert [r["epoch"] for r in epoch_rows(run_dir)] == ["0", "1", "2"]
     assert job_state(job_id) == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_as_a_chain_of_dependent_jobs(launcher, tmp_path):
+    from pipeline.synthetic import make_imagenet_archives
+
+    archives = tmp_path / "archives"
+    make_imagenet_archives(archives, num_classes=2, train_per_class=8, val_per_class=4)
+    run_dir = tmp_path / "run"
+    result = launcher("--stage", "all", "--nodes", 2, "--procs-per-node", 1, "--archive-dir", archives,
+                      "--skip-checksum", "--data-dir", tmp_path / "data", "--run-dir", run_dir, "--epochs", 1,
+                      "--preflight-timeout-s", 0, *TINY, timeout_s=420)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    prep, train, evaluate, report = launcher.job_ids
+    for parent, child in ((prep, train), (train, evaluate), (evaluate, report)):
+        script = (run_dir / "logs" / child / f"{child}_submission.sh").read_text().splitlines()
+        assert f"#SBATCH --dependency=afterok:{parent}" in script and "#SBATCH --kill-on-invalid-dep=yes" in script
+    assert f"[train {train}] RUNNING on node[1-2]" in result.stdout
+    assert [r["world_size"] for r in epoch_rows(run_dir)] == ["2"]
+    assert json.loads((run_dir / "eval.json").read_text())["world_size"] == 2
+    assert (run_dir / "report" / "summary.csv").exists() and f"[report {report}] # Training report" in result.stdout
+    assert result.stdout.rstrip().endswith(f"finished: prep -> train -> eval -> report; run dir {run_dir}")
