@@ -319,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"launch.py: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("launch.py: stopped following; Slurm jobs keep running (scancel them by id)", file=sys.stderr)
+        print("launch.py: interrupted; submitted Slurm jobs keep running (scancel them by id), local ones stop",
+              file=sys.stderr)
         return 130
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import submitit
 
 import launch
 from jobs.follow import LogFollower, StageFailed, Submitted, failure_text, follow
@@ -266,12 +265,15 @@ def test_preemption_signal_saves_and_requeues_the_job(tmp_path, monkeypatch):
         (out / f"saved_{{rank}}").write_text("checkpoint")
     """)
     sub = local_torchrun_job(tmp_path, module, nproc=2, preflight_timeout_s=0)
-    deadline = time.monotonic() + 60
-    while not all((tmp_path / f"running_{r}").exists() for r in "01") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    (task,) = job_tasks(int(sub.job.job_id))  # the local job id is the pid of its controller's shell
-    os.kill(task, signal.SIGUSR2)
-    results = follow(sub, io.StringIO(), poll_s=0.5)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"running_{r}").exists() for r in "01") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (task,) = job_tasks(int(sub.job.job_id))  # the local job id is the pid of its controller's shell
+        os.kill(task, signal.SIGUSR2)
+        results = follow(sub, io.StringIO(), poll_s=0.5)
+    finally:
+        sub.job.cancel()  # nothing left running if the test fails
     assert results[0]["world_size"] == 2
     assert all((tmp_path / f"saved_{r}").read_text() == "checkpoint" for r in "01")
     assert all((tmp_path / f"starts_{r}").read_text() == "xx" for r in "01")  # stopped once, resumed once
