@@ -287,6 +287,8 @@ def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], executor: str
         try:
             follow(sub, out)
         except StageFailed as exc:
+            if i == len(plan) - 1:
+                raise
             rest = [s.job.job_id for s in submitted[i + 1:]]
             slurm.cancel(rest)
             raise StageFailed(f"{exc}\nlater stages not run{f' (cancelled jobs {rest})' if rest else ''}") from None

@@ -12,6 +12,7 @@ from typing import Any, Sequence, TextIO
 
 from jobs import slurm
 
+MAX_NODES_SHOWN = 4  # a 64-node job that fails everywhere: the first few say enough
 RESULT_GRACE_S = 30  # shared file systems may show the result files a little after the scheduler's state
 FORGOTTEN_GRACE_S = 60  # how long a job may be unknown to Slurm (just submitted, or purged) before we give up
 
@@ -128,21 +129,38 @@ def all_results_exist(sub: Submitted) -> bool:
 
 
 def collect(sub: Submitted, info: slurm.JobInfo | None) -> list[Any]:
-    """Results of every task, or StageFailed with the first task's error and where its log is."""
+    """Results of every task, or StageFailed with each node's error (or log tail) and where its log is."""
+    if sub.executor == "debug":
+        try:
+            return sub.job.results()
+        except Exception as exc:  # raised in this process: shown, not re-raised as ours
+            raise StageFailed(f"{sub.stage} failed:\n{failure_text(exc)}") from None
     if sub.executor == "slurm":
         deadline = time.monotonic() + (RESULT_GRACE_S if info is None or info.state == "COMPLETED" else 5)
         while not all_results_exist(sub) and time.monotonic() < deadline:
             time.sleep(1)
-        if not all_results_exist(sub):
-            assert info is not None
-            tail = tail_text(sub.log_paths()[1], 20)
-            raise StageFailed(f"{sub.stage} job {sub.job.job_id} ended {info.state} (exit code {info.exit_code}) "
-                              f"without results; logs: {sub.log_paths()[1]}\n{tail}")
-    try:
+    failures = node_failures(sub)
+    if not failures:
         return sub.job.results()
-    except Exception as exc:  # the job's own error, pickled by submitit: shown, not re-raised as ours
-        raise StageFailed(f"{sub.stage} job {sub.job.job_id} failed:\n{failure_text(exc)}\n"
-                          f"logs: {sub.log_paths()[1]}") from None
+    state = f" ({info.state}, exit code {info.exit_code})" if info else ""
+    shown = failures[:MAX_NODES_SHOWN] + ([f"... and {len(failures) - MAX_NODES_SHOWN} more node(s)"]
+                                         if len(failures) > MAX_NODES_SHOWN else [])
+    raise StageFailed(f"{sub.stage} job {sub.job.job_id} failed{state}:\n" + "\n".join(shown))
+
+
+def node_failures(sub: Submitted) -> list[str]:
+    """One text per task (node) that failed: its pickled error, or, without a result, its log's last lines."""
+    failures = []
+    for i in range(sub.job.num_tasks):
+        task = sub.job.task(i)
+        if not task.paths.result_pickle.exists():
+            failures.append(f"node {i}: no result; last lines of {task.paths.stderr}:\n"
+                            f"{tail_text(task.paths.stderr, 20)}")
+            continue
+        error = task.exception()
+        if error is not None:
+            failures.append(f"node {i}: {failure_text(error, limit=25)}\n(log: {task.paths.stderr})")
+    return failures
 
 
 def tail_text(path: Path, lines: int) -> str:

@@ -239,3 +239,17 @@ def test_whole_pipeline_runs_as_a_chain_of_dependent_jobs(launcher, tmp_path):
     assert json.loads((run_dir / "eval.json").read_text())["world_size"] == 2
     assert (run_dir / "report" / "summary.csv").exists() and f"[report {report}] # Training report" in result.stdout
     assert result.stdout.rstrip().endswith(f"finished: prep -> train -> eval -> report; run dir {run_dir}")
+
+
+def test_crash_on_every_node_is_reported_per_node_with_rank_and_log(launcher, tiny_data, tmp_path):
+    result = launcher("--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", tiny_data,
+                      "--run-dir", tmp_path / "run", "--epochs", 1, "--max-restarts", 0, "--preflight-timeout-s", 0,
+                      *TINY, "--model", "no_such_net")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    (job_id,) = launcher.job_ids
+    assert f"train job {job_id} failed (FAILED" in result.stderr
+    for node, rank in ((0, 0), (1, 1)):
+        assert f"node {node}: jobs.torchrun.WorkerFailedError: train failed on node {node}" in result.stderr
+        assert f"rank {rank} (local rank 0) exited with code 2 after 0 restart(s)" in result.stderr
+    logs = re.findall(r"Its log: (\S+)", result.stderr)
+    assert len(logs) == 2 and all("unknown model 'no_such_net'" in Path(log).read_text() for log in logs)
