@@ -49,6 +49,9 @@ def slurm_cluster() -> Iterator[str]:
     """The partition of a running two-node cluster; started from .ci/slurm when none answers."""
     started = False
     patch = pytest.MonkeyPatch()
+    ci_conf = Path(os.environ.get("CI_SLURM_DIR", "/tmp/ci-slurm")) / "slurm.conf"
+    if not _cluster_answers() and ci_conf.exists():  # the CI cluster may be up already: use it, leave it up
+        patch.setenv("SLURM_CONF", str(ci_conf))
     if not _cluster_answers():
         if os.environ.get("CI"):
             pytest.fail("CI is set but no Slurm cluster answers (SLURM_CONF unset or sinfo fails); .ci/run starts it "
