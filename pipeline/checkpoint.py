@@ -122,7 +122,8 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
 
 
 def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The most recently written checkpoint in the run dir that loads; corrupt ones are skipped with a warning."""
+    """The most recently written checkpoint in the run dir that loads (latest.pt on a tie: the copies keep its
+    mtime); corrupt ones are skipped with a warning."""
     folder = checkpoint_dir(run_dir)
     candidates = sorted(folder.glob("*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name == LATEST), reverse=True)
     for path in candidates:

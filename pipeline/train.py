@@ -96,8 +96,9 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 
 def copy_atomically(src: Path, dst: Path) -> None:
+    """A copy keeping ``src``'s mtime, so --resume auto sees it as no newer than latest.pt."""
     with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        shutil.copy2(src, tmp)
 
 
 class Trainer:
@@ -111,6 +112,9 @@ class Trainer:
         seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever the world size
         model = build_model(cfg.model.model, num_classes=self.info.num_classes, pretrained=cfg.model.pretrained)
         if cfg.model.sync_bn and env.distributed:
+            if device.type == "cpu":
+                raise ConfigError("--sync-bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
+                                  "on CPU use --no-sync-bn")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
         self.raw_model = self.precision.prepare_model(model)
