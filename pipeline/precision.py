@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import ContextManager
 
@@ -75,5 +76,10 @@ def setup_precision(device: torch.device, amp: str, channels_last: bool) -> Prec
         log.warning("--amp fp16 on CPU runs, but slower than --amp bf16 on most CPUs")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = None
+    if amp == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+        # The scaler skips the optimizer step when gradients overflow (it then lowers the scale); the
+        # schedule still advances one step per batch, so torch's "scheduler before optimizer" notice is noise.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     return Precision(device=device, amp=amp, channels_last=channels_last, scaler=scaler)

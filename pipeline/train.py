@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import distributed
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
                                  epoch_file, remove_stale_temporaries, resolve_resume, restore_rng_state,
                                  save_checkpoint)
@@ -93,6 +93,18 @@ def gather_rng_states() -> list[dict[str, Any]]:
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+def forget_epochs_from(path: Path, epoch: int) -> None:
+    """Drop the rows of epochs a resumed run redoes (written after the checkpoint it resumes from was saved)."""
+    if not path.exists():
+        return
+    header, *rows = path.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if int(row.split(",", 1)[0]) < epoch]  # the first column is the epoch
+    if len(kept) < len(rows):
+        log.warning("%s: dropping %d row(s) of epoch %d and later, which this run redoes", path,
+                    len(rows) - len(kept), epoch)
+        atomic_write_text(path, header + "".join(kept))
 
 
 def copy_atomically(src: Path, dst: Path) -> None:
@@ -159,8 +171,8 @@ class Trainer:
             "ema": s.ema.state_dict() if s.ema is not None else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.position.global_step,
             "best_acc1": self.position.best_acc1, "finished": epoch >= self.cfg.train.epochs,
-            "epoch_sums": sums, "epoch_elapsed_s": self.position.carried_s, "rng": gather_rng_states(), "config_digest": self.digest,
-            "world_size": self.env.world_size, "batch_size": self.cfg.train.batch_size,
+            "epoch_sums": sums, "epoch_elapsed_s": self.position.carried_s, "rng": gather_rng_states(),
+            "config_digest": self.digest, "world_size": self.env.world_size, "batch_size": self.cfg.train.batch_size,
         }
 
     def save(self, state: dict[str, Any], *, keep_epoch: bool = False, best: bool = False) -> None:
@@ -256,6 +268,7 @@ class Trainer:
                      pos.resumed_from, epochs)
             return self.outcome(finished=True, preempted=False, already_finished=True)
         distributed.on_main_process(self.write_run_metadata)
+        distributed.on_main_process(forget_epochs_from, self.run_dir / EPOCHS_FILE, pos.epoch)
         log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
                  self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
                  pos.epoch, epochs - 1)

@@ -47,7 +47,6 @@ class Stepper:
 
     def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward, backward, optimizer and schedule step, EMA update; returns the batch's ``batch_sums``."""
-        self.model.train()
         images = self.precision.images_to_device(images)
         targets = targets.to(self.precision.device, non_blocking=True)
         with self.precision.autocast():
@@ -173,6 +172,7 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
                     print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried)
     start_s = time.perf_counter()
     step, stopped = start_step, False
+    stepper.model.train()  # validation left it in eval mode
     for images, targets in skip_batches(loader, start_step):
         book.data_ready()
         batch = stepper.step(images, targets)
@@ -203,6 +203,7 @@ def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler |
     or None when ``stop()`` (asked after every step, a collective) ended the run early."""
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
                     prefix="Perf:")
+    stepper.model.train()
     batches = itertools.islice(endless_batches(loader, sampler), max_steps)
     for step, (images, targets) in enumerate(batches, start=1):
         book.data_ready()
