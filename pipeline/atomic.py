@@ -23,10 +23,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file 0600; give it the mode a plain open() would, so colleagues can read runs
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str | Path) -> None:
