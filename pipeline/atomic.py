@@ -24,17 +24,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         # mkstemp makes the file 0600; give it the mode a plain open() would, so colleagues can read runs
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """Read once at import: os.umask can only be read by setting it, which would race with writer threads."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import stat
 
 import pytest
 
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import _UMASK, atomic_path, atomic_write_text
 from pipeline.config import ConfigError, add_config_arguments, build_config, config_from_args, dumps, load_config
 from pipeline.distributed import DistributedSetupError, read_env
 from pipeline.records import append_row
@@ -25,12 +24,10 @@ def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
 
 
 def test_atomic_write_gives_the_umask_mode_not_0600(tmp_path):
-    old = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "config.toml", "x = 1\n")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "config.toml").stat().st_mode) == 0o644
+    atomic_write_text(tmp_path / "config.toml", "x = 1\n")
+    mode = stat.S_IMODE((tmp_path / "config.toml").stat().st_mode)
+    assert mode == 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
+    assert _UMASK & 0o044 or mode & 0o044, "readable by group and others under the usual umask"
 
 
 def _parse(argv):
