@@ -29,7 +29,8 @@ from jobs import slurm
 from jobs.follow import StageFailed, Submitted, follow
 from jobs.stages import STAGES, TORCHRUN_STAGES, StageInputError, check_inputs, stage_chain, stage_job
 from jobs.torchrun import REPO_ROOT, STAGE_MODULES, torchrun_command
-from pipeline.config import Config, ConfigError, LaunchConfig, add_config_arguments, config_from_args
+from pipeline.config import FIELDS, Config, ConfigError, LaunchConfig, add_config_arguments, build_config, read_toml
+from pipeline.records import CONFIG_FILE
 
 SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 OWN_FLAGS = {"nodes": "--nodes", "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task",
@@ -61,7 +62,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
         if len(run_dirs) > 1 and args.stage != "report":
             raise LaunchError(f"{len(run_dirs)} run dirs given: several --run-dir values are for --stage report")
         args.run_dir = run_dirs[0]
-    cfg = config_from_args(args)
+    cfg = build_config(*config_layers(args))
     absolute = {"data_dir": cfg.data.data_dir, "archive_dir": cfg.prep.archive_dir, "run_dir": cfg.train.run_dir}
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, data_dir=str(Path(absolute["data_dir"]).absolute())),
@@ -70,6 +71,22 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
         eval=dataclasses.replace(cfg.eval, checkpoint=_absolute_if_file(cfg.eval.checkpoint)),
         model=dataclasses.replace(cfg.model, pretrained=_absolute_if_file(cfg.model.pretrained)))
     return cfg, [str(Path(d).absolute()) for d in (run_dirs or [cfg.train.run_dir])]
+
+
+def config_layers(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any], str]:
+    """(file layer, command-line layer, the file's name for errors).
+
+    Without --config, eval and report read the run dir's resolved config.toml, so they see the data dir, crops
+    and precision the run trained with; its [launch] table is left out (how to run this job, --detach or
+    --nodes, is this command's business)."""
+    cli = {name: value for name, value in vars(args).items() if name in FIELDS}
+    if args.config:
+        return read_toml(args.config), cli, str(args.config)
+    run_config = Path(getattr(args, "run_dir", "")) / CONFIG_FILE
+    if args.stage in ("eval", "report") and getattr(args, "run_dir", None) and run_config.is_file():
+        tables = read_toml(run_config)
+        return {section: table for section, table in tables.items() if section != "launch"}, cli, str(run_config)
+    return None, cli, "config"
 
 
 def _absolute_if_file(path: str) -> str:

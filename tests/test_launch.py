@@ -305,3 +305,44 @@ def test_local_executor_runs_the_whole_chain_with_two_processes(tmp_path, capsys
     job_dirs = sorted(p.name for p in (run_dir / "logs").iterdir() if p.name.isdigit())  # one folder per job
     assert len(job_dirs) == 4
     assert any((run_dir / "logs" / d / "train_config.toml").exists() for d in job_dirs)
+
+
+def run_dir_with_config(tmp_path) -> Path:
+    """A run dir whose resolved config.toml says where its data is, its crops, precision and launch options."""
+    from pipeline.config import build_config, save_config
+
+    run_dir, data_dir = tmp_path / "run", tmp_path / "its-data"
+    run_dir.mkdir()
+    data_dir.mkdir()
+    save_config(build_config({"data": {"data_dir": str(data_dir), "val_crop_size": 48}, "train": {"amp": "bf16"},
+                              "launch": {"detach": True, "nodes": 4}}), run_dir / "config.toml")
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", ["eval", "report"])
+def test_eval_and_report_read_the_run_dirs_config(stage, tmp_path):
+    run_dir = run_dir_with_config(tmp_path)
+    args = launch.get_args_parser().parse_args(["--stage", stage, "--run-dir", str(run_dir), "--val-resize-size", "60"])
+    cfg, _ = launch.resolve_config(args)
+    assert (cfg.data.data_dir, cfg.data.val_crop_size, cfg.train.amp) == (str(tmp_path / "its-data"), 48, "bf16")
+    assert cfg.data.val_resize_size == 60  # the command line still wins
+    assert (cfg.launch.detach, cfg.launch.nodes) == (False, 1)  # how the training was launched is not inherited
+
+
+def test_train_and_an_explicit_config_ignore_the_run_dirs_config(tmp_path):
+    run_dir = run_dir_with_config(tmp_path)
+    other = tmp_path / "other.toml"
+    other.write_text("[data]\nval_crop_size = 64\n")
+    for argv, crop in ((["--stage", "train"], 224), (["--stage", "eval", "--config", str(other)], 64)):
+        cfg, _ = launch.resolve_config(launch.get_args_parser().parse_args([*argv, "--run-dir", str(run_dir)]))
+        assert (cfg.data.val_crop_size, cfg.data.data_dir) == (crop, str(Path("data").absolute()))
+
+
+def test_eval_dry_run_checks_the_run_dirs_data_dir(no_slurm_path, tmp_path, capsys):
+    run_dir = run_dir_with_config(tmp_path)
+    (run_dir / "checkpoints").mkdir()
+    code, out, _ = run_main(capsys, "--stage", "eval", "--executor", "slurm", "--dry-run", "--run-dir", run_dir)
+    assert code == 0 and "warning" not in out  # the default data dir (./data) does not exist here
+    code, out, _ = run_main(capsys, "--stage", "eval", "--executor", "slurm", "--dry-run", "--run-dir", run_dir,
+                            "--data-dir", tmp_path / "gone")
+    assert code == 0 and f"data dir {tmp_path}/gone does not exist" in out
