@@ -1,12 +1,12 @@
-"""The parser every stage entry point shares: all config flags plus --config."""
+"""What every stage entry point shares: the parser (all config flags plus --config) and how bad input ends."""
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import sys
-from typing import Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from pipeline.config import Config, ConfigError, add_config_arguments, config_from_args
+from pipeline.config import ConfigError, add_config_arguments, config_from_args
 
 
 def get_args_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
@@ -15,35 +15,43 @@ def get_args_parser(description: str, add_help: bool = True) -> argparse.Argumen
     return parser
 
 
-def parse_config(argv: Sequence[str] | None, description: str) -> Config:
-    """Config from argv; a bad config exits with its message (status 2) rather than a traceback."""
-    parser = get_args_parser(description)
-    args = parser.parse_args(argv)
-    try:
-        return config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-
-
 def bad_input_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says all (what is wrong, what to do): shown without a traceback."""
+    from pipeline.archives import PrepError
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataDirError
     from pipeline.distributed import DistributedSetupError
     from pipeline.models import PretrainedWeightsError, UnknownModelError
     from pipeline.precision import PrecisionError
+    from pipeline.report_inputs import ReportError
 
     return (ConfigError, CheckpointError, DataDirError, DistributedSetupError, PretrainedWeightsError,
-            UnknownModelError, PrecisionError)
+            UnknownModelError, PrecisionError, PrepError, ReportError)
 
 
-@contextlib.contextmanager
-def exit_on_bad_input(prog: str) -> Iterator[None]:
-    """Bad input (config, data dir, model, device, checkpoint) exits with status 2 and its message."""
+def exit_status(prog: str, work: Callable[[], Any]) -> int:
+    """0 when ``work`` succeeds; bad input (config, archives, data dir, model, device, checkpoint, run dir) is
+    one ``prog: error:`` line on stderr and status 2, without a traceback; any other error propagates."""
     try:
-        yield
+        work()
     except Exception as exc:
         if not isinstance(exc, bad_input_errors()):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        return 2
+    return 0
+
+
+def run_door(door: str, *args: Any) -> Any:
+    """Set up logging and call a stage's door (``module:function``), imported only now so --help stays fast."""
+    from pipeline.logs import setup_logging
+
+    module, _, name = door.partition(":")
+    setup_logging()
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def run_stage(argv: Sequence[str] | None, prog: str, description: str, door: str) -> int:
+    """The ``main`` of a one-config stage entry point: parse the flags, run ``door`` on the config."""
+    args = get_args_parser(description).parse_args(argv)
+    return exit_status(prog, lambda: run_door(door, config_from_args(args)))

@@ -4,16 +4,12 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs.common import exit_on_bad_input, parse_config
+from jobs.common import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv, "Evaluate a checkpoint on the val set (exact counts under DDP).")
-    from pipeline.evaluate import evaluate
-
-    with exit_on_bad_input("jobs.eval"):
-        evaluate(cfg)
-    return 0
+    return run_stage(argv, "jobs.eval", "Evaluate a checkpoint on the val set (exact counts under DDP).",
+                     "pipeline.evaluate:evaluate")
 
 
 if __name__ == "__main__":

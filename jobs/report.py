@@ -12,6 +12,10 @@ import argparse
 import sys
 from typing import Sequence
 
+from jobs.common import exit_status, run_door
+
+DOOR = "pipeline.report:report"
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Tables (CSV, Markdown) and plots (PNG) of training runs.",
@@ -25,16 +29,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from pipeline.logs import setup_logging
-    from pipeline.report import ReportError, report
-
-    setup_logging()
-    try:
-        report(args.run_dirs, args.out)
-    except ReportError as exc:
-        print(f"jobs.report: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_status("jobs.report", lambda: run_door(DOOR, args.run_dirs, args.out))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs import prep as prep_entry
+from jobs import report as report_entry
+from jobs.common import run_door
 from jobs.torchrun import TorchrunJob
 from pipeline.config import Config
 from pipeline.records import CHECKPOINT_DIR
@@ -38,11 +41,7 @@ class PrepJob:
         self.cfg = cfg
 
     def __call__(self) -> dict[str, Any]:
-        from pipeline.logs import setup_logging
-        from pipeline.prep import prepare
-
-        setup_logging()
-        return prepare(self.cfg)
+        return run_door(prep_entry.DOOR, self.cfg)
 
     def checkpoint(self) -> Any:
         import submitit
@@ -58,11 +57,7 @@ class ReportJob:
 
     def __call__(self) -> list[str]:
         """The files written (the tables also go to the job's log, which the launcher streams)."""
-        from pipeline.logs import setup_logging
-        from pipeline.report import report
-
-        setup_logging()
-        return [str(path) for path in report(self.run_dirs).files]
+        return [str(path) for path in run_door(report_entry.DOOR, self.run_dirs).files]
 
 
 def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]:

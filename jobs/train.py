@@ -4,16 +4,12 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs.common import exit_on_bad_input, parse_config
+from jobs.common import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv, "Train a classifier (one process, or each process under torchrun).")
-    from pipeline.train import train
-
-    with exit_on_bad_input("jobs.train"):
-        train(cfg)
-    return 0
+    return run_stage(argv, "jobs.train", "Train a classifier (one process, or each process under torchrun).",
+                     "pipeline.train:train")
 
 
 if __name__ == "__main__":

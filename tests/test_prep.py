@@ -105,6 +105,6 @@ def test_cli_prepares_and_reports_a_checksum_mismatch_by_file_name_without_trace
     assert_prepared(archives, tmp_path / "d")
     assert "val files missing (2): ILSVRC2012_val_00000003.JPEG" in ok.stderr
     bad = run_cli("--archive-dir", str(archives.archive_dir), "--data-dir", str(tmp_path / "e"))
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert f"error: checksum mismatch for {archives.archive_dir / DEVKIT_TAR}" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "e" / "train").exists()

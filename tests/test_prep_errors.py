@@ -154,8 +154,8 @@ def test_full_disk_is_a_clear_error_and_the_half_written_class_is_removed(archiv
               f"--skip-checksum --workers 1; echo rc=$?; find {data_dir} -name '*.tmp'; ls -a {data_dir}")
     result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert "rc=1" in result.stdout, result.stdout + result.stderr
+    assert "rc=2" in result.stdout, result.stdout + result.stderr
     assert f"error: no space left in {data_dir}" in result.stderr and "Traceback" not in result.stderr
-    listing = result.stdout.split("rc=1", 1)[1].split()
+    listing = result.stdout.split("rc=2", 1)[1].split()
     assert not any(name.endswith(".tmp") for name in listing)
     assert "train" not in listing and "prep_report.json" not in listing
