@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 4 << 20  # bytes per read when draining or reading through a skipped member
 HASH_QUEUE_CHUNKS = 16  # chunks read but not yet hashed, at most (the chunks are shared with the writers)
 
+# The official archive names (synthetic test archives use the same ones) and their published MD5s.
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+TEST_TAR = "ILSVRC2012_img_test.tar"
+DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
+CIFAR10_TAR = "cifar-10-python.tar.gz"
+OFFICIAL_MD5 = {
+    TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e",
+    VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
+    DEVKIT_TAR: "fa75699e90414af021442c21a62c3abf",
+    CIFAR10_TAR: "c58f30108f718f92721af3b95e74349a",
+}
+
 
 class PrepError(RuntimeError):
     """Bad input to the prep stage; the message says what is wrong and what to do."""

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.archives import ArchiveError, check_member, read_archive, write_member
+from pipeline.archives import CIFAR10_TAR, ArchiveError, check_member, read_archive, write_member
 from pipeline.classes import write_classes
 from pipeline.datadir import (CIFAR_FOLDER, REPORT_FILE, DataDirError, check_dataset, delete_archive, disk_full_guard,
                               read_report, staging_dir, write_report)
-from pipeline.synthetic import CIFAR10_TAR
 
 log = logging.getLogger(__name__)
 

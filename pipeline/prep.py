@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.archives import ArchiveError, ChecksumError, missing_archive_error
+from pipeline.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, TRAIN_TAR, VAL_TAR, ArchiveError,
+                               ChecksumError, missing_archive_error)
 from pipeline.atomic import atomic_write_text
 from pipeline.classes import CLASSES_FILE, read_classes, write_classes
 from pipeline.config import Config
@@ -31,17 +32,9 @@ from pipeline.datadir import (REPORT_FILE, DataDirError, check_dataset, delete_a
                               staging_dir, write_report)
 from pipeline.devkit import Devkit, read_devkit
 from pipeline.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
-from pipeline.synthetic import CIFAR10_TAR, DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
 log = logging.getLogger(__name__)
 
-TEST_TAR = "ILSVRC2012_img_test.tar"
-OFFICIAL_MD5 = {
-    TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e",
-    VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
-    DEVKIT_TAR: "fa75699e90414af021442c21a62c3abf",
-    CIFAR10_TAR: "c58f30108f718f92721af3b95e74349a",
-}
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}
 SPLIT_ARCHIVES = {"train": TRAIN_TAR, "val": VAL_TAR, "test": TEST_TAR}
 STATE_DIR = ".prep"  # one record per finished split: what the report says about it

@@ -33,15 +33,12 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from pipeline.archives import CIFAR10_TAR, DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.classes import write_classes
 
 log = logging.getLogger(__name__)
 
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
-CIFAR10_TAR = "cifar-10-python.tar.gz"
 CIFAR10_LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
                  "num_train_images")
