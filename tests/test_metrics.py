@@ -1,11 +1,10 @@
-"""Top-k counts and the throughput timer, on real tensors and the real clock."""
+"""Top-k counts and the throughput timer, on real tensors and a clock the test moves."""
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
+from pipeline import metrics
 from pipeline.metrics import ThroughputTimer, Totals, batch_sums, topk_correct, warmup_steps_for
 
 CPU = torch.device("cpu")
@@ -39,18 +38,33 @@ def test_warmup_leaves_at_least_half_of_a_short_epoch(steps, warmup):
     assert warmup_steps_for(steps) == warmup
 
 
-def test_throughput_leaves_out_warmup_and_counts_the_data_wait():
+class FakeClock:
+    """Stands in for the time module of pipeline.metrics: perf_counter moves only when told."""
+
+    def __init__(self):
+        self.now_s = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+def test_throughput_leaves_out_warmup_and_counts_the_data_wait(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(metrics, "time", clock)
     timer = ThroughputTimer(CPU, warmup_steps=2)
     for step in range(6):
-        time.sleep(0.3 if step < 2 else 0.02)  # slow warm-up steps, then 20 ms waiting for data
+        clock.sleep(1.0 if step < 2 else 0.125)  # slow warm-up steps, then 125 ms waiting for data
         timer.data_ready()
-        time.sleep(0.02)  # 20 ms of compute
+        clock.sleep(0.375)  # 375 ms of compute
         timer.step_done(images=10)
     result = timer.result()
     assert result.measured_steps == 4 and result.warmup_steps == 2
-    assert 120 < result.img_per_s_all_ranks < 260  # 10 images per 40 ms is 250 img/s; with the warm-up 75
+    assert result.img_per_s_all_ranks == 20.0  # 40 images in 4 x 500 ms; with the warm-up it would be 60 / 4.75 s
     assert result.img_per_s_per_rank == result.img_per_s_all_ranks
-    assert 0.35 < result.data_wait_frac < 0.6
+    assert result.data_wait_frac == 0.25  # 4 x 125 ms of 2 s
 
 
 def test_throughput_of_an_epoch_without_measured_steps_is_nan():
