@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from pipeline.archives import PrepError
 from pipeline.atomic import atomic_write_text
 from pipeline.logs import human_bytes
+from pipeline.records import read_json
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,7 @@ def staging_dir(data_dir: Path, split: str) -> Path:
 
 
 def read_report(data_dir: Path) -> dict[str, Any] | None:
-    path = data_dir / REPORT_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataDirError(f"{path} is not valid JSON ({exc}); remove it and re-run prep to rebuild it") from None
+    return read_json(data_dir / REPORT_FILE, DataDirError, "remove it and re-run prep to rebuild it")
 
 
 def check_dataset(data_dir: Path, dataset: str) -> None:

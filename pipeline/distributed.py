@@ -133,11 +133,6 @@ def on_main_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs) if is_main_process() else None
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum of each value over all processes (float64, so counts stay exact)."""
     if not dist.is_initialized():

@@ -68,10 +68,6 @@ class RunningSums:
     def local(self) -> "Totals":
         return Totals(*self.sums.tolist())
 
-    def all_ranks(self) -> "Totals":
-        """The sums over every process (one all-reduce); every rank gets the same totals."""
-        return Totals(*distributed.all_reduce_sum(self.sums.tolist(), self.device))
-
 
 @dataclass(frozen=True)
 class Totals:
@@ -146,12 +142,6 @@ class ThroughputTimer:
         elif self.steps >= self.warmup_steps:
             self._start_clock()
         self.last = time.perf_counter()
-
-    def window_rate(self) -> float:
-        """Images per second of this process so far in the steady state (0 while warming up)."""
-        if self.start is None or self.images == 0:
-            return 0.0
-        return self.images / max(time.perf_counter() - self.start, 1e-9)
 
     def result(self) -> Throughput:
         """The steady-state figures over all processes (a collective: every rank must call it)."""

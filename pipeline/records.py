@@ -74,5 +74,15 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def read_json(path: Path, error: type[Exception], hint: str) -> dict[str, Any] | None:
+    """A JSON object record (data dir report, eval.json, provenance.json): None when the file is absent; a broken
+    one raises ``error`` naming the file and what is wrong, followed by ``hint`` (what to do)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} should hold a JSON object, not {type(data).__name__}; {hint}")
+    return data

@@ -7,7 +7,6 @@ the file and says what was expected.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import pandas as pd
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
-                              PROVENANCE_FILE)
+                              PROVENANCE_FILE, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +133,7 @@ def read_config(run_dir: Path) -> Config:
 
 def read_json_file(path: Path) -> dict[str, Any] | None:
     """An optional JSON record: None (with a warning for provenance) when absent, an error when broken."""
-    if not path.is_file():
-        if path.name == PROVENANCE_FILE:
-            log.warning("%s is missing: the report's provenance columns for this run stay empty", path)
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); re-run the stage that writes it") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} should hold a JSON object, not {type(data).__name__}")
+    data = read_json(path, ReportError, "re-run the stage that writes it")
+    if data is None and path.name == PROVENANCE_FILE:
+        log.warning("%s is missing: the report's provenance columns for this run stay empty", path)
     return data
