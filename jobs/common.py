@@ -30,15 +30,16 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
 
 
 def exit_status(prog: str, work: Callable[[], Any]) -> int:
-    """0 when ``work`` succeeds; bad input (config, archives, data dir, model, device, checkpoint, run dir) is
-    one ``prog: error:`` line on stderr and status 2, without a traceback; any other error propagates."""
+    """0 when ``work`` succeeds. Bad input (config, archives, data dir, model, device, checkpoint, run dir) is
+    one ``prog: error:`` line on stderr and SystemExit(2), as argparse does for a bad flag, without a traceback;
+    any other error propagates."""
     try:
         work()
     except Exception as exc:
         if not isinstance(exc, bad_input_errors()):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        raise SystemExit(2) from None
     return 0
 
 
