@@ -172,8 +172,9 @@ def executor_parameters(executor: str, cfg: Config, stage: str, after: str | Non
         return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
                 "signal_delay_s": cfg.launch.signal_delay_s, "setup": [pythonpath_setup()]}
     extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}"}
-    if stage in TORCHRUN_STAGES and not cfg.launch.cpus_per_task:
-        extra["cpus_per_task"] = nproc  # at least one CPU per process
+    if not cfg.launch.cpus_per_task and stage in (*TORCHRUN_STAGES, "prep"):
+        # at least one CPU per process; prep: one per writer thread (--workers) plus the reading thread
+        extra["cpus_per_task"] = nproc if stage in TORCHRUN_STAGES else cfg.data.workers + 1
     params = get_slurm_executor_parameters(cfg.launch, nodes=nodes, gpus_per_node=gpus, **extra)
     if after:
         params["dependency"] = f"afterok:{after}"

@@ -89,8 +89,17 @@ def test_dry_run_chain_waits_on_each_stage_and_cpu_jobs_ask_for_no_gpus(no_slurm
             assert f"#SBATCH --dependency='afterok:<{previous} job id>'" in lines
             assert "#SBATCH --kill-on-invalid-dep=yes" in lines
     assert "#SBATCH --nodes=2" in scripts["train"] and "#SBATCH --cpus-per-task=2" in scripts["train"]
+    assert "#SBATCH --cpus-per-task=5" in scripts["prep"]  # 4 writer threads (--workers) and the reader
+    assert "cpus-per-task" not in scripts["report"]
     assert "--nnodes 2 --nproc-per-node 2" in out
     assert "warning: a real launch would stop here: archive dir" in out
+
+
+@pytest.mark.parametrize("flags, cpus", [(["--workers", "7"], 8), (["--workers", "7", "--cpus-per-task", "3"], 3)])
+def test_prep_job_asks_for_a_cpu_per_writer_thread_unless_told(flags, cpus, no_slurm_path, tmp_path, capsys):
+    code, out, _ = run_main(capsys, "--stage", "prep", "--executor", "slurm", "--dry-run", *flags,
+                            "--run-dir", tmp_path / "run")
+    assert code == 0 and f"#SBATCH --cpus-per-task={cpus}" in sbatch_sections(out)["prep"].splitlines()
 
 
 @pytest.mark.parametrize("argv, message", [
