@@ -5,9 +5,10 @@
 
 Reference (torchvision ``references/classification/train.py``): ``ImageFolder`` with its preset
 transforms (RandomResizedCrop 224 + flip; eval resize 256 + center crop 224), a plain loop in fp32,
-NCHW, no channels_last, SGD. Ours: ``train(cfg)`` in performance mode (``--max-steps``) with the
-device's fast path (channels_last and bf16 autocast; fp16 on GPUs without bf16), and our val loader
-with the same precision for eval. Both are timed alike (pipeline.metrics.ThroughputTimer): wall clock
+NCHW, no channels_last, SGD, float32 images normalized per sample in the loader workers. Ours:
+``train(cfg)`` in performance mode (``--max-steps``) with the device's fast path (uint8 batches from
+the workers, normalized on the device; channels_last and bf16 autocast, fp16 on GPUs without bf16),
+and our val loader with the same precision and device-side normalization for eval. Both are timed alike (pipeline.metrics.ThroughputTimer): wall clock
 including the wait for data, after device synchronization, the first steps left out. The data is a
 synthetic ImageFolder of ImageNet-sized JPEGs (``--data-dir`` takes a prepared one instead), read once
 before the timings so both runs find the page cache warm. Results go to ``<out>/bench_train.{json,md}``.
@@ -20,7 +21,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from tabulate import tabulate
 from torchvision.transforms import v2
 
 from pipeline.config import Config
-from pipeline.data import build_val_loader
+from pipeline.data import build_val_loader, device_batcher
 from pipeline.distributed import DistEnv
 from pipeline.metrics import Throughput, ThroughputTimer, warmup_steps_for
 from pipeline.models import build_model
@@ -107,14 +108,17 @@ def ours_train(data_dir: Path, args: argparse.Namespace, amp: str, work_dir: Pat
 
 
 @torch.inference_mode()
-def timed_eval(model: nn.Module, loader: Iterable, steps: int, precision: Precision) -> Throughput:
-    """img/s of forward passes over ``steps`` val batches (warm-up steps left out)."""
+def timed_eval(model: nn.Module, loader: Iterable, steps: int, precision: Precision,
+               to_device: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> Throughput:
+    """img/s of forward passes over ``steps`` val batches (warm-up steps left out); ``to_device`` makes a
+    loader batch the model's input."""
     model.eval()
     timer = ThroughputTimer(precision.device, warmup_steps_for(steps))
-    for images, _ in cycle(loader, steps):
+    for images, targets in cycle(loader, steps):
         timer.data_ready()
+        images, _ = to_device(images, targets)
         with precision.autocast():
-            model(precision.images_to_device(images))
+            model(images)
         timer.step_done(len(images))
     return timer.result()
 
@@ -126,11 +130,13 @@ def eval_pair(data_dir: Path, args: argparse.Namespace, device: torch.device,
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=len(folder.classes))
     plain = setup_precision(device, "none", channels_last=False)
-    reference = timed_eval(plain.prepare_model(model), loader, args.eval_steps, plain)
+    reference = timed_eval(plain.prepare_model(model), loader, args.eval_steps, plain,
+                           lambda images, targets: (images.to(device, non_blocking=True), targets))
     cfg = Config()
     cfg.data.data_dir, cfg.data.workers, cfg.train.batch_size = str(data_dir), args.workers, args.batch_size
     fast = setup_precision(device, amp, channels_last=True)
-    ours = timed_eval(fast.prepare_model(model), build_val_loader(cfg, DistEnv(), device), args.eval_steps, fast)
+    ours = timed_eval(fast.prepare_model(model), build_val_loader(cfg, DistEnv(), device), args.eval_steps, fast,
+                      device_batcher(cfg, fast))
     return reference, ours
 
 

@@ -3,15 +3,26 @@
     info = dataset_info(cfg)                                   # num_classes, class names, split sizes
     train_loader, sampler = build_train_loader(cfg, env, device, seed=cfg.train.seed)
     val_loader = build_val_loader(cfg, env, device)
+    to_device = device_batcher(cfg, precision, mix_classes=info.num_classes, seed=cfg.train.seed, rank=env.rank)
     for epoch in ...:
         sampler.set_epoch(epoch)                               # new order and new augmentation per epoch
-        for images, targets in train_loader: ...               # CPU tensors; the trainer moves them
+        for step, (images, targets) in enumerate(train_loader):  # CPU: uint8 NCHW images, int64 labels
+            images, targets = to_device(images, targets, batch_key=(epoch, step))  # the model's input
+
+Loader contract: both loaders yield ``(images, targets)`` on the CPU (pinned when the device is not the
+CPU): images uint8 N x 3 x H x W as decoded and augmented, targets int64 labels. ``DeviceBatcher`` is
+the one place a batch becomes the model's input: copied to the device (non-blocking), channels_last when
+asked, converted to float32 and normalized there (the same operations as torchvision's ToDtype(scale=True)
+and Normalize, so the same bits as normalizing per sample in the workers), then mixed by
+MixUp/CutMix when on (train only; targets become soft labels, float batch x num_classes). The model input
+stays float32; autocast casts it where that is safe. Keeping the workers on uint8 moves 4x fewer bytes
+through pinning and the host-to-device copy and takes the per-pixel float work off the workers.
 
 Train: every rank draws len(train) // world_size images per epoch from a DistributedSampler (shuffled with
 the run seed, tail dropped), also in a single process, so the order and the augmentation of an epoch
 depend only on (seed, epoch): a resumed run sees the same images as an uninterrupted one. Batches are
-full (drop_last); MixUp/CutMix, when on, mix them in the collate and the targets become soft labels
-(float, batch x num_classes); otherwise targets are int64 labels.
+full (drop_last). The mix of a batch is seeded by (seed, epoch, batch index, rank), so it is exact on
+resume too.
 
 Val: ShardSampler gives rank r the indices r, r + W, r + 2W, ...: every image exactly once over all
 ranks, no padding, no dropped tail. A batch can be short (the last one, or one with unreadable images
@@ -30,10 +41,11 @@ from pipeline.config import Config, ConfigError
 from pipeline.datasets import (DataDirError, SampleSet, cifar_split, imagenet_classes, imagenet_split,
                                sample_seed, seeded_cpu_rng)
 from pipeline.distributed import DistEnv
-from pipeline.transforms import BatchTransform, batch_mix, eval_transform, train_transform
+from pipeline.precision import Precision
+from pipeline.transforms import BatchTransform, batch_mix, eval_transform, normalization, train_transform
 
-__all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "dataset_info", "build_train_loader",
-           "build_val_loader", "skipped_images"]
+__all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "DeviceBatcher", "dataset_info",
+           "build_train_loader", "build_val_loader", "device_batcher", "skipped_images"]
 
 
 @dataclass(frozen=True)
@@ -88,20 +100,49 @@ class ShardSampler(Sampler[int]):
 
 
 class Collate:
-    """Stack (image, label, seed) samples into (images, targets), dropping failed ones; mix when asked."""
+    """Stack (uint8 image, label, seed) samples into (images, targets), dropping failed ones."""
 
-    def __init__(self, mix: BatchTransform | None = None, empty_shape: tuple[int, ...] = (0,)):
-        self.mix, self.empty_shape = mix, empty_shape
+    def __init__(self, empty_shape: tuple[int, ...] = (0,)):
+        self.empty_shape = empty_shape
 
     def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         samples = [s for s in samples if s is not None]
         if not samples:
-            return torch.empty(self.empty_shape), torch.empty(0, dtype=torch.int64)
-        images, targets = default_collate([(image, label) for image, label, _ in samples])
+            return torch.empty(self.empty_shape, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        return default_collate([(image, label) for image, label, _ in samples])
+
+
+class DeviceBatcher:
+    """A loader's uint8 CPU batch as the model's input: on the device, float32, normalized, mixed when asked."""
+
+    def __init__(self, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], *,
+                 channels_last: bool = False, mix: BatchTransform | None = None, mix_seed: int = 0):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)  # of [0, 1] images, per channel
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.device, self.channels_last, self.mix, self.mix_seed = device, channels_last, mix, mix_seed
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, *,
+                 batch_key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_key`` (epoch, batch index) seeds the mix, so a resumed epoch mixes its batches alike."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.channels_last:  # on uint8, a quarter of the bytes; float() and the arithmetic keep the layout
+            images = images.contiguous(memory_format=torch.channels_last)
+        # torchvision's ToDtype(scale=True) + Normalize, op for op: the same bits as per-sample normalization
+        images = images.float().mul_(1.0 / 255).sub_(self.mean).div_(self.std)
         if self.mix is None:
             return images, targets
-        with seeded_cpu_rng(sample_seed(samples[0][2], len(samples), 0)):  # seeded by the batch's first sample
+        with seeded_cpu_rng(sample_seed(self.mix_seed, *batch_key)):  # MixUp/CutMix draw on the CPU generator
             return self.mix(images, targets)
+
+
+def device_batcher(cfg: Config, precision: Precision, *, mix_classes: int = 0, seed: int = 0,
+                   rank: int = 0) -> DeviceBatcher:
+    """The DeviceBatcher of cfg's dataset; with ``mix_classes`` the train one (MixUp/CutMix when configured),
+    its mix seeded per rank so the ranks mix differently."""
+    mix = batch_mix(cfg.data, mix_classes) if mix_classes else None
+    return DeviceBatcher(precision.device, *normalization(cfg.data.dataset), channels_last=precision.channels_last,
+                         mix=mix, mix_seed=sample_seed(seed, rank, -1))
 
 
 def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
@@ -116,7 +157,7 @@ def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
 def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
                        seed: int) -> tuple[DataLoader, DistributedSampler | None]:
     """The shuffled, augmented train loader and its sampler (call ``sampler.set_epoch(epoch)`` every epoch)."""
-    source, _, wnids, _ = _splits(cfg)
+    source, _, _, _ = _splits(cfg)
     per_rank = len(source) // env.world_size
     if cfg.train.batch_size > per_rank:
         raise ConfigError(f"batch size {cfg.train.batch_size} per process is larger than the {per_rank} training "
@@ -125,7 +166,7 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
     dataset = SampleSet(source, train_transform(cfg.data), seed=seed, replace_failed=True)
     sampler = EpochSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
                            drop_last=True)
-    loader = DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=Collate(batch_mix(cfg.data, len(wnids))),
+    loader = DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=Collate(),
                         **_loader_options(cfg, device, seed))
     return loader, sampler
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from pipeline import distributed
 from pipeline.checkpoint import BEST, CheckpointError, checkpoint_dir, load_checkpoint
 from pipeline.config import Config
-from pipeline.data import build_val_loader, dataset_info, skipped_images
+from pipeline.data import DeviceBatcher, build_val_loader, dataset_info, device_batcher, skipped_images
 from pipeline.logs import Progress
 from pipeline.metrics import RunningSums, batch_sums
 from pipeline.models import build_model, read_state_dict
@@ -69,9 +69,10 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, loader: DataLoader, precision: Precision, *, expected_total: int,
-             desc: str = "val") -> EvalResult:
-    """Exact counts of ``model`` over the val set (a collective: every rank calls it with its shard)."""
+def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_device: DeviceBatcher, *,
+             expected_total: int, desc: str = "val") -> EvalResult:
+    """Exact counts of ``model`` over the val set (a collective: every rank calls it with its shard);
+    ``to_device`` makes the loader's uint8 batches the model's input (pipeline.data.device_batcher)."""
     model.eval()
     sums = RunningSums(precision.device)
     skipped_before = skipped_images(loader)
@@ -79,9 +80,9 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, *, expe
     with Progress(desc, total=len(loader), unit="batch", logger=log, enabled=distributed.is_main_process()) as bar:
         for images, targets in loader:
             if len(targets):
-                targets = targets.to(precision.device, non_blocking=True)
+                images, targets = to_device(images, targets)
                 with precision.autocast():
-                    logits = model(precision.images_to_device(images))
+                    logits = model(images)
                 logits = logits.float()
                 sums.add(batch_sums(criterion(logits, targets), logits, targets))
             bar.update()
@@ -138,7 +139,8 @@ def _evaluate(cfg: Config, env: distributed.DistEnv, device: torch.device) -> di
     name, model = build_eval_model(path, cfg.model.model, info.num_classes)
     precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
     model = precision.prepare_model(model)
-    result = validate(model, build_val_loader(cfg, env, device), precision, expected_total=info.val_size)
+    result = validate(model, build_val_loader(cfg, env, device), precision, device_batcher(cfg, precision),
+                      expected_total=info.val_size)
     distributed.on_main_process(log.info, "%s from %s on %d process(es):", name, path, env.world_size)
     distributed.on_main_process(log.info, result.line())
     record = {"checkpoint": str(path), "top1_correct": result.top1_correct, "top5_correct": result.top5_correct,

@@ -39,13 +39,6 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
 
-    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """A batch on the device, NHWC when channels_last is on (non-blocking from pinned memory)."""
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
-
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The model moved to the device, in channels_last layout when asked."""
         model = model.to(self.device)

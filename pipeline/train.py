@@ -46,7 +46,7 @@ from pipeline.checkpoint import (BEST, LATEST, capture_rng_state, check_compatib
                                  epoch_file, remove_stale_temporaries, resolve_resume, restore_rng_state,
                                  save_checkpoint)
 from pipeline.config import Config, ConfigError, save_config
-from pipeline.data import build_train_loader, build_val_loader, dataset_info
+from pipeline.data import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.evaluate import EvalResult, validate
 from pipeline.metrics import Throughput, peak_memory_mib
 from pipeline.models import build_model
@@ -107,6 +107,20 @@ def forget_epochs_from(path: Path, epoch: int) -> None:
         atomic_write_text(path, header + "".join(kept))
 
 
+def broadcast_buffers_from_rank0(*models: nn.Module) -> None:
+    """Rank 0's floating-point buffers (BatchNorm running statistics) on every rank (a collective).
+
+    DDP broadcasts the buffers from rank 0 at the start of each forward, then every rank updates them with
+    its own batch, so after the last step they differ; validating with them would count with other weights
+    than the checkpoint rank 0 saves. (Under SyncBatchNorm they are equal already.)
+    """
+    if not dist.is_initialized():
+        return
+    for buffer in (b for model in models for b in model.buffers()):
+        if buffer.is_floating_point():
+            dist.broadcast(buffer, src=0)
+
+
 def copy_atomically(src: Path, dst: Path) -> None:
     """A copy keeping ``src``'s mtime, so --resume auto sees it as no newer than latest.pt."""
     with atomic_path(dst) as tmp:
@@ -132,6 +146,7 @@ class Trainer:
         self.raw_model = self.precision.prepare_model(model)
         self.loader, self.sampler = build_train_loader(cfg, env, device, seed=cfg.train.seed)
         self.val_loader = None if self.perf_mode else build_val_loader(cfg, env, device)
+        self.val_to_device = device_batcher(cfg, self.precision)
         try:
             optimizer = build_optimizer(self.raw_model, cfg.optim)
             scheduler = build_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs,
@@ -146,7 +161,10 @@ class Trainer:
         self.position = Position()
         self.stepper = Stepper(model=self.raw_model, raw_model=self.raw_model,
                                criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
-                               optimizer=optimizer, scheduler=scheduler, precision=self.precision, ema=ema)
+                               optimizer=optimizer, scheduler=scheduler, precision=self.precision,
+                               to_device=device_batcher(cfg, self.precision, mix_classes=self.info.num_classes,
+                                                        seed=cfg.train.seed, rank=env.rank),
+                               ema=ema)
         found = None if self.perf_mode else resolve_resume(cfg.train.resume, self.run_dir)
         if found is None:
             seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank
@@ -294,12 +312,15 @@ class Trainer:
     def end_epoch(self, epoch: int, result: EpochResult) -> None:
         """Validate (the EMA too), append the epoch's row, write the checkpoints."""
         assert self.val_loader is not None
-        val = validate(self.raw_model, self.val_loader, self.precision, expected_total=self.info.val_size)
         ema = self.stepper.ema
+        if not self.cfg.model.sync_bn:  # validate and save the statistics every rank has: rank 0's
+            broadcast_buffers_from_rank0(self.raw_model, *([ema.module] if ema is not None else []))
+        val = validate(self.raw_model, self.val_loader, self.precision, self.val_to_device,
+                       expected_total=self.info.val_size)
         ema_val = None
         if ema is not None:
-            ema_val = validate(ema.module, self.val_loader, self.precision, expected_total=self.info.val_size,
-                               desc="val (EMA)")
+            ema_val = validate(ema.module, self.val_loader, self.precision, self.val_to_device,
+                               expected_total=self.info.val_size, desc="val (EMA)")
         pos = self.position
         is_best = val.acc1 > pos.best_acc1
         pos.best_acc1 = max(pos.best_acc1, val.acc1)

@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import distributed
+from pipeline.data import DeviceBatcher
 from pipeline.logs import format_seconds
 from pipeline.metrics import (RunningSums, Throughput, ThroughputTimer, Totals, batch_sums, peak_memory_mib,
                               warmup_steps_for)
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stepper:
-    """What one optimizer step needs. ``model`` is as trained (DDP and/or compiled), ``raw_model`` unwrapped."""
+    """What one optimizer step needs. ``model`` is as trained (DDP and/or compiled), ``raw_model`` unwrapped;
+    ``to_device`` turns the loader's uint8 batch into the model's input (normalized, mixed when on)."""
 
     model: nn.Module
     raw_model: nn.Module
@@ -43,12 +45,13 @@ class Stepper:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     precision: Precision
+    to_device: DeviceBatcher
     ema: AveragedModel | None = None
 
-    def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, optimizer and schedule step, EMA update; returns the batch's ``batch_sums``."""
-        images = self.precision.images_to_device(images)
-        targets = targets.to(self.precision.device, non_blocking=True)
+    def step(self, images: torch.Tensor, targets: torch.Tensor, batch_key: tuple[int, int]) -> torch.Tensor:
+        """Forward, backward, optimizer and schedule step, EMA update of the batch ``batch_key`` (epoch, index in
+        the epoch); returns the batch's ``batch_sums``."""
+        images, targets = self.to_device(images, targets, batch_key=batch_key)
         with self.precision.autocast():
             logits = self.model(images)
             loss = self.criterion(logits, targets)
@@ -175,7 +178,7 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
     stepper.model.train()  # validation left it in eval mode
     for images, targets in skip_batches(loader, start_step):
         book.data_ready()
-        batch = stepper.step(images, targets)
+        batch = stepper.step(images, targets, (epoch, step))
         step += 1
         book.step_done(batch, len(images), step, total, stepper.lr)
         if stop():
@@ -207,7 +210,7 @@ def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler |
     batches = itertools.islice(endless_batches(loader, sampler), max_steps)
     for step, (images, targets) in enumerate(batches, start=1):
         book.data_ready()
-        book.step_done(stepper.step(images, targets), len(images), step, max_steps, stepper.lr)
+        book.step_done(stepper.step(images, targets, (0, step)), len(images), step, max_steps, stepper.lr)
         if step < max_steps and stop():
             return None
     return book.timer.result()

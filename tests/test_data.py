@@ -7,13 +7,15 @@ import tarfile
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from pipeline.config import Config, ConfigError
 from pipeline.data import (DataDirError, EpochSampler, ShardSampler, build_train_loader, build_val_loader,
-                           dataset_info, skipped_images)
+                           dataset_info, device_batcher, skipped_images)
 from pipeline.distributed import DistEnv
 from pipeline.synthetic import make_cifar10_archive, make_image_folder
-from pipeline.transforms import CIFAR10_MEAN, CIFAR10_STD
+from pipeline.precision import setup_precision
+from pipeline.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 CPU = torch.device("cpu")
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 10, 5  # 40 train and 20 val images
@@ -94,17 +96,48 @@ def test_train_epoch_is_reproducible_whatever_the_workers(image_dir):
     other_epoch = epoch_batches(loader, sampler, 1)
     assert not torch.equal(torch.cat([t for _, t in first]), torch.cat([t for _, t in other_epoch]))
     images = torch.cat([i for i, _ in first])
-    assert images.shape == (40, 3, 32, 32) and abs(images.mean().item()) < 1.5  # normalized floats
+    assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8  # the loader contract: uint8 NCHW
 
 
-def test_mixup_cutmix_give_soft_targets(image_dir):
+def test_random_erasing_fills_a_box_with_the_colour_that_normalizes_to_zero(image_dir):
+    cfg = small_config(image_dir, random_erase=1.0)
+    loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=0)
+    images, targets = epoch_batches(loader, sampler, 0)[0]
+    normalized, _ = device_batcher(cfg, setup_precision(CPU, "none", False))(images, targets)
+    near_zero = normalized.abs().amax(dim=1) < 0.02  # pixels of the mean colour (rounded to whole 0-255 values)
+    assert all(n > 0.02 * 32 * 32 for n in near_zero.sum(dim=(1, 2)).tolist())  # a box in every image
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_device_batcher_normalizes_like_torchvision_per_sample(image_dir, channels_last):
+    cfg = small_config(image_dir)
+    images, targets = next(iter(build_val_loader(cfg, DistEnv(), CPU)))
+    batcher = device_batcher(cfg, setup_precision(CPU, "none", channels_last))
+    model_input, labels = batcher(images, targets)
+    per_sample = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(images))
+    assert model_input.dtype == torch.float32 and torch.equal(model_input, per_sample)  # bit for bit
+    assert model_input.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(labels, targets)
+
+
+def test_mixup_cutmix_on_the_device_batch_give_soft_targets_seeded_by_the_batch_key(image_dir):
     cfg = small_config(image_dir, mixup_alpha=0.2, cutmix_alpha=1.0)
     loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=0)
-    _, targets = epoch_batches(loader, sampler, 0)[0]
+    images, labels = epoch_batches(loader, sampler, 0)[0]
+    assert labels.dtype == torch.int64  # the loader yields labels; the device batch is mixed
+    precision = setup_precision(CPU, "none", False)
+    mixer = device_batcher(cfg, precision, mix_classes=CLASSES, seed=0, rank=0)
+    trainer_rng = torch.get_rng_state()
+    mixed = [mixer(images, labels, batch_key=(0, step)) for step in (0, 0, 1)]
+    assert torch.equal(torch.get_rng_state(), trainer_rng)
+    _, targets = mixed[0]
     assert targets.dtype == torch.float32 and targets.shape == (4, CLASSES)
     assert torch.allclose(targets.sum(dim=1), torch.ones(4))
-    plain, plain_sampler = build_train_loader(small_config(image_dir), DistEnv(), CPU, seed=0)
-    assert epoch_batches(plain, plain_sampler, 0)[0][1].dtype == torch.int64
+    assert torch.equal(mixed[0][0], mixed[1][0]) and torch.equal(mixed[0][1], mixed[1][1])  # same key, same mix
+    assert not torch.equal(mixed[0][1], mixed[2][1])
+    other_rank = device_batcher(cfg, precision, mix_classes=CLASSES, seed=0, rank=1)
+    assert not torch.equal(other_rank(images, labels, batch_key=(0, 0))[1], targets)
+    assert device_batcher(cfg, precision)(images, labels)[1].dtype == torch.int64  # eval: no mix
 
 
 def test_dataset_info_reads_classes_file(image_dir):
@@ -193,9 +226,11 @@ def test_cifar10_loaders_read_the_pickled_batches(cifar_dir):
     val = [(images, targets) for images, targets in build_val_loader(cfg, DistEnv(), CPU)]
     with open(cifar_dir / "cifar-10-batches-py" / "test_batch", "rb") as fh:
         raw = pickle.load(fh, encoding="latin1")
-    first = torch.tensor(raw["data"][0], dtype=torch.float32).reshape(3, 32, 32) / 255
-    expected = (first - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
-    assert torch.allclose(val[0][0][0], expected, atol=1e-5)
+    first = torch.tensor(raw["data"][0]).reshape(3, 32, 32)
+    assert torch.equal(val[0][0][0], first)  # uint8 as stored
+    normalized, _ = device_batcher(cfg, setup_precision(CPU, "none", False))(*val[0])
+    expected = (first / 255 - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+    assert torch.allclose(normalized[0], expected, atol=1e-5)
     assert torch.cat([t for _, t in val]).tolist() == list(raw["labels"])
 
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torchvision.transforms import v2
 
 from jobs.eval import main as eval_main
 from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.data import build_val_loader
+from pipeline.data import build_val_loader, device_batcher
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import EvalCountError, evaluate, validate
 from pipeline.models import build_model
 from pipeline.precision import setup_precision
 from pipeline.records import EVAL_KEYS
-from pipeline.transforms import eval_transform
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from train_helpers import tiny_config, tiny_data
 
 CPU = torch.device("cpu")
@@ -38,7 +39,9 @@ def random_model():
 
 def reference_counts(model: torch.nn.Module, data_dir: Path, cfg) -> tuple[int, int, int]:
     """Top-1/top-5 correct and total by a plain torchvision ImageFolder pass, one image at a time."""
-    folder = torchvision.datasets.ImageFolder(str(data_dir / "val"), transform=eval_transform(cfg.data))
+    as_float = v2.Compose([eval_transform(cfg.data), v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # torchvision's per-sample normalization
+    folder = torchvision.datasets.ImageFolder(str(data_dir / "val"), transform=as_float)
     top1 = top5 = 0
     with torch.no_grad():
         for image, label in folder:
@@ -92,7 +95,8 @@ def test_validate_fails_loudly_when_the_ranks_miss_images(data_dir, random_model
     cfg = tiny_config(data_dir, Path("unused"))
     half = build_val_loader(cfg, DistEnv(rank=0, world_size=2), CPU)  # rank 0's shard, but no rank 1
     with pytest.raises(EvalCountError, match=r"counted 15 images \(\+0 unreadable\) but the val set has 30"):
-        validate(random_model, half, setup_precision(CPU, "none", False), expected_total=CLASSES * 3)
+        precision = setup_precision(CPU, "none", False)
+        validate(random_model, half, precision, device_batcher(cfg, precision), expected_total=CLASSES * 3)
 
 
 def test_weights_of_another_architecture_or_class_count_are_clear_errors(data_dir, random_model, tmp_path):
