@@ -17,6 +17,7 @@ itself for the requeue. The requeued job derives a fresh port from its restart c
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from pipeline.config import Config, save_config
 
@@ -139,9 +140,17 @@ def _preemption_signal() -> signal.Signals:
     return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
 
 
-def _ignore_preemption_signal() -> None:
-    """Runs in the forked child before exec: torchrun and its workers inherit SIG_IGN for USR2."""
-    signal.signal(_preemption_signal(), signal.SIG_IGN)
+@contextlib.contextmanager
+def preemption_signal_ignored() -> Iterator[None]:
+    """USR2 ignored in this process while a child starts: the child (torchrun, and its workers) inherits SIG_IGN,
+    which survives exec. Done here rather than in a preexec_fn, which is unsafe with threads running; a USR2 in
+    the few milliseconds of the fork is lost, Slurm sends it ``signal_delay_s`` (minutes) before the limit."""
+    signum = _preemption_signal()
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 def process_env(nproc_per_node: int) -> dict[str, str]:
@@ -163,8 +172,9 @@ class RunningTorchrun:
     def __init__(self, cmd: list[str], env: dict[str, str]):
         self.tail: collections.deque[str] = collections.deque(maxlen=300)
         self.returncode: int | None = None
-        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
-                                     bufsize=1, preexec_fn=_ignore_preemption_signal)
+        with preemption_signal_ignored():
+            self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                                         bufsize=1)
         self._threads = [threading.Thread(target=self._copy_stderr, daemon=True),
                          threading.Thread(target=self._reap, daemon=True)]
         for thread in self._threads:

@@ -355,3 +355,19 @@ def test_eval_dry_run_checks_the_run_dirs_data_dir(no_slurm_path, tmp_path, caps
     code, out, _ = run_main(capsys, "--stage", "eval", "--executor", "slurm", "--dry-run", "--run-dir", run_dir,
                             "--data-dir", tmp_path / "gone")
     assert code == 0 and f"data dir {tmp_path}/gone does not exist" in out
+
+
+def test_torchrun_child_inherits_an_ignored_usr2_and_the_parent_keeps_its_handler():
+    from jobs.torchrun import RunningTorchrun
+
+    def handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        child = RunningTorchrun([sys.executable, "-c", "import signal, sys; sys.exit(0 if signal.getsignal("
+                                 "signal.SIGUSR2) is signal.SIG_IGN else 5)"], dict(os.environ))
+        assert child.wait(timeout_s=60) == 0
+        assert signal.getsignal(signal.SIGUSR2) is handler
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
