@@ -68,6 +68,10 @@ def count_labels(folder: Path, names: tuple[str, ...], label_names: list[str]) -
         labels, data = batch.get("labels"), batch.get("data")
         if labels is None or not isinstance(data, np.ndarray) or data.shape != (len(labels), 3072):
             raise ArchiveError(f"{name} in the CIFAR-10 archive lacks 'labels' or an N x 3072 'data' array")
+        bad = [label for label in labels if not (isinstance(label, (int, np.integer)) and 0 <= label < len(counts))]
+        if bad:
+            raise ArchiveError(f"{name} in the CIFAR-10 archive has {len(bad)} label(s) outside 0..{len(counts) - 1} "
+                               f"(first: {bad[0]!r}); the archive is damaged, download cifar-10-python.tar.gz again")
         for label in labels:
             counts[label_names[label]] += 1
     return counts

@@ -80,6 +80,23 @@ def test_batch_with_foreign_pickle_globals_is_refused_without_running_them(archi
     assert [p.name for p in (tmp_path / "data").iterdir()] == []
 
 
+@pytest.mark.parametrize("label", [10, -1, "cat"])
+def test_out_of_range_label_names_the_batch(archive, tmp_path, label):
+    def damaged(data: bytes) -> bytes:
+        batch = pickle.loads(data, encoding="latin1")  # str keys, as the pipeline reads them
+        batch["labels"][2] = label
+        return pickle.dumps(batch)
+
+    members = [(m, damaged(d) if m.name.endswith("data_batch_2") else d) for m, d in tar_members(archive)]
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write_tar(bad_dir / CIFAR10_TAR, [file_member(m.name, d) for m, d in members])
+    with pytest.raises(ArchiveError, match=rf"data_batch_2 in the CIFAR-10 archive has 1 label\(s\) outside 0..9 "
+                                           rf"\(first: {label!r}\)"):
+        prepare(cifar_config(bad_dir, tmp_path / "data", skip_checksum=True))
+    assert [p.name for p in (tmp_path / "data").iterdir()] == []
+
+
 def test_missing_batch_and_rerun_checks(archive, tmp_path):
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
