@@ -112,7 +112,8 @@ def extract_train(archive: Path, staging: Path, *, classes: Collection[str], exp
     done = {p.name for p in staging.iterdir() if p.is_dir()}
     if done:
         log.info("resuming: %d of %d classes are already extracted", len(done), len(classes))
-    extra: list[str] = []
+    extra: list[str] = []  # not a class tar, or a second <wnid>.tar (the first one is extracted)
+    seen: set[str] = set()
     with read_archive(archive, expected_md5=expected_md5) as read, BoundedPool(workers) as pool:
         assert read.tar is not None
         for member in read.tar:
@@ -120,9 +121,11 @@ def extract_train(archive: Path, staging: Path, *, classes: Collection[str], exp
             if member.isdir():
                 continue
             wnid = name[: -len(".tar")] if name and name.endswith(".tar") else None
-            if wnid not in classes:
+            if wnid not in classes or wnid in seen:
                 extra.append(member.name)
-            elif wnid not in done:
+                continue
+            seen.add(wnid)
+            if wnid not in done:
                 data = member_bytes(read.tar, member)
                 pool.submit(len(data), extract_class, data, wnid, staging, f"{archive.name}:{member.name}")
     return {"archive": read.stats, "extra": extra}

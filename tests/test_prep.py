@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.datadir import DataDirError
 from pipeline.prep import TEST_TAR, prepare, prepare_imagenet
 from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
-from prep_fixtures import REPO, assert_prepared, file_member, small_archives, write_tar
+from prep_fixtures import REPO, assert_prepared, file_member, small_archives, tar_members, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,16 @@ def test_cli_prepares_and_reports_a_checksum_mismatch_by_file_name_without_trace
     assert bad.returncode == 2
     assert f"error: checksum mismatch for {archives.archive_dir / DEVKIT_TAR}" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "e" / "train").exists()
+
+
+def test_a_second_class_tar_of_the_same_wnid_is_reported_as_extra(archives, tmp_path):
+    archive_dir = tmp_path / "archives"
+    archive_dir.mkdir()
+    for name in (VAL_TAR, DEVKIT_TAR):
+        os.symlink(archives.archive_dir / name, archive_dir / name)
+    members = tar_members(archives.archive_dir / TRAIN_TAR)
+    first = members[0]
+    write_tar(archive_dir / TRAIN_TAR, [*members[:2], first, *members[2:]])  # early, while the first may be extracting
+    report = prepare_imagenet(archive_dir, tmp_path / "data", workers=3)
+    assert_prepared(archives, tmp_path / "data")
+    assert report["splits"]["train"]["extra"] == [first[0].name]
