@@ -47,7 +47,8 @@ def test_two_processes_train_and_record_with_world_size_2(two_process_run):
     assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
 
 
-def test_two_process_eval_counts_every_val_image_once(two_process_run, data_dir, tmp_path):
+def test_two_process_eval_counts_every_val_image_once_as_the_training_validation_did(two_process_run, data_dir,
+                                                                                     tmp_path):
     run_dir, _ = two_process_run
     best = run_dir / "checkpoints" / "best.pt"
     single = evaluate(tiny_config(data_dir, tmp_path / "single", "--checkpoint", str(best)))
@@ -58,6 +59,12 @@ def test_two_process_eval_counts_every_val_image_once(two_process_run, data_dir,
     assert (record["top1_correct"], record["top5_correct"]) == (single["top1_correct"], single["top5_correct"])
     assert f"top1_correct={record['top1_correct']} top5_correct={record['top5_correct']} total={VAL_SIZE} Acc@1" \
         in done.stderr
+    # best.pt is the first epoch of the highest val Acc@1; its validation during training used the BatchNorm
+    # statistics of every rank, which must be rank 0's, the ones saved, for the figures to be the checkpoint's
+    best_row = max(read_rows(run_dir / "epochs.csv"), key=lambda row: float(row["val_acc1"]))
+    assert (int(best_row["val_top1_correct"]), int(best_row["val_top5_correct"])) == \
+        (record["top1_correct"], record["top5_correct"])
+    assert float(best_row["val_loss"]) == pytest.approx(record["loss"], abs=1e-6)  # the csv keeps 6 decimals
 
 
 def worker_with_rank(torchrun_pid: int, rank: int) -> int:
