@@ -5,7 +5,7 @@ without it, the sorted train folder names). Both splits use the same wnid -> lab
 from val does not shift the labels. Paths are kept in numpy arrays, not lists of Python strings, so forked
 loader workers do not copy them page by page as reference counts change.
 
-CIFAR-10: ``data_dir/cifar-10-batches-py/`` as in the official archive, read by torchvision's CIFAR10; the
+CIFAR-10: ``data_dir/cifar-10-batches-py/`` as in the official archive, read with the restricted unpickler of pipeline.cifar; the
 prep stage checks the archive's MD5, so the per-file MD5 check of torchvision (which would reject a
 subset or the synthetic test archive) is left out here.
 
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from pipeline.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, load_batch
 from pipeline.classes import CLASSES_FILE, read_classes
 
 log = logging.getLogger(__name__)
@@ -117,20 +117,34 @@ def imagenet_split(data_dir: Path, split: str, classes: ClassList) -> ImageFiles
     return ImageFiles(paths, labels)
 
 
-class CifarBatches(CIFAR10):
-    """torchvision's CIFAR10 reader without its per-file MD5 check (the prep stage verifies the archive)."""
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+class CifarBatches(Dataset):
+    """CIFAR-10's pickled batches, read with prep's restricted unpickler.
+
+    torchvision's CIFAR10 runs a plain ``pickle.load``, which would execute code planted in a changed data
+    dir in every training process; pipeline.cifar.load_batch only admits numpy arrays.
+    """
+
+    def __init__(self, root: Path, train: bool):
+        folder = Path(root) / CIFAR_FOLDER
+        batches = [load_batch(folder / name) for name in (TRAIN_BATCHES if train else (TEST_BATCH,))]
+        self.data = np.vstack([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.targets = [int(label) for b in batches for label in b["labels"]]
+        self.classes = list(load_batch(folder / META_FILE)["label_names"])
+
+    def __len__(self) -> int:
+        return len(self.targets)
 
     def describe(self, index: int) -> str:
-        return f"{self.base_folder} image {index}"
+        return f"{CIFAR_FOLDER} image {index}"
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index]), self.targets[index]
 
 
 @functools.lru_cache(maxsize=2)
 def cifar_split(data_dir: Path, train: bool) -> CifarBatches:
     try:
-        return CifarBatches(str(data_dir), train=train, download=False)
+        return CifarBatches(data_dir, train=train)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
         raise data_dir_error(data_dir, f"cannot read CIFAR-10 batches in {data_dir / CIFAR_FOLDER} ({exc})",
                              CIFAR_LAYOUT) from exc

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import shutil
 import tarfile
 
 import pytest
@@ -238,3 +240,24 @@ def test_cifar10_without_batches_is_a_clear_error(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(DataDirError, match="cannot read CIFAR-10 batches.*data_batch_1"):
         dataset_info(small_config(tmp_path / "data", dataset="cifar10"))
+
+
+class _RunsCode:
+    """A pickle payload that makes a folder when unpickled by a plain pickle.load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_cifar10_batches_with_foreign_pickle_globals_are_refused_without_running_them(cifar_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_dir, data)
+    marker = tmp_path / "code-ran"
+    (data / "cifar-10-batches-py" / "data_batch_2").write_bytes(
+        pickle.dumps({"data": _RunsCode(str(marker)), "labels": []}))
+    with pytest.raises(DataDirError, match="data_batch_2 .*not a readable batch"):
+        dataset_info(small_config(data, dataset="cifar10"))
+    assert not marker.exists()
