@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torchvision
 
 from pipeline.distributed import DistEnv
@@ -47,8 +48,18 @@ def cpu_model() -> str:
     return ""
 
 
-def collect_provenance(device: torch.device, env: DistEnv, seed: int) -> dict[str, Any]:
-    """The provenance record of this process (rank 0's is the one written)."""
+def all_hostnames() -> list[str]:
+    """Every rank's host, in rank order; a collective: all ranks must call it."""
+    host = socket.gethostname()
+    if not dist.is_initialized():
+        return [host]
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, host)
+    return hosts
+
+
+def collect_provenance(device: torch.device, env: DistEnv, seed: int, hosts: list[str]) -> dict[str, Any]:
+    """The provenance record of this process (rank 0's is the one written); ``hosts`` from all_hostnames()."""
     return {
         "git_commit": git_commit(),
         "python": platform.python_version(),
@@ -59,6 +70,8 @@ def collect_provenance(device: torch.device, env: DistEnv, seed: int) -> dict[st
         "device_type": device.type,
         "device_name": device_name(device),
         "hostname": socket.gethostname(),
+        "hosts": sorted(set(hosts)),
+        "rank_hosts": hosts,
         "world_size": env.world_size,
         "nodes": env.nodes,
         "seed": seed,

@@ -4,7 +4,8 @@ Contract between the stages (train and eval write, report reads):
 
 - ``config.toml``: the resolved config (pipeline.config.save_config).
 - ``provenance.json``: how the numbers were made; keys ``git_commit``, ``python``, ``torch``,
-  ``torchvision``, ``cuda``, ``cudnn``, ``device_type``, ``device_name``, ``hostname``, ``world_size``,
+  ``torchvision``, ``cuda``, ``cudnn``, ``device_type``, ``device_name``, ``hostname`` (rank 0), ``hosts``
+  (every node), ``rank_hosts`` (host of each rank), ``world_size``,
   ``nodes``, ``seed``, ``started_at`` (ISO 8601).
 - ``epochs.csv``: one row per finished epoch, rank 0 only, columns ``EPOCH_COLUMNS``.
 - ``perf.csv``: one row per performance-mode run (``--max-steps``), columns ``PERF_COLUMNS``.

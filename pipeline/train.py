@@ -53,7 +53,7 @@ from pipeline.models import build_model
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.precision import setup_precision
 from pipeline.preemption import PreemptionFlag
-from pipeline.provenance import collect_provenance
+from pipeline.provenance import all_hostnames, collect_provenance
 from pipeline.stage_process import stage_process
 from pipeline.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
                               append_row, write_json)
@@ -250,9 +250,13 @@ class Trainer:
 
     # ---- records ----------------------------------------------------------------------------------------
     def write_run_metadata(self) -> None:
-        remove_stale_temporaries(self.run_dir)
-        save_config(self.cfg, self.run_dir / CONFIG_FILE)
-        write_json(self.run_dir / PROVENANCE_FILE, collect_provenance(self.device, self.env, self.cfg.train.seed))
+        """Called on every rank (the host list is a collective); rank 0 writes."""
+        hosts = all_hostnames()
+        if distributed.is_main_process():
+            remove_stale_temporaries(self.run_dir)
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
+            write_json(self.run_dir / PROVENANCE_FILE,
+                       collect_provenance(self.device, self.env, self.cfg.train.seed, hosts))
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": round(tp.img_per_s_all_ranks, 2),
@@ -285,7 +289,7 @@ class Trainer:
             log.info("%s already finished its %d epochs; nothing to do (raise --epochs to train on)",
                      pos.resumed_from, epochs)
             return self.outcome(finished=True, preempted=False, already_finished=True)
-        distributed.on_main_process(self.write_run_metadata)
+        self.write_run_metadata()
         distributed.on_main_process(forget_epochs_from, self.run_dir / EPOCHS_FILE, pos.epoch)
         log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
                  self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
@@ -339,7 +343,7 @@ class Trainer:
 
     def perf(self, flag: PreemptionFlag) -> dict[str, Any]:
         """Performance mode: max_steps steps, one perf.csv row; no validation, no checkpoints."""
-        distributed.on_main_process(self.write_run_metadata)
+        self.write_run_metadata()
         cfg = self.cfg
         tp = run_perf(self.stepper, self.loader, self.sampler, max_steps=cfg.train.max_steps,
                       print_freq=cfg.train.print_freq, stop=flag.stop_agreed)

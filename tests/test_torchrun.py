@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def test_two_processes_train_and_record_with_world_size_2(two_process_run):
         assert float(row["img_per_s_all_ranks"]) == pytest.approx(2 * float(row["img_per_s_per_rank"]), rel=1e-3)
     assert "rank 1] INFO pipeline.distributed: joined process group: backend=gloo rank=1/2" in log
     assert "Epoch: [1] [3/3]" in log and "Traceback" not in log
-    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["world_size"] == 2
+    assert provenance["rank_hosts"] == [socket.gethostname()] * 2 and provenance["hosts"] == [socket.gethostname()]
 
 
 def test_two_process_eval_counts_every_val_image_once_as_the_training_validation_did(two_process_run, data_dir,
