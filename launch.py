@@ -261,6 +261,8 @@ def validate_on_slurm(cfg: Config, stages: list[str]) -> None:
             slurm.test_only(sbatch_script(cfg, executor_parameters("slurm", cfg, stage)))
         except slurm.SlurmError as exc:
             hint = "; on a cluster without GPUs pass --device cpu" if "gres" in str(exc).lower() else ""
+            if stage == "prep" and not cfg.launch.cpus_per_task:
+                hint += f"; the prep job asks for --workers + 1 = {cfg.data.workers + 1} CPUs: lower --workers"
             raise LaunchError(f"Slurm rejects the {stage} job, nothing was submitted: {exc}{hint}") from None
 
 

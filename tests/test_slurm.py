@@ -83,7 +83,7 @@ class Launcher:
 
     def __call__(self, *argv: object, timeout_s: float = 240) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(REPO / "launch.py"), "--executor", "slurm", "--partition", self.partition,
-               *map(str, argv)]
+               "--workers", "1", *map(str, argv)]  # prep asks for workers + 1 CPUs: the CI nodes have 2
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
         self.job_ids += re.findall(r"job (\d+) submitted", result.stdout)
         return result
