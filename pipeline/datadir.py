@@ -29,7 +29,7 @@ DATASET_MARKERS = {"imagenet": ("train", "val", ".train.partial", ".val.partial"
 
 
 class DataDirError(PrepError):
-    """A data dir that holds something else, or that changed since it was prepared."""
+    """A data dir that is missing, holds something else, or changed since it was prepared."""
 
 
 class DiskFullError(PrepError):

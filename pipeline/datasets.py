@@ -37,18 +37,14 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from pipeline.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, load_batch
 from pipeline.classes import CLASSES_FILE, read_classes
+from pipeline.datadir import CIFAR_FOLDER, DataDirError
 
 log = logging.getLogger(__name__)
 
-CIFAR_FOLDER = "cifar-10-batches-py"
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 MAX_CONSECUTIVE_FAILURES = 50  # more unreadable images in a row than this means a broken data dir, not bad luck
 PREP_HINT = "prepare it with `python launch.py --stage prep --archive-dir ARCHIVES --data-dir {data_dir}`"
 SampleKey = int | tuple[int, int]  # index, or (epoch, index) for seeded augmentation
-
-
-class DataDirError(ValueError):
-    """A data dir that is missing, empty or not in the layout the prep stage writes."""
 
 
 def data_dir_error(data_dir: str | Path, problem: str, expected: str) -> DataDirError:
