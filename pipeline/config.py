@@ -109,6 +109,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str = opt("", "checkpoint to evaluate with --stage eval (default: best in the run dir)")
+    weights: Literal["model", "ema"] = opt("model", "which weights of the checkpoint to evaluate: the trained model, "
+                                                    "or its EMA (a run trained with --ema-decay)")
 
 
 @dataclass

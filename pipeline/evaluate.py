@@ -12,7 +12,8 @@ sharding error fails loudly instead of shifting the accuracy. Rank 0 prints the 
 
 and writes ``<run dir>/eval.json`` (keys in pipeline/records.EVAL_KEYS). The checkpoint is
 ``--checkpoint`` or ``<run dir>/checkpoints/best.pt``: one of ours (the model name and class count come
-from it) or a plain state dict for ``--model``; loaded with ``weights_only=True``.
+from it) or a plain state dict for ``--model``; loaded with ``weights_only=True``. ``--weights ema`` evaluates
+the checkpoint's EMA weights instead of the model's.
 """
 from __future__ import annotations
 
@@ -100,21 +101,31 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
     return result
 
 
-def load_eval_weights(path: Path, model_name: str) -> tuple[str, int | None, dict[str, torch.Tensor]]:
-    """(model name, class count or None, state dict) of one of our checkpoints or of a plain weights file."""
+def load_eval_weights(path: Path, model_name: str, which: str) -> tuple[str, int | None, dict[str, torch.Tensor]]:
+    """(model name, class count or None, state dict) of one of our checkpoints or of a plain weights file;
+    ``which`` is "model" or "ema" (the AveragedModel's weights, saved beside the model's)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train first, or pass --checkpoint FILE")
     try:
         state = load_checkpoint(path)
     except CheckpointError:
+        if which == "ema":
+            raise CheckpointError(f"{path} is not a training checkpoint of this pipeline, so it holds no EMA "
+                                  "weights; evaluate it with --weights model") from None
         return model_name, None, read_state_dict(path)
     if state["model_name"] != model_name:
         log.info("%s holds a %s model; evaluating that (not --model %s)", path, state["model_name"], model_name)
-    return state["model_name"], state["num_classes"], state["model"]
+    weights = state["model"]
+    if which == "ema":
+        if not state.get("ema"):
+            raise CheckpointError(f"checkpoint {path} holds no EMA weights: its run trained without --ema-decay; "
+                                  "evaluate it with --weights model")
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    return state["model_name"], state["num_classes"], weights
 
 
-def build_eval_model(path: Path, model_name: str, num_classes: int) -> tuple[str, nn.Module]:
-    name, saved_classes, weights = load_eval_weights(path, model_name)
+def build_eval_model(path: Path, model_name: str, num_classes: int, which: str) -> tuple[str, nn.Module]:
+    name, saved_classes, weights = load_eval_weights(path, model_name, which)
     if saved_classes is not None and saved_classes != num_classes:
         raise CheckpointError(f"checkpoint {path} has {saved_classes} classes but the val set has {num_classes}; "
                               "point --data-dir at the data it was trained on")
@@ -136,14 +147,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 def _evaluate(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
     info = dataset_info(cfg)
     path = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else checkpoint_dir(cfg.train.run_dir) / BEST
-    name, model = build_eval_model(path, cfg.model.model, info.num_classes)
+    name, model = build_eval_model(path, cfg.model.model, info.num_classes, cfg.eval.weights)
     precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
     model = precision.prepare_model(model)
     result = validate(model, build_val_loader(cfg, env, device), precision, device_batcher(cfg, precision),
                       expected_total=info.val_size)
-    distributed.on_main_process(log.info, "%s from %s on %d process(es):", name, path, env.world_size)
+    distributed.on_main_process(log.info, "%s (%s weights) from %s on %d process(es):", name, cfg.eval.weights, path,
+                                env.world_size)
     distributed.on_main_process(log.info, result.line())
-    record = {"checkpoint": str(path), "top1_correct": result.top1_correct, "top5_correct": result.top5_correct,
+    record = {"checkpoint": str(path), "weights": cfg.eval.weights, "top1_correct": result.top1_correct, "top5_correct": result.top5_correct,
               "total": result.total, "acc1": result.acc1, "acc5": result.acc5, "loss": result.loss,
               "world_size": env.world_size}
     distributed.on_main_process(write_json, Path(cfg.train.run_dir) / EVAL_FILE, record)

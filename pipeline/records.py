@@ -51,7 +51,7 @@ EPOCH_COLUMNS = (
 )
 PERF_COLUMNS = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
                 "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at")
-EVAL_KEYS = ("checkpoint", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
+EVAL_KEYS = ("checkpoint", "weights", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
 
 
 def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
 from jobs.eval import main as eval_main
@@ -79,6 +80,29 @@ def test_evaluate_takes_the_model_name_from_our_checkpoint(data_dir, random_mode
     assert record["checkpoint"] == str(path)
     assert (record["top1_correct"], record["top5_correct"], record["total"]) == \
         reference_counts(random_model, data_dir, cfg)
+
+
+def test_weights_ema_evaluates_the_checkpoints_averaged_model_not_the_trained_one(data_dir, random_model, tmp_path):
+    torch.manual_seed(2)
+    other = build_model("resnet18", num_classes=CLASSES).eval()
+    ema = AveragedModel(other)  # what training saves under "ema": keys "module.*" and "n_averaged"
+    path = tmp_path / "ours.pt"
+    save_checkpoint({"model": random_model.state_dict(), "ema": ema.state_dict(), "model_name": "resnet18",
+                     "num_classes": CLASSES, "epoch": 1, "step_in_epoch": 0, "global_step": 1}, path)
+    cfg = tiny_config(data_dir, tmp_path / "run", "--checkpoint", str(path), "--weights", "ema")
+    record = evaluate(cfg)
+    assert record["weights"] == "ema"
+    assert (record["top1_correct"], record["top5_correct"], record["total"]) == reference_counts(other, data_dir, cfg)
+    assert reference_counts(other, data_dir, cfg) != reference_counts(random_model, data_dir, cfg)
+
+    save_checkpoint({"model": random_model.state_dict(), "ema": None, "model_name": "resnet18",
+                     "num_classes": CLASSES, "epoch": 1, "step_in_epoch": 0, "global_step": 1}, path)
+    with pytest.raises(CheckpointError, match="holds no EMA weights: its run trained without --ema-decay"):
+        evaluate(cfg)
+    plain = tmp_path / "weights.pth"
+    torch.save(random_model.state_dict(), plain)
+    with pytest.raises(CheckpointError, match="holds no EMA weights; evaluate it with --weights model"):
+        evaluate(tiny_config(data_dir, tmp_path / "run", "--checkpoint", str(plain), "--weights", "ema"))
 
 
 def test_an_unreadable_val_image_is_left_out_and_the_rest_still_counts(data_dir, random_model, tmp_path):
