@@ -8,10 +8,10 @@ transforms (RandomResizedCrop 224 + flip; eval resize 256 + center crop 224), a 
 NCHW, no channels_last, SGD, float32 images normalized per sample in the loader workers. Ours:
 ``train(cfg)`` in performance mode (``--max-steps``) with the device's fast path (uint8 batches from
 the workers, normalized on the device; channels_last and bf16 autocast, fp16 on GPUs without bf16),
-and our val loader with the same precision and device-side normalization for eval. Both are timed alike (pipeline.metrics.ThroughputTimer): wall clock
-including the wait for data, after device synchronization, the first steps left out. The data is a
-synthetic ImageFolder of ImageNet-sized JPEGs (``--data-dir`` takes a prepared one instead), read once
-before the timings so both runs find the page cache warm. Results go to ``<out>/bench_train.{json,md}``.
+and our val loader with the same precision and device-side normalization for eval. Both are timed alike
+(pipeline.metrics.ThroughputTimer): wall clock including the wait for data, after device synchronization,
+the first steps left out. The data is a synthetic ImageFolder of ImageNet-sized JPEGs (``--data-dir`` takes
+a prepared one instead), read once before the timings so both runs find the page cache warm. Results go to ``<out>/bench_train.{json,md}``.
 """
 from __future__ import annotations
 

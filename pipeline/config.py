@@ -49,7 +49,8 @@ class DataConfig:
     train_crop_size: int = opt(224, "RandomResizedCrop output size, pixels (CIFAR recipes use 32)")
     val_resize_size: int = opt(256, "eval resize of the shorter side, pixels")
     val_crop_size: int = opt(224, "eval center crop, pixels")
-    auto_augment: Literal["none", "ta_wide", "randaugment", "autoaugment"] = opt("none", "torchvision auto-augment policy")
+    auto_augment: Literal["none", "ta_wide", "randaugment", "autoaugment"] = opt("none",
+                                                                                 "torchvision auto-augment policy")
     color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation; 0 turns it off")
     random_erase: float = opt(0.0, "RandomErasing probability")
     mixup_alpha: float = opt(0.0, "MixUp alpha; 0 turns it off")

@@ -5,8 +5,8 @@ without it, the sorted train folder names). Both splits use the same wnid -> lab
 from val does not shift the labels. Paths are kept in numpy arrays, not lists of Python strings, so forked
 loader workers do not copy them page by page as reference counts change.
 
-CIFAR-10: ``data_dir/cifar-10-batches-py/`` as in the official archive, read with the restricted unpickler of pipeline.cifar; the
-prep stage checks the archive's MD5, so the per-file MD5 check of torchvision (which would reject a
+CIFAR-10: ``data_dir/cifar-10-batches-py/`` as in the official archive, read with the restricted unpickler of
+pipeline.cifar; the prep stage checks the archive's MD5, so the per-file MD5 check of torchvision (which would reject a
 subset or the synthetic test archive) is left out here.
 
 Augmentation randomness comes from the sample key ``(epoch, index)``: each sample's transform runs under a

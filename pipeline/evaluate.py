@@ -155,8 +155,8 @@ def _evaluate(cfg: Config, env: distributed.DistEnv, device: torch.device) -> di
     distributed.on_main_process(log.info, "%s (%s weights) from %s on %d process(es):", name, cfg.eval.weights, path,
                                 env.world_size)
     distributed.on_main_process(log.info, result.line())
-    record = {"checkpoint": str(path), "weights": cfg.eval.weights, "top1_correct": result.top1_correct, "top5_correct": result.top5_correct,
-              "total": result.total, "acc1": result.acc1, "acc5": result.acc5, "loss": result.loss,
-              "world_size": env.world_size}
+    record = {"checkpoint": str(path), "weights": cfg.eval.weights, "top1_correct": result.top1_correct,
+              "top5_correct": result.top5_correct, "total": result.total, "acc1": result.acc1, "acc5": result.acc5,
+              "loss": result.loss, "world_size": env.world_size}
     distributed.on_main_process(write_json, Path(cfg.train.run_dir) / EVAL_FILE, record)
     return record

@@ -17,7 +17,8 @@ TITLES = {
     "amp": "AMP", "batch_per_proc": "batch/proc", "epochs_done": "epochs done", "epochs_planned": "epochs planned",
     "best_epoch": "best epoch", "best_val_acc1": "best Acc@1 %", "best_val_acc5": "best Acc@5 %",
     "final_val_acc1": "final Acc@1 %", "final_val_acc5": "final Acc@5 %", "eval_acc1": "eval Acc@1 %",
-    "eval_acc5": "eval Acc@5 %", "img_per_s_all_ranks": "img/s all ranks", "img_per_s_per_rank": "img/s per process",
+    "eval_acc5": "eval Acc@5 %", "eval_weights": "eval weights", "img_per_s_all_ranks": "img/s all ranks",
+    "img_per_s_per_rank": "img/s per process",
     "fps_basis": "img/s from", "train_time_s": "train time s", "status": "status",
     "git_commit": "git commit", "torch": "torch", "torchvision": "torchvision", "cuda": "CUDA",
     "device_name": "device", "hostname": "host", "seed": "seed", "config": "resolved config",
@@ -30,10 +31,10 @@ TITLES = {
 }
 SUMMARY_NOTE = (
     "Accuracies in % on the val set; best: the epoch with the highest val Acc@1 (the one in best.pt); eval: the "
-    "eval stage's exact counts (eval.json). img/s: training images per second, steady state (warm-up steps left "
-    "out), the mean over the epochs in 'img/s from': the first epoch is left out when there are more, as it "
-    "includes start-up; a performance-mode run gives its perf.csv figure. Train time: the training part of the "
-    "epochs, validation left out. Epochs are 0-based.")
+    "eval stage's exact counts (eval.json) of the model's weights or their EMA ('eval weights'). img/s: training "
+    "images per second, steady state (warm-up steps left out), the mean over the epochs in 'img/s from': the "
+    "first epoch is left out when there are more, as it includes start-up; a performance-mode run gives its "
+    "perf.csv figure. Train time: the training part of the epochs, validation left out. Epochs are 0-based.")
 SCALING_NOTE = (
     "Runs of the same model, AMP mode, batch per process and device at several world sizes. Base: the smallest "
     "world size present (its runs averaged). ideal = world size / base world size x base img/s; "

@@ -27,8 +27,8 @@ EPOCH_TABLE_COLUMNS = ("epoch", "train_loss", "train_acc1", "train_acc5", "val_l
 EMA_COLUMNS = ("ema_val_acc1", "ema_val_acc5")
 SUMMARY_COLUMNS = ("run", "model", "nodes_x_procs", "world_size", "amp", "batch_per_proc", "epochs_done",
                    "epochs_planned", "best_epoch", "best_val_acc1", "best_val_acc5", "final_val_acc1",
-                   "final_val_acc5", "eval_acc1", "eval_acc5", "img_per_s_all_ranks", "img_per_s_per_rank",
-                   "fps_basis", "train_time_s", "status")
+                   "final_val_acc5", "eval_acc1", "eval_acc5", "eval_weights", "img_per_s_all_ranks",
+                   "img_per_s_per_rank", "fps_basis", "train_time_s", "status")
 PROVENANCE_KEYS = ("git_commit", "torch", "torchvision", "cuda", "device_name", "hostname", "seed")
 PROVENANCE_COLUMNS = ("run", *PROVENANCE_KEYS, "config")
 SCALING_GROUP = ("model", "amp", "batch_per_proc", "device_name")
@@ -80,7 +80,8 @@ def run_summary(run: RunRecords) -> dict[str, Any]:
     procs = f"{nodes}x{world_size // nodes}" if world_size % nodes == 0 else f"{nodes} nodes, {world_size} procs"
     return {"run": run.name, "model": row.pop("model"), "nodes_x_procs": procs, "world_size": world_size,
             "amp": row.pop("amp"), "batch_per_proc": run.config.train.batch_size,
-            "eval_acc1": (run.eval or {}).get("acc1"), "eval_acc5": (run.eval or {}).get("acc5"), **row}
+            "eval_acc1": (run.eval or {}).get("acc1"), "eval_acc5": (run.eval or {}).get("acc5"),
+            "eval_weights": (run.eval or {}).get("weights", "model" if run.eval else None), **row}
 
 
 def epochs_summary(run: RunRecords) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def one_process(root: Path) -> Path:
     """Finished, 3 of 3 epochs; steady img/s (99 + 101) / 2 = 100; best Acc@1 at epoch 1."""
     run_dir = make_run(root, "r18-1x1", world_size=1, nodes=1, fps=[80, 99, 101], val_acc1=[10.0, 30.5, 25.25],
                        val_acc5=[40.0, 60.0, 70.0])
-    write_json(run_dir / "eval.json", {"checkpoint": "best.pt", "top1_correct": 61, "top5_correct": 121,
+    write_json(run_dir / "eval.json", {"checkpoint": "best.pt", "weights": "ema", "top1_correct": 61,
+                                       "top5_correct": 121,
                                        "total": 200, "acc1": 30.5, "acc5": 60.5, "loss": 1.6, "world_size": 1})
     return run_dir
 
@@ -108,12 +109,12 @@ def test_summary_has_best_final_eval_steady_fps_and_status(runs):
     one, two, four, perf = (summary[name] for name in ("r18-1x1", "r18-1x2", "r18-2x2", "mnv2-perf"))
     assert (one["best_epoch"], one["best_val_acc1"], one["best_val_acc5"]) == (1, 30.5, 60.0)
     assert (one["final_val_acc1"], one["final_val_acc5"]) == (25.25, 70.0)
-    assert (one["eval_acc1"], one["eval_acc5"]) == (30.5, 60.5)
+    assert (one["eval_acc1"], one["eval_acc5"], one["eval_weights"]) == (30.5, 60.5, "ema")
     assert (one["img_per_s_all_ranks"], one["img_per_s_per_rank"], one["fps_basis"]) == (100.0, 100.0,
                                                                                         "mean of epochs 1-2")
     assert (one["train_time_s"], one["epochs_done"], one["epochs_planned"], one["status"]) == (161.0, 3, 3, "finished")
     assert (two["img_per_s_all_ranks"], two["img_per_s_per_rank"], two["nodes_x_procs"]) == (190.0, 95.0, "1x2")
-    assert pd.isna(two["eval_acc1"])
+    assert pd.isna(two["eval_acc1"]) and pd.isna(two["eval_weights"])
     assert (four["img_per_s_all_ranks"], four["img_per_s_per_rank"], four["fps_basis"]) == (340.0, 85.0, "epoch 1")
     assert (four["nodes_x_procs"], four["world_size"], four["epochs_done"]) == ("2x2", 4, 2)
     assert four["status"] == "running/cut off (2 of 3 epochs)"
