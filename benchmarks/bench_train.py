@@ -11,7 +11,8 @@ the workers, normalized on the device; channels_last and bf16 autocast, fp16 on 
 and our val loader with the same precision and device-side normalization for eval. Both are timed alike
 (pipeline.metrics.ThroughputTimer): wall clock including the wait for data, after device synchronization,
 the first steps left out. The data is a synthetic ImageFolder of ImageNet-sized JPEGs (``--data-dir`` takes
-a prepared one instead), read once before the timings so both runs find the page cache warm. Results go to ``<out>/bench_train.{json,md}``.
+a prepared one instead), read once before the timings so both runs find the page cache warm. Results go to
+``<out>/bench_train.{json,md}``.
 """
 from __future__ import annotations
 
