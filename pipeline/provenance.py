@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import platform
 import socket
 import subprocess
@@ -13,6 +14,9 @@ import torch.distributed as dist
 import torchvision
 
 from pipeline.distributed import DistEnv
+from pipeline.records import read_json
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +81,17 @@ def collect_provenance(device: torch.device, env: DistEnv, seed: int, hosts: lis
         "seed": seed,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def resumed_provenance(record: dict[str, Any], previous_file: Path) -> dict[str, Any]:
+    """This job's record for a resumed run: the run's first ``started_at`` is kept (the run began then), this
+    job's start becomes ``resumed_at`` and ``resumes`` counts the jobs that continued the run."""
+    try:
+        previous = read_json(previous_file, ValueError, "writing a new one") or {}
+    except ValueError as exc:
+        log.warning("%s", exc)  # a record of the past only: training goes on
+        return record
+    if "started_at" not in previous:
+        return record
+    return {**record, "started_at": previous["started_at"], "resumed_at": record["started_at"],
+            "resumes": int(previous.get("resumes", 0)) + 1}

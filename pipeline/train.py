@@ -53,7 +53,7 @@ from pipeline.models import build_model
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.precision import setup_precision
 from pipeline.preemption import PreemptionFlag
-from pipeline.provenance import all_hostnames, collect_provenance
+from pipeline.provenance import all_hostnames, collect_provenance, resumed_provenance
 from pipeline.stage_process import stage_process
 from pipeline.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
                               append_row, write_json)
@@ -255,8 +255,10 @@ class Trainer:
         if distributed.is_main_process():
             remove_stale_temporaries(self.run_dir)
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
-            write_json(self.run_dir / PROVENANCE_FILE,
-                       collect_provenance(self.device, self.env, self.cfg.train.seed, hosts))
+            record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
+            if self.position.resumed_from:
+                record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
+            write_json(self.run_dir / PROVENANCE_FILE, record)
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": round(tp.img_per_s_all_ranks, 2),

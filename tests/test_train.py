@@ -130,9 +130,16 @@ def test_resume_after_an_interruption_mid_epoch_reproduces_the_uninterrupted_run
         assert checkpoint["epoch_sums"][3] == 8 * checkpoint["step_in_epoch"]  # images seen in the epoch so far
         assert any(f"received {how}" in line for line in log_lines)
 
+    first = json.loads((run_dir / PROVENANCE_FILE).read_text())
+    assert "resumes" not in first
+    first["started_at"] = "2025-01-01T00:00:00+00:00"  # so that the kept time cannot be this job's by chance
+    (run_dir / PROVENANCE_FILE).write_text(json.dumps(first))
     resumed = run_module("jobs.train", argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
+    provenance = json.loads((run_dir / PROVENANCE_FILE).read_text())
+    assert (provenance["started_at"], provenance["resumes"]) == (first["started_at"], 1)
+    assert provenance["resumed_at"] > "2026"
     assert_same_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
                         checkpoint_weights(uninterrupted_run / "checkpoints" / "latest.pt"))
     compared = ("epoch", "steps", "train_loss", "train_acc1", "val_loss", "val_top1_correct", "val_top5_correct")
