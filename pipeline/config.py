@@ -68,7 +68,8 @@ class PrepConfig:
 @dataclass
 class ModelConfig:
     model: str = opt("resnet50", "registered model name, or package.module:factory for your own")
-    pretrained: str = opt("", "local weights file (state dict) to start from; nothing is downloaded")
+    pretrained: str = opt("", "weights to start from: a local file (state dict or checkpoint), or a torchvision "
+                              "weights name (IMAGENET1K_V1) already in $TORCH_HOME; nothing is downloaded")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
     channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs")
     compile: bool = opt(False, "torch.compile the model")
@@ -109,7 +110,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = opt("", "checkpoint to evaluate with --stage eval (default: best in the run dir)")
+    checkpoint: str = opt("", "checkpoint to evaluate with --stage eval; empty: best.pt of the run dir")
     weights: Literal["model", "ema"] = opt("model", "which weights of the checkpoint to evaluate: the trained model, "
                                                     "or its EMA (a run trained with --ema-decay)")
 
@@ -119,7 +120,7 @@ class LaunchConfig:
     executor: Literal["auto", "slurm", "local", "debug"] = opt("auto", "slurm where sbatch exists, else local")
     nodes: int = opt(1, "nodes per job")
     gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
-    cpus_per_task: int = opt(0, "CPUs per node task; 0 lets Slurm decide")
+    cpus_per_task: int = opt(0, "CPUs per node task; 0: one per process (train, eval), --workers + 1 (prep)")
     mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
     time: int = opt(60, "time limit, minutes")
     partition: str = opt("", "Slurm partition")

@@ -61,7 +61,7 @@ def epoch_table(run: RunRecords) -> pd.DataFrame:
     epochs = run.epochs
     table = epochs[list(EPOCH_TABLE_COLUMNS)].copy()
     table.insert(table.columns.get_loc("epoch_time_s"), "data_wait_pct", 100 * epochs["data_wait_frac"])
-    for column in EMA_COLUMNS:  # only where the run kept an EMA of the weights
+    for column in reversed(EMA_COLUMNS):  # after val_acc5, in order; only where the run kept an EMA
         if epochs[column].notna().any():
             table.insert(table.columns.get_loc("val_acc5") + 1, column, epochs[column])
     return round_table(table)

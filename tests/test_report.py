@@ -163,6 +163,8 @@ def test_per_epoch_table_values_and_ema_columns(tmp_path):
     assert list(table["train_loss"]) == [2.0, 1.75, 1.5] and list(table["data_wait_pct"]) == [1.2] * 3  # 1.25 rounds
     assert list(table["lr"]) == [0.0333333, 0.0333333, 0.01]  # 6 significant digits
     assert list(epochs["ema"]["ema_val_acc1"]) == [1.5, 2.5] and list(epochs["ema"]["ema_val_acc5"]) == [11.5, 12.5]
+    columns = list(epochs["ema"].columns)
+    assert columns[columns.index("val_acc5") + 1:][:2] == ["ema_val_acc1", "ema_val_acc5"]
 
 
 def test_an_epoch_recorded_twice_keeps_its_newest_row(tmp_path, caplog):
