@@ -55,6 +55,8 @@ class DataConfig:
     random_erase: float = opt(0.0, "RandomErasing probability")
     mixup_alpha: float = opt(0.0, "MixUp alpha; 0 turns it off")
     cutmix_alpha: float = opt(0.0, "CutMix alpha; 0 turns it off")
+    ra_reps: int = opt(1, "repeated augmentation: each drawn image appears this many times per epoch, on different "
+                          "processes, each copy augmented anew (torchvision's --ra-sampler --ra-reps); 1 is off")
     prefetch_factor: int = opt(4, "batches each loader worker prepares ahead")
 
 
@@ -73,7 +75,9 @@ class ModelConfig:
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
     channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs")
     compile: bool = opt(False, "torch.compile the model")
-    ema_decay: float = opt(0.0, "model EMA decay per step (e.g. 0.9999); 0 turns EMA off")
+    ema_decay: float = opt(0.0, "model EMA decay per update (e.g. 0.9999); 0 turns EMA off")
+    ema_steps: int = opt(1, "optimizer steps between EMA updates (torchvision's --model-ema-steps); during warm-up "
+                            "the EMA follows the model")
 
 
 @dataclass

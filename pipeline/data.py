@@ -21,8 +21,8 @@ through pinning and the host-to-device copy and takes the per-pixel float work o
 Train: every rank draws len(train) // world_size images per epoch from a DistributedSampler (shuffled with
 the run seed, tail dropped), also in a single process, so the order and the augmentation of an epoch
 depend only on (seed, epoch): a resumed run sees the same images as an uninterrupted one. Batches are
-full (drop_last). The mix of a batch is seeded by (seed, epoch, batch index, rank), so it is exact on
-resume too.
+full (drop_last). With ``ra_reps`` > 1 a RepeatedAugmentationSampler takes its place (same epoch
+length). The mix of a batch is seeded by (seed, epoch, batch index, rank), so it is exact on resume too.
 
 Val: ShardSampler gives rank r the indices r, r + W, r + 2W, ...: every image exactly once over all
 ranks, no padding, no dropped tail. A batch can be short (the last one, or one with unreadable images
@@ -44,7 +44,8 @@ from pipeline.distributed import DistEnv
 from pipeline.precision import Precision
 from pipeline.transforms import BatchTransform, batch_mix, eval_transform, normalization, train_transform
 
-__all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "DeviceBatcher", "dataset_info",
+__all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "RepeatedAugmentationSampler",
+           "DeviceBatcher", "dataset_info",
            "build_train_loader", "build_val_loader", "device_batcher", "skipped_images"]
 
 
@@ -82,6 +83,25 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         return ((epoch, index) for index in super().__iter__())
+
+
+class RepeatedAugmentationSampler(EpochSampler):
+    """Repeated augmentation (Hoffer et al. 2020, torchvision's RASampler): each epoch shuffles the images, repeats
+    each ``reps`` times in a row and deals the list round-robin to the ranks, so the copies of an image go to
+    different processes; items are (epoch, index, copy), so each copy is augmented anew. A rank draws
+    len // world_size items per epoch, as without it: an epoch takes as many steps and sees about 1/reps of
+    the images."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, reps: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.reps = reps
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch = self.epoch
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        repeated = order.repeat_interleave(self.reps).tolist()
+        slots = range(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
+        return ((epoch, repeated[slot], slot % self.reps) for slot in slots)
 
 
 class ShardSampler(Sampler[int]):
@@ -163,9 +183,16 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
         raise ConfigError(f"batch size {cfg.train.batch_size} per process is larger than the {per_rank} training "
                           f"images each of the {env.world_size} processes gets ({len(source)} in {cfg.data.data_dir}); "
                           "lower --batch-size or use fewer processes")
+    if cfg.data.ra_reps < 1:
+        raise ConfigError(f"ra_reps must be 1 (off) or more, got {cfg.data.ra_reps}")
     dataset = SampleSet(source, train_transform(cfg.data), seed=seed, replace_failed=True)
-    sampler = EpochSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
-                           drop_last=True)
+    sampler: EpochSampler
+    if cfg.data.ra_reps > 1:
+        sampler = RepeatedAugmentationSampler(dataset, num_replicas=env.world_size, rank=env.rank, seed=seed,
+                                              reps=cfg.data.ra_reps)
+    else:
+        sampler = EpochSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+                               drop_last=True)
     loader = DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=Collate(),
                         **_loader_options(cfg, device, seed))
     return loader, sampler

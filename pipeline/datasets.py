@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 MAX_CONSECUTIVE_FAILURES = 50  # more unreadable images in a row than this means a broken data dir, not bad luck
 PREP_HINT = "prepare it with `python launch.py --stage prep --archive-dir ARCHIVES --data-dir {data_dir}`"
-SampleKey = int | tuple[int, int]  # index, or (epoch, index) for seeded augmentation
+SampleKey = int | tuple[int, int] | tuple[int, int, int]  # index, (epoch, index) or (epoch, index, copy)
 
 
 def data_dir_error(data_dir: str | Path, problem: str, expected: str) -> DataDirError:
@@ -146,9 +146,11 @@ def cifar_split(data_dir: Path, train: bool) -> CifarBatches:
                              CIFAR_LAYOUT) from exc
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A distinct torch seed per (run seed, epoch, sample); arithmetic, so every process derives the same one."""
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
+def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
+    """A distinct torch seed per (run seed, epoch, sample, copy); arithmetic, so every process derives the same
+    one. ``copy`` tells apart the draws of one image in an epoch under repeated augmentation; its step is odd,
+    as torch's CPU generator keeps only the low 32 bits of a seed."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index + copy * 0x9E3779B1) % (2 ** 63)
 
 
 @contextlib.contextmanager
@@ -163,7 +165,7 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
 
 
 class SampleSet(Dataset):
-    """Transformed samples of a source dataset, seeded per (epoch, index), surviving unreadable images."""
+    """Transformed samples of a source dataset, seeded per (epoch, index, copy), surviving unreadable images."""
 
     def __init__(self, source: Dataset, transform: Callable, *, seed: int, replace_failed: bool):
         self.source, self.transform, self.seed = source, transform, seed
@@ -188,7 +190,7 @@ class SampleSet(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int, int] | None:
         """(image tensor, label, sample seed), or None for an unreadable image in eval."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index, *copy = key if isinstance(key, tuple) else (0, key)
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
             i = (index + attempt) % len(self.source)
             try:
@@ -198,7 +200,7 @@ class SampleSet(Dataset):
                 if not self.replace_failed:
                     return None
                 continue
-            seed = sample_seed(self.seed, epoch, i)
+            seed = sample_seed(self.seed, epoch, i, *copy)
             with seeded_cpu_rng(seed):
                 return self.transform(image), label, seed
         raise DataDirError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read, the last "

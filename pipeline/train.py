@@ -154,6 +154,8 @@ class Trainer:
         except ValueError as exc:  # a recipe that cannot run: bad input, not a bug
             raise ConfigError(str(exc)) from exc
         ema = None
+        if cfg.model.ema_steps < 1:
+            raise ConfigError(f"ema_steps must be 1 or more, got {cfg.model.ema_steps}")
         if cfg.model.ema_decay > 0:
             ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model.ema_decay),
                                 use_buffers=True)
@@ -164,7 +166,8 @@ class Trainer:
                                optimizer=optimizer, scheduler=scheduler, precision=self.precision,
                                to_device=device_batcher(cfg, self.precision, mix_classes=self.info.num_classes,
                                                         seed=cfg.train.seed, rank=env.rank),
-                               ema=ema)
+                               ema=ema, ema_steps=cfg.model.ema_steps,
+                               ema_warmup_steps=cfg.optim.warmup_epochs * len(self.loader))
         found = None if self.perf_mode else resolve_resume(cfg.train.resume, self.run_dir)
         if found is None:
             seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank

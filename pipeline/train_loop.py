@@ -47,6 +47,8 @@ class Stepper:
     precision: Precision
     to_device: DeviceBatcher
     ema: AveragedModel | None = None
+    ema_steps: int = 1  # optimizer steps between EMA updates
+    ema_warmup_steps: int = 0  # until then the EMA restarts from the model at each update
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, batch_key: tuple[int, int]) -> torch.Tensor:
         """Forward, backward, optimizer and schedule step, EMA update of the batch ``batch_key`` (epoch, index in
@@ -59,8 +61,19 @@ class Stepper:
         self.precision.backward_and_step(loss, self.optimizer)
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.raw_model)
+            self.update_ema()
         return batch_sums(loss, logits, targets)
+
+    def update_ema(self) -> None:
+        """Every ``ema_steps`` optimizer steps, counted by the scheduler (restored on resume, so exact there).
+        During warm-up the average restarts from the model, as torchvision's reference does."""
+        assert self.ema is not None
+        steps_done = self.scheduler.last_epoch
+        if steps_done % self.ema_steps:
+            return
+        if steps_done <= self.ema_warmup_steps:
+            self.ema.n_averaged.zero_()  # the next update copies the model
+        self.ema.update_parameters(self.raw_model)
 
     @property
     def lr(self) -> float:

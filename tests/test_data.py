@@ -12,8 +12,8 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.config import Config, ConfigError
-from pipeline.data import (DataDirError, EpochSampler, ShardSampler, build_train_loader, build_val_loader,
-                           dataset_info, device_batcher, skipped_images)
+from pipeline.data import (DataDirError, EpochSampler, RepeatedAugmentationSampler, ShardSampler, build_train_loader,
+                           build_val_loader, dataset_info, device_batcher, skipped_images)
 from pipeline.distributed import DistEnv
 from pipeline.synthetic import make_cifar10_archive, make_image_folder
 from pipeline.precision import setup_precision
@@ -80,6 +80,45 @@ def test_train_ranks_draw_disjoint_samples_every_epoch():
         assert {e for e, _ in keys} == {epoch}
         indices = [i for _, i in keys]
         assert len(indices) == len(set(indices)) == 40  # 41 // 2 per rank, the tail dropped
+
+
+@pytest.mark.parametrize("world_size, reps", [(1, 3), (2, 2), (4, 3), (3, 4)])
+def test_repeated_augmentation_deals_the_copies_of_an_image_to_different_ranks(world_size, reps):
+    size = 41
+
+    def epoch(number: int) -> list[list[tuple[int, int, int]]]:
+        ranks = [RepeatedAugmentationSampler(range(size), num_replicas=world_size, rank=r, seed=5, reps=reps)
+                 for r in range(world_size)]
+        for sampler in ranks:
+            sampler.set_epoch(number)
+        return [list(sampler) for sampler in ranks]
+
+    ranks = epoch(0)
+    assert [len(keys) for keys in ranks] == [size // world_size] * world_size  # the epoch length of EpochSampler
+    keys = [key for rank in ranks for key in rank]
+    assert {e for e, _, _ in keys} == {0} and len(set(keys)) == len(keys)  # no (index, copy) twice
+    copies: dict[int, list[tuple[int, int]]] = {}
+    for rank, rank_keys in enumerate(ranks):
+        for _, index, copy in rank_keys:
+            copies.setdefault(index, []).append((rank, copy))
+    full = [drawn for drawn in copies.values() if len(drawn) == reps]
+    assert len(copies) - len(full) <= 1  # only the image cut at the end of the list has fewer copies
+    assert all(sorted(c for _, c in drawn) == list(range(reps)) for drawn in full)
+    spread = min(reps, world_size)  # copies in a row go to consecutive ranks
+    assert all(len({r for r, _ in drawn}) == spread for drawn in full)
+    assert epoch(0) == ranks and epoch(1) != ranks  # reproducible per (seed, epoch), new each epoch
+
+
+def test_repeated_copies_of_an_image_are_augmented_differently(image_dir):
+    cfg = small_config(image_dir, ra_reps=2)
+    loader, sampler = build_train_loader(cfg, DistEnv(), CPU, seed=3)
+    assert isinstance(sampler, RepeatedAugmentationSampler) and len(loader) == CLASSES * TRAIN_PER_CLASS // 4
+    dataset = loader.dataset
+    first, second = dataset[(0, 7, 0)], dataset[(0, 7, 1)]
+    assert first[1] == second[1] and not torch.equal(first[0], second[0])
+    assert torch.equal(first[0], dataset[(0, 7)][0])  # copy 0 is the sample without repetition
+    with pytest.raises(ConfigError, match="ra_reps must be 1 \\(off\\) or more, got 0"):
+        build_train_loader(small_config(image_dir, ra_reps=0), DistEnv(), CPU, seed=3)
 
 
 def test_train_epoch_is_reproducible_whatever_the_workers(image_dir):

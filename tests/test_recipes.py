@@ -37,5 +37,9 @@ def test_recipe_values_from_their_sources():
     shuffle = recipes["shufflenet_v2"]
     assert not shuffle.optim.norm_weight_decay and shuffle.train.epochs == 240
     assert recipes["resnet50_v1b"].train.amp in ("bf16", "fp16")
+    v2 = recipes["resnet50_v2"]  # torchvision's IMAGENET1K_V2 recipe
+    assert (v2.optim.lr, v2.optim.weight_decay, v2.train.epochs, v2.train.batch_size) == (0.5, 2e-5, 600, 128)
+    assert (v2.data.ra_reps, v2.data.train_crop_size, v2.data.val_resize_size, v2.model.ema_steps) == (4, 176, 232, 32)
+    assert v2.model.ema_decay == pytest.approx(1 - (1 - 0.99998) * 8 * 128 * 32 / 600, abs=1e-6)
     dn121 = recipes["densenet121"]
     assert (dn121.optim.scheduler, dn121.optim.label_smoothing, dn121.train.epochs) == ("cosine", 0.1, 120)

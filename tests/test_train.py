@@ -45,11 +45,13 @@ def test_training_learns_and_records_every_epoch(data_dir, tmp_path):
     assert (run_dir / "config.toml").read_text().count('model = "resnet18"') == 1
 
 
-@pytest.mark.parametrize("extra, scaled", [
-    (("--amp", "bf16", "--ema-decay", "0.9"), False),
-    (("--amp", "fp16", "--ema-decay", "0.9", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"), True),
+@pytest.mark.parametrize("extra, scaled, ema_updates", [
+    (("--amp", "bf16", "--ema-decay", "0.9"), False, 8),  # one EMA update per step
+    (("--amp", "fp16", "--ema-decay", "0.9", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--ema-steps", "3",
+      "--ra-reps", "2"), True, 2),  # updates after steps 3 and 6 of 8
 ])
-def test_mixed_precision_ema_and_soft_targets_train_and_are_checkpointed(data_dir, tmp_path, extra, scaled):
+def test_mixed_precision_ema_and_soft_targets_train_and_are_checkpointed(data_dir, tmp_path, extra, scaled,
+                                                                         ema_updates):
     run_dir = tmp_path / "run"
     train(tiny_config(data_dir, run_dir, "--epochs", "1", *extra))
     [row] = read_rows(run_dir / "epochs.csv")
@@ -57,7 +59,7 @@ def test_mixed_precision_ema_and_soft_targets_train_and_are_checkpointed(data_di
     assert 0 <= float(row["ema_val_acc1"]) <= 100 and 0 <= float(row["train_acc1"]) <= 100
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert (state["scaler"] is not None) == scaled
-    assert int(state["ema"]["n_averaged"]) == 8  # one EMA update per step
+    assert int(state["ema"]["n_averaged"]) == ema_updates
 
 
 def test_performance_mode_writes_one_perf_row_and_nothing_else(data_dir, tmp_path):

@@ -1,0 +1,54 @@
+"""The model EMA of a training step: updated every ema_steps optimizer steps, a copy of the model in warm-up."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.precision import setup_precision
+from pipeline.train_loop import Stepper
+
+DECAY = 0.5
+
+
+def stepper(*, ema_steps: int, ema_warmup_steps: int) -> Stepper:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    return Stepper(model=model, raw_model=model, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
+                   scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                   precision=setup_precision(torch.device("cpu"), "none", False),
+                   to_device=lambda images, targets, batch_key: (images, targets),
+                   ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True),
+                   ema_steps=ema_steps, ema_warmup_steps=ema_warmup_steps)
+
+
+def run(s: Stepper, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The model's and the EMA's weights before the first step (index 0) and after each step."""
+    model_w, ema_w = [s.raw_model.weight.detach().clone()], [s.ema.module.weight.detach().clone()]
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        images, targets = torch.randn(8, 3, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+        s.step(images, targets, batch_key=(0, step))
+        model_w.append(s.raw_model.weight.detach().clone())
+        ema_w.append(s.ema.module.weight.detach().clone())
+    return model_w, ema_w
+
+
+def test_ema_is_updated_every_ema_steps_optimizer_steps():
+    model_w, ema_w = run(stepper(ema_steps=3, ema_warmup_steps=0), 6)
+    assert all(torch.equal(ema_w[i], model_w[0]) for i in (1, 2))  # no update yet: the model as it was built
+    assert torch.equal(ema_w[3], model_w[3])  # the first update copies the model
+    assert all(torch.equal(ema_w[i], ema_w[3]) for i in (4, 5))
+    assert torch.allclose(ema_w[6], DECAY * model_w[3] + (1 - DECAY) * model_w[6])
+    assert not torch.allclose(model_w[3], model_w[6])
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_during_warm_up_the_ema_follows_the_model(warmup):
+    model_w, ema_w = run(stepper(ema_steps=1, ema_warmup_steps=warmup), 4)
+    assert all(torch.equal(ema_w[i], model_w[i]) for i in range(1, warmup + 1))
+    first_average = max(warmup, 1)  # without warm-up, step 1 copies and step 2 averages
+    assert torch.allclose(ema_w[first_average + 1],
+                          DECAY * model_w[first_average] + (1 - DECAY) * model_w[first_average + 1])
