@@ -89,6 +89,7 @@ class OptimConfig:
     weight_decay: float = opt(1e-4, "weight decay")
     norm_weight_decay: bool = opt(True, "apply weight decay to norm and bias parameters too")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    clip_grad_norm: float = opt(0.0, "clip the gradients' total L2 norm to this before each step; 0 is off")
     scheduler: Literal["step", "cosine", "exponential"] = opt("step", "learning-rate schedule after warm-up")
     lr_step_size: int = opt(30, "epochs between decays (step)")
     lr_gamma: float = opt(0.1, "decay factor: per lr_step_size epochs (step) or per epoch (exponential)")

@@ -46,15 +46,27 @@ class Precision:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward pass and optimizer step, through the GradScaler when there is one."""
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+                          clip_grad_norm: float = 0.0) -> None:
+        """Backward pass and optimizer step, through the GradScaler when there is one; with ``clip_grad_norm``
+        the gradients' total norm is clipped to it first (unscaled, so the bound means the same in fp16)."""
         if self.scaler is None:
             loss.backward()
+            clip_gradients(optimizer, clip_grad_norm)
             optimizer.step()
             return
         self.scaler.scale(loss).backward()
+        if clip_grad_norm > 0:
+            self.scaler.unscale_(optimizer)
+            clip_gradients(optimizer, clip_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    if max_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def setup_precision(device: torch.device, amp: str, channels_last: bool) -> Precision:

@@ -167,7 +167,8 @@ class Trainer:
                                to_device=device_batcher(cfg, self.precision, mix_classes=self.info.num_classes,
                                                         seed=cfg.train.seed, rank=env.rank),
                                ema=ema, ema_steps=cfg.model.ema_steps,
-                               ema_warmup_steps=cfg.optim.warmup_epochs * len(self.loader))
+                               ema_warmup_steps=cfg.optim.warmup_epochs * len(self.loader),
+                               clip_grad_norm=cfg.optim.clip_grad_norm)
         found = None if self.perf_mode else resolve_resume(cfg.train.resume, self.run_dir)
         if found is None:
             seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank

@@ -49,6 +49,7 @@ class Stepper:
     ema: AveragedModel | None = None
     ema_steps: int = 1  # optimizer steps between EMA updates
     ema_warmup_steps: int = 0  # until then the EMA restarts from the model at each update
+    clip_grad_norm: float = 0.0  # 0: no clipping
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, batch_key: tuple[int, int]) -> torch.Tensor:
         """Forward, backward, optimizer and schedule step, EMA update of the batch ``batch_key`` (epoch, index in
@@ -58,7 +59,7 @@ class Stepper:
             logits = self.model(images)
             loss = self.criterion(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward_and_step(loss, self.optimizer)
+        self.precision.backward_and_step(loss, self.optimizer, clip_grad_norm=self.clip_grad_norm)
         self.scheduler.step()
         if self.ema is not None:
             self.update_ema()

@@ -1,4 +1,5 @@
-"""The model EMA of a training step: updated every ema_steps optimizer steps, a copy of the model in warm-up."""
+"""One training step (Stepper): the model EMA, updated every ema_steps optimizer steps and a copy of the model in
+warm-up; gradient clipping, also through fp16's GradScaler."""
 from __future__ import annotations
 
 import pytest
@@ -12,16 +13,17 @@ from pipeline.train_loop import Stepper
 DECAY = 0.5
 
 
-def stepper(*, ema_steps: int, ema_warmup_steps: int) -> Stepper:
+def stepper(*, ema_steps: int = 1, ema_warmup_steps: int = 0, clip_grad_norm: float = 0.0,
+            amp: str = "none") -> Stepper:
     torch.manual_seed(0)
     model = nn.Linear(3, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     return Stepper(model=model, raw_model=model, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
                    scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                   precision=setup_precision(torch.device("cpu"), "none", False),
+                   precision=setup_precision(torch.device("cpu"), amp, False),
                    to_device=lambda images, targets, batch_key: (images, targets),
                    ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True),
-                   ema_steps=ema_steps, ema_warmup_steps=ema_warmup_steps)
+                   ema_steps=ema_steps, ema_warmup_steps=ema_warmup_steps, clip_grad_norm=clip_grad_norm)
 
 
 def run(s: Stepper, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -52,3 +54,14 @@ def test_during_warm_up_the_ema_follows_the_model(warmup):
     first_average = max(warmup, 1)  # without warm-up, step 1 copies and step 2 averages
     assert torch.allclose(ema_w[first_average + 1],
                           DECAY * model_w[first_average] + (1 - DECAY) * model_w[first_average + 1])
+
+
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_clip_grad_norm_bounds_the_step(amp):
+    """Plain SGD moves the parameters by lr x gradient: clipped, that step is at most lr x the bound."""
+    (before, after), _ = run(stepper(amp=amp), 1)
+    free = (after - before).norm().item()
+    bound = free / 0.5 / 10  # a tenth of this batch's gradient norm (the weight's part of it)
+    (before, after), _ = run(stepper(amp=amp, clip_grad_norm=bound), 1)
+    assert (after - before).norm().item() <= 0.5 * bound * 1.001
+    assert (after - before).norm().item() > 0.5 * bound * 0.5  # clipped, not zeroed
