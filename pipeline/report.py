@@ -11,6 +11,7 @@
 - ``epochs-<run>.csv``: the per-epoch table of that run (of every run in ``out_dir``);
 - ``*.parquet`` beside each CSV when pyarrow is importable;
 - ``report.md``: all of it as Markdown, with footnotes and links to the plots;
+- ``tables.tex``: the results and scaling tables as LaTeX (booktabs), to paste into a paper;
 - ``accuracy.png``, ``loss.png``, ``fps.png`` (runs with epochs), ``scaling.png``: the runs compared.
 
 The Markdown is also printed to stdout. Files are written atomically; report files of an earlier
@@ -30,6 +31,7 @@ import pandas as pd
 from pipeline import plots
 from pipeline.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from pipeline.report_inputs import ReportError, load_runs
+from pipeline.report_latex import render_latex
 from pipeline.report_markdown import render
 from pipeline.report_tables import epoch_table, scaling_table, summary_table
 
@@ -39,9 +41,10 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 MARKDOWN_FILE = "report.md"
+LATEX_FILE = "tables.tex"
 EPOCHS_PREFIX = "epochs-"
 TABLE_FORMATS = (".csv", ".parquet")
-FIXED_FILES = {MARKDOWN_FILE, "accuracy.png", "loss.png", "fps.png", "scaling.png",
+FIXED_FILES = {MARKDOWN_FILE, LATEX_FILE, "accuracy.png", "loss.png", "fps.png", "scaling.png",
                *(stem + ext for stem in ("summary", "scaling") for ext in TABLE_FORMATS)}
 
 
@@ -100,7 +103,8 @@ def write_report(dest: Path, summary: pd.DataFrame, scaling: pd.DataFrame, epoch
         atomic_write_bytes(dest / name, data)
         written.append(dest / name)
     atomic_write_text(dest / MARKDOWN_FILE, render(summary, scaling, epochs, plots=list(pngs)))
-    written.append(dest / MARKDOWN_FILE)
+    atomic_write_text(dest / LATEX_FILE, render_latex(summary, scaling))
+    written += [dest / MARKDOWN_FILE, dest / LATEX_FILE]
     remove_stale(dest, written)
     return written
 

@@ -49,10 +49,15 @@ def round_table(table: pd.DataFrame) -> pd.DataFrame:
         elif column == "lr":
             table[column] = table[column].map(lambda lr: float(f"{lr:.{LR_SIGNIFICANT_DIGITS}g}"))
         else:
-            digits = next((d for part, d in DECIMALS.items() if part in column), None)
+            digits = decimals(column)
             if digits is not None:
                 table[column] = pd.to_numeric(table[column]).astype(float).round(digits)
     return table
+
+
+def decimals(column: str) -> int | None:
+    """The decimals a float column is rounded to (DECIMALS), None for one that is not rounded."""
+    return next((d for part, d in DECIMALS.items() if part in column), None)
 
 
 def epoch_table(run: RunRecords) -> pd.DataFrame:

@@ -225,7 +225,8 @@ def test_each_run_dir_gets_its_epochs_the_comparison_and_plots(runs):
     for run_dir in runs:
         files = {p.name for p in (run_dir / "report").iterdir()}
         own = {f"epochs-{run_dir.name}.csv"} if run_dir.name != "mnv2-perf" else set()
-        expected = {"summary.csv", "scaling.csv", "report.md", "accuracy.png", "loss.png", "fps.png", "scaling.png"}
+        expected = {"summary.csv", "scaling.csv", "report.md", "tables.tex", "accuracy.png", "loss.png", "fps.png",
+                    "scaling.png"}
         parquet = {f.replace(".csv", ".parquet") for f in expected | own if f.endswith(".csv")}
         assert files == expected | own | parquet  # the test extra installs pyarrow
         assert len(pd.read_csv(run_dir / "report" / "summary.csv")) == 4
@@ -253,6 +254,32 @@ def test_parquet_tables_equal_the_csv(runs, tmp_path):
     for stem in tables:  # same values and types: the parquet table written as CSV is the CSV file
         from_parquet = pd.read_parquet(tmp_path / "out" / f"{stem}.parquet")
         assert from_parquet.to_csv(index=False) == (tmp_path / "out" / f"{stem}.csv").read_text(), stem
+
+
+def latex_rows(tex: str) -> list[list[str]]:
+    """The cells of each row of the table in ``tex`` (header first)."""
+    body = tex.split("\\toprule\n", 1)[1].split("\n\\bottomrule", 1)[0]
+    return [[cell.strip() for cell in line.removesuffix(" \\\\").split(" & ")]
+            for line in body.splitlines() if line != "\\midrule"]
+
+
+def test_tables_tex_holds_the_results_and_scaling_tables_for_a_paper(runs, tmp_path):
+    runs.append(make_run(tmp_path / "runs", "r18_odd&name", world_size=1, nodes=1, fps=[50.0], val_acc1=[76.1],
+                         val_acc5=[93.0], planned=1))
+    report(runs, tmp_path / "out", echo=False)
+    tex = (tmp_path / "out" / "tables.tex").read_text()
+    results, scaling = tex.split("\n\n")
+    assert results.startswith("\\begin{table}") and "\\begin{tabular}{llllrrrrrr}" in results
+    header, *rows = latex_rows(results)
+    assert header == ["run", "model", "nodes x procs/node", "AMP", "batch/proc", "best Acc@1 \\%", "best Acc@5 \\%",
+                      "eval Acc@1 \\%", "eval Acc@5 \\%", "img/s all ranks"]
+    by_run = {row[0]: row for row in rows}
+    assert by_run["r18-1x1"][5:] == ["30.50", "60.00", "30.50", "60.50", "100.0"]  # the CSV's, fixed decimals
+    assert by_run["r18-1x2"][7:9] == ["--", "--"]  # no eval stage
+    assert by_run["r18\\_odd\\&name"][5] == "76.10"  # escaped, trailing zero kept
+    assert len(rows) == 5 and results.rstrip().endswith("\\end{table}")
+    header, *rows = latex_rows(scaling)
+    assert header[:3] == ["model", "AMP", "world size"] and len(rows) == len(report(runs, echo=False).scaling)
 
 
 def test_same_dir_names_are_told_apart_by_their_parents(tmp_path):
