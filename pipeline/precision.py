@@ -64,6 +64,8 @@ class Precision:
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the total L2 norm of the gradients of what ``optimizer`` steps (after DDP's all-reduce, so every rank
+    clips alike); ``max_norm`` 0 is off."""
     if max_norm > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_norm)
