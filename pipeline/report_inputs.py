@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
-                              PROVENANCE_FILE, read_json)
+                              PROVENANCE_FILE, RUN_STATE_FILE, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class RunRecords:
     epochs: pd.DataFrame | None   # EPOCH_COLUMNS, one row per epoch, sorted by epoch
     perf: pd.Series | None        # the newest perf.csv row: the one config.toml was written for
     eval: dict[str, Any] | None   # eval.json, EVAL_KEYS
+    state: dict[str, Any] | None = None  # run_state.json; None for runs made before it existed
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[RunRecords]:
@@ -82,7 +83,7 @@ def load_run(run_dir: Path, name: str) -> RunRecords:
     return RunRecords(name=name, run_dir=run_dir, config=read_config(run_dir),
                       provenance=read_json_file(run_dir / PROVENANCE_FILE) or {},
                       epochs=epochs, perf=None if perf is None else perf.iloc[-1],
-                      eval=read_json_file(run_dir / EVAL_FILE))
+                      eval=read_json_file(run_dir / EVAL_FILE), state=read_json_file(run_dir / RUN_STATE_FILE))
 
 
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:

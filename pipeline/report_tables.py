@@ -38,6 +38,8 @@ INTEGER_COLUMNS = ("epoch", "world_size", "batch_per_proc", "epochs_done", "epoc
                    "base_world_size")
 DECIMALS = {"acc": 2, "loss": 4, "img_per_s": 1, "time_s": 1, "pct": 1, "speedup": 2}  # by part of the name
 LR_SIGNIFICANT_DIGITS = 6
+UNFINISHED = {"training": "running or killed", "preempted": "preempted, resumes when requeued", "failed": "failed"}
+# status of a run short of its epochs, by its run_state.json; without one: "running/cut off"
 
 
 def round_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -98,7 +100,8 @@ def epochs_summary(run: RunRecords) -> dict[str, Any]:
     first, final = int(steady["epoch"].iloc[0]), int(steady["epoch"].iloc[-1])
     basis = f"epoch {first}" if first == final else f"mean of epochs {first}-{final}"
     done, planned = len(epochs), run.config.train.epochs
-    status = "finished" if done >= planned else f"running/cut off ({done} of {planned} epochs)"
+    unfinished = UNFINISHED.get((run.state or {}).get("state"), "running/cut off")
+    status = "finished" if done >= planned else f"{unfinished} ({done} of {planned} epochs)"
     return {"model": last["model"], "world_size": last["world_size"], "nodes": last["nodes"], "amp": last["amp"],
             "epochs_done": done, "epochs_planned": planned, "best_epoch": best["epoch"],
             "best_val_acc1": best["val_acc1"], "best_val_acc5": best["val_acc5"],

@@ -56,7 +56,7 @@ from pipeline.preemption import PreemptionFlag
 from pipeline.provenance import all_hostnames, collect_provenance, resumed_provenance
 from pipeline.stage_process import stage_process
 from pipeline.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
-                              append_row, write_json)
+                              RUN_STATE_FILE, append_row, write_json)
 from pipeline.train_loop import EpochResult, Stepper, run_epoch, run_perf
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,7 @@ class Trainer:
                      pos.resumed_from, epochs)
             return self.outcome(finished=True, preempted=False, already_finished=True)
         self.write_run_metadata()
+        self.record_state("training")
         distributed.on_main_process(forget_epochs_from, self.run_dir / EPOCHS_FILE, pos.epoch)
         log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
                  self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
@@ -313,11 +314,21 @@ class Trainer:
             if result.stopped:
                 state = self.checkpoint_state(result.step_in_epoch, epoch, result.sums)
                 distributed.on_main_process(self.save, state)
+                self.record_state("preempted")
                 return self.outcome(finished=False, preempted=True)
             self.end_epoch(epoch, result)
             if pos.epoch < epochs and flag.stop_agreed():
+                self.record_state("preempted")
                 return self.outcome(finished=False, preempted=True)
+        self.record_state("finished")
         return self.outcome(finished=True, preempted=False)
+
+    def record_state(self, state: str, error: str = "") -> None:
+        """run_state.json (pipeline/records.py), so the report tells a stopped run from a failed one."""
+        record = {"state": state, "epochs_done": self.position.epoch, "at": now_iso()}
+        if error:
+            record["error"] = error
+        distributed.on_main_process(write_json, self.run_dir / RUN_STATE_FILE, record)
 
     def end_epoch(self, epoch: int, result: EpochResult) -> None:
         """Validate (the EMA too), append the epoch's row, write the checkpoints."""
@@ -337,6 +348,7 @@ class Trainer:
         row = self.epoch_row(epoch, result, val, ema_val, pos.carried_s)
         pos.epoch, pos.step_in_epoch, pos.carried, pos.carried_s = epoch + 1, 0, None, 0.0
         distributed.on_main_process(append_row, self.run_dir / EPOCHS_FILE, row, EPOCH_COLUMNS)
+        self.record_state("training")
         train = result.totals
         distributed.on_main_process(
             log.info, "Epoch %d trained in %.1f s: train loss %.4f Acc@1 %.3f Acc@5 %.3f | val %s%s | %.1f img/s all "
@@ -377,4 +389,10 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _train(cfg: Config, env: distributed.DistEnv, device: torch.device, flag: PreemptionFlag) -> dict[str, Any]:
     trainer = Trainer(cfg, env, device)
-    return trainer.perf(flag) if trainer.perf_mode else trainer.fit(flag)
+    if trainer.perf_mode:
+        return trainer.perf(flag)
+    try:
+        return trainer.fit(flag)
+    except Exception as exc:
+        trainer.record_state("failed", error=f"{type(exc).__name__}: {exc}")
+        raise

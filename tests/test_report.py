@@ -167,6 +167,19 @@ def test_per_epoch_table_values_and_ema_columns(tmp_path):
     assert columns[columns.index("val_acc5") + 1:][:2] == ["ema_val_acc1", "ema_val_acc5"]
 
 
+@pytest.mark.parametrize("state, status", [
+    ("training", "running or killed (2 of 3 epochs)"),
+    ("preempted", "preempted, resumes when requeued (2 of 3 epochs)"),
+    ("failed", "failed (2 of 3 epochs)"),
+    (None, "running/cut off (2 of 3 epochs)"),  # a run dir from before run_state.json
+])
+def test_status_of_an_unfinished_run_comes_from_its_run_state(tmp_path, state, status):
+    run_dir = four_processes_cut_off(tmp_path)
+    if state:
+        write_json(run_dir / "run_state.json", {"state": state, "epochs_done": 2, "at": "2025-01-01T02:00:00+00:00"})
+    assert report([run_dir], echo=False).summary["status"].tolist() == [status]
+
+
 def test_an_epoch_recorded_twice_keeps_its_newest_row(tmp_path, caplog):
     run_dir = one_process(tmp_path)
     lines = (run_dir / "epochs.csv").read_text().splitlines()

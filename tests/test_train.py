@@ -8,7 +8,7 @@ import pytest
 
 from jobs.train import main as train_main
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.records import EPOCH_COLUMNS, PERF_COLUMNS, PROVENANCE_FILE
+from pipeline.records import EPOCH_COLUMNS, PERF_COLUMNS, PROVENANCE_FILE, RUN_STATE_FILE
 from pipeline.train import train
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
                            tiny_argv, tiny_config, tiny_data)
@@ -25,6 +25,7 @@ def test_training_learns_and_records_every_epoch(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = train(tiny_config(data_dir, run_dir, "--epochs", "3"))
     assert result["finished"] and not result["preempted"] and result["global_step"] == 24  # 3 epochs x 8 steps
+    assert read_state(run_dir)[:2] == ("finished", 3)
 
     rows = read_rows(run_dir / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
@@ -123,6 +124,7 @@ def test_resume_after_an_interruption_mid_epoch_reproduces_the_uninterrupted_run
     proc = start_module("jobs.train", argv)
     log_lines = run_until_mid_epoch_1(proc, signal.Signals[how])
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert read_state(run_dir)[:2] == ("training" if how == "SIGKILL" else "preempted", 1)
     if how == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL
         assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 0)  # the end of epoch 0
@@ -142,11 +144,28 @@ def test_resume_after_an_interruption_mid_epoch_reproduces_the_uninterrupted_run
     provenance = json.loads((run_dir / PROVENANCE_FILE).read_text())
     assert (provenance["started_at"], provenance["resumes"]) == (first["started_at"], 1)
     assert provenance["resumed_at"] > "2026"
+    assert read_state(run_dir)[:2] == ("finished", 2)
     assert_same_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
                         checkpoint_weights(uninterrupted_run / "checkpoints" / "latest.pt"))
     compared = ("epoch", "steps", "train_loss", "train_acc1", "val_loss", "val_top1_correct", "val_top5_correct")
     assert [{k: r[k] for k in compared} for r in read_rows(run_dir / "epochs.csv")] == \
         [{k: r[k] for k in compared} for r in read_rows(uninterrupted_run / "epochs.csv")]
+
+
+def read_state(run_dir) -> tuple[str, int, str]:
+    record = json.loads((run_dir / RUN_STATE_FILE).read_text())
+    return record["state"], record["epochs_done"], record.get("error", "")
+
+
+def test_a_failing_run_records_its_error_before_it_raises(data_dir, tmp_path, monkeypatch):
+    def broken_validation(*args, **kwargs):
+        raise RuntimeError("the val disk went away")
+
+    monkeypatch.setattr("pipeline.train.validate", broken_validation)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the val disk went away"):
+        train(tiny_config(data_dir, run_dir, "--epochs", "2"))
+    assert read_state(run_dir) == ("failed", 0, "RuntimeError: the val disk went away")
 
 
 def run_until_mid_epoch_1(proc, signum: signal.Signals) -> list[str]:
