@@ -5,8 +5,9 @@
     python -m jobs.train ... --max-steps 100        # performance mode: steady-state img/s only
 
 What a run leaves in the run dir (rank 0 writes, the others compute): ``config.toml``,
-``provenance.json``, ``epochs.csv`` (one row per epoch, EPOCH_COLUMNS), ``perf.csv`` (performance
-mode, PERF_COLUMNS), ``checkpoints/{latest,best,epoch_NNNN}.pt`` (pipeline/checkpoint.py).
+``provenance.json``, ``epochs.csv`` (one row per epoch, EPOCH_COLUMNS), ``run_state.json`` (training,
+preempted, finished or failed), ``perf.csv`` (performance mode, PERF_COLUMNS),
+``checkpoints/{latest,best,epoch_NNNN}.pt`` (pipeline/checkpoint.py).
 
 Preemption contract (used by the launcher's requeue):
 
