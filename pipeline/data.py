@@ -98,10 +98,9 @@ class RepeatedAugmentationSampler(EpochSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         epoch = self.epoch
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
-        repeated = order.repeat_interleave(self.reps).tolist()
-        slots = range(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
-        return ((epoch, repeated[slot], slot % self.reps) for slot in slots)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        slots = range(self.rank, self.num_samples * self.num_replicas, self.num_replicas)  # of the repeated list
+        return ((epoch, order[slot // self.reps], slot % self.reps) for slot in slots)
 
 
 class ShardSampler(Sampler[int]):

@@ -11,8 +11,9 @@ Contract between the stages (train and eval write, report reads):
 - ``epochs.csv``: one row per finished epoch, rank 0 only, columns ``EPOCH_COLUMNS``.
 - ``perf.csv``: one row per performance-mode run (``--max-steps``), columns ``PERF_COLUMNS``.
 - ``eval.json``: exact counts of the eval stage, keys ``EVAL_KEYS``.
-- ``run_state.json``: where training stands, rank 0 only: ``state`` (one of ``RUN_STATES``), ``epochs_done``,
-  ``at`` (ISO 8601) and, when failed, ``error``. A job killed outright (SIGKILL, node crash) leaves "training".
+- ``run_state.json``: where training stands, rank 0 only: ``state`` (training, preempted, finished or
+  failed), ``epochs_done``, ``at`` (ISO 8601) and, when failed, ``error``. A job killed outright (SIGKILL,
+  node crash) leaves "training".
 - ``checkpoints/``: ``latest.pt``, ``best.pt``, ``epoch_NNNN.pt``.
 
 Throughput is global images per second over all processes (``img_per_s_all_ranks``) and per process
@@ -35,7 +36,6 @@ EPOCHS_FILE = "epochs.csv"
 PERF_FILE = "perf.csv"
 EVAL_FILE = "eval.json"
 RUN_STATE_FILE = "run_state.json"
-RUN_STATES = ("training", "preempted", "finished", "failed")
 CHECKPOINT_DIR = "checkpoints"
 
 EPOCH_COLUMNS = (

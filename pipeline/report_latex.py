@@ -6,12 +6,11 @@ Paste a table into a paper that loads ``\\usepackage{booktabs}``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import pandas as pd
 
-from pipeline.report_markdown import TITLES
+from pipeline.report_markdown import TITLES, is_missing
 from pipeline.report_tables import decimals
 
 RESULT_COLUMNS = ("run", "model", "nodes_x_procs", "amp", "batch_per_proc", "best_val_acc1", "best_val_acc5",
@@ -27,7 +26,7 @@ def escape(text: str) -> str:
 
 
 def latex_cell(column: str, value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         return "--"
     digits = decimals(column)
     if isinstance(value, float) and digits is not None:

@@ -41,9 +41,13 @@ SCALING_NOTE = (
     "efficiency = img/s / ideal; speedup = img/s / base img/s.")
 
 
+def is_missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
 def cell(value: Any) -> str:
     """A value as the CSV holds it; missing values are empty."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         return ""
     if isinstance(value, float):
         return repr(value)
