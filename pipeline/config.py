@@ -58,6 +58,8 @@ class DataConfig:
     ra_reps: int = opt(1, "repeated augmentation: each drawn image appears this many times per epoch, on different "
                           "processes, each copy augmented anew (torchvision's --ra-sampler --ra-reps); 1 is off")
     prefetch_factor: int = opt(4, "batches each loader worker prepares ahead")
+    decode: Literal["cpu", "device"] = opt("cpu", "where ImageNet JPEGs are decoded and augmented: in the loader "
+                                                  "workers (PIL), or on the training device, batched (nvJPEG on CUDA)")
 
 
 @dataclass
