@@ -18,6 +18,10 @@ MixUp/CutMix when on (train only; targets become soft labels, float batch x num_
 stays float32; autocast casts it where that is safe. Keeping the workers on uint8 moves 4x fewer bytes
 through pinning and the host-to-device copy and takes the per-pixel float work off the workers.
 
+With ``decode = "device"`` (ImageNet) the workers hand on file bytes and the random choices instead, and the
+DeviceBatcher's decoder decodes and augments the batch on the device first (pipeline.device_decode): the same
+order and crop boxes, pixels within one level of the PIL path.
+
 Train: every rank draws len(train) // world_size images per epoch from a DistributedSampler (shuffled with
 the run seed, tail dropped), also in a single process, so the order and the augmentation of an epoch
 depend only on (seed, epoch): a resumed run sees the same images as an uninterrupted one. Batches are
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
@@ -41,8 +45,10 @@ from pipeline.config import Config, ConfigError
 from pipeline.datasets import (DataDirError, SampleSet, cifar_split, imagenet_classes, imagenet_split,
                                sample_seed, seeded_cpu_rng)
 from pipeline.distributed import DistEnv
+from pipeline.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, NoDraw
 from pipeline.precision import Precision
-from pipeline.transforms import BatchTransform, batch_mix, eval_transform, normalization, train_transform
+from pipeline.transforms import (BatchTransform, batch_mix, eval_transform, normalization, train_extras,
+                                 train_transform)
 
 __all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "RepeatedAugmentationSampler",
            "DeviceBatcher", "dataset_info",
@@ -132,17 +138,28 @@ class Collate:
 
 
 class DeviceBatcher:
-    """A loader's uint8 CPU batch as the model's input: on the device, float32, normalized, mixed when asked."""
+    """A loader's batch as the model's input: on the device, float32, normalized, mixed when asked. With a
+    ``decoder`` (``--decode device``) the batch is encoded files, decoded and augmented on the device first."""
 
     def __init__(self, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], *,
-                 channels_last: bool = False, mix: BatchTransform | None = None, mix_seed: int = 0):
+                 channels_last: bool = False, mix: BatchTransform | None = None, mix_seed: int = 0,
+                 decoder: DeviceDecoder | None = None):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)  # of [0, 1] images, per channel
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.device, self.channels_last, self.mix, self.mix_seed = device, channels_last, mix, mix_seed
+        self.decoder = decoder
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, *,
+    @property
+    def skipped(self) -> int:
+        """Images of the loader's batches that no decoder could read here (the device path's; the workers'
+        are in ``skipped_images(loader)``)."""
+        return self.decoder.skipped if self.decoder is not None else 0
+
+    def __call__(self, images: Any, targets: torch.Tensor, *,
                  batch_key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_key`` (epoch, batch index) seeds the mix, so a resumed epoch mixes its batches alike."""
+        if self.decoder is not None:
+            images, targets = self.decoder(images, targets, self.device)
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.channels_last:  # on uint8, a quarter of the bytes; float() and the arithmetic keep the layout
@@ -160,13 +177,20 @@ def device_batcher(cfg: Config, precision: Precision, *, mix_classes: int = 0, s
     """The DeviceBatcher of cfg's dataset; with ``mix_classes`` the train one (MixUp/CutMix when configured),
     its mix seeded per rank so the ranks mix differently."""
     mix = batch_mix(cfg.data, mix_classes) if mix_classes else None
+    decoder = None
+    if cfg.data.decode == "device":
+        train = bool(mix_classes)
+        decoder = DeviceDecoder(train=train, crop_size=cfg.data.train_crop_size if train else cfg.data.val_crop_size,
+                                resize_size=cfg.data.val_resize_size, extras=train_extras(cfg.data) if train else None)
     return DeviceBatcher(precision.device, *normalization(cfg.data.dataset), channels_last=precision.channels_last,
-                         mix=mix, mix_seed=sample_seed(seed, rank, -1))
+                         mix=mix, mix_seed=sample_seed(seed, rank, -1), decoder=decoder)
 
 
 def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
     workers = cfg.data.workers
-    options = dict(batch_size=cfg.train.batch_size, num_workers=workers, pin_memory=device.type != "cpu",
+    # the device path's batches are file bytes for the decoder to read on the host: nothing to pin
+    pin = device.type != "cpu" and cfg.data.decode == "cpu"
+    options = dict(batch_size=cfg.train.batch_size, num_workers=workers, pin_memory=pin,
                    generator=torch.Generator().manual_seed(seed))
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor)
@@ -184,7 +208,11 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
                           "lower --batch-size or use fewer processes")
     if cfg.data.ra_reps < 1:
         raise ConfigError(f"ra_reps must be 1 (off) or more, got {cfg.data.ra_reps}")
-    dataset = SampleSet(source, train_transform(cfg.data), seed=seed, replace_failed=True)
+    if cfg.data.decode == "device":
+        dataset = SampleSet(EncodedFiles(source.paths, source.labels), DrawCrop(), seed=seed, replace_failed=True)
+        collate: Collate | EncodedCollate = EncodedCollate()
+    else:
+        dataset, collate = SampleSet(source, train_transform(cfg.data), seed=seed, replace_failed=True), Collate()
     sampler: EpochSampler
     if cfg.data.ra_reps > 1:
         sampler = RepeatedAugmentationSampler(dataset, num_replicas=env.world_size, rank=env.rank, seed=seed,
@@ -192,7 +220,7 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
     else:
         sampler = EpochSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
                                drop_last=True)
-    loader = DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=Collate(),
+    loader = DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=collate,
                         **_loader_options(cfg, device, seed))
     return loader, sampler
 
@@ -200,10 +228,16 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
 def build_val_loader(cfg: Config, env: DistEnv, device: torch.device) -> DataLoader:
     """This rank's exact shard of the val set, in order, unaugmented."""
     _, source, _, _ = _splits(cfg)
-    dataset = SampleSet(source, eval_transform(cfg.data), seed=cfg.train.seed, replace_failed=False)
     side = 32 if cfg.data.dataset == "cifar10" else cfg.data.val_crop_size
+    if cfg.data.decode == "device":
+        dataset = SampleSet(EncodedFiles(source.paths, source.labels), NoDraw(), seed=cfg.train.seed,
+                            replace_failed=False)
+        collate: Collate | EncodedCollate = EncodedCollate()
+    else:
+        dataset = SampleSet(source, eval_transform(cfg.data), seed=cfg.train.seed, replace_failed=False)
+        collate = Collate(empty_shape=(0, 3, side, side))
     sampler = ShardSampler(len(dataset), rank=env.rank, world_size=env.world_size)
-    return DataLoader(dataset, sampler=sampler, drop_last=False, collate_fn=Collate(empty_shape=(0, 3, side, side)),
+    return DataLoader(dataset, sampler=sampler, drop_last=False, collate_fn=collate,
                       **_loader_options(cfg, device, cfg.train.seed))
 
 

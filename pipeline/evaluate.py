@@ -76,7 +76,7 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
     ``to_device`` makes the loader's uint8 batches the model's input (pipeline.data.device_batcher)."""
     model.eval()
     sums = RunningSums(precision.device)
-    skipped_before = skipped_images(loader)
+    skipped_before = skipped_images(loader) + to_device.skipped  # the workers' and, decoding on the device, its own
     criterion = nn.CrossEntropyLoss()
     with Progress(desc, total=len(loader), unit="batch", logger=log, enabled=distributed.is_main_process()) as bar:
         for images, targets in loader:
@@ -87,7 +87,7 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
                 logits = logits.float()
                 sums.add(batch_sums(criterion(logits, targets), logits, targets))
             bar.update()
-    skipped_here = skipped_images(loader) - skipped_before
+    skipped_here = skipped_images(loader) + to_device.skipped - skipped_before
     loss_sum, top1, top5, total, skipped = distributed.all_reduce_sum(sums.sums.tolist() + [skipped_here],
                                                                       precision.device)
     result = EvalResult(int(top1), int(top5), int(total), loss_sum, int(skipped))

@@ -59,14 +59,25 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
     else:
         crop = [v2.RandomResizedCrop(cfg.train_crop_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                      interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
-    steps = crop + [v2.RandomHorizontalFlip()]
-    if cfg.color_jitter > 0:
-        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
-                                    saturation=cfg.color_jitter))
-    steps += _auto_augment(cfg.auto_augment, cifar) + [v2.PILToTensor()]
-    if cfg.random_erase > 0:
-        steps.append(v2.RandomErasing(p=cfg.random_erase, value=mean_colour_uint8(cfg.dataset)))
+    steps = crop + [v2.RandomHorizontalFlip()] + _photometric(cfg) + [v2.PILToTensor()] + _erasing(cfg)
     return v2.Compose(steps + [v2.ToPureTensor()])
+
+
+def _photometric(cfg: DataConfig) -> list[v2.Transform]:
+    """The optional colour and auto-augment steps, after crop and flip."""
+    jitter = [v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter)]
+    return (jitter if cfg.color_jitter > 0 else []) + _auto_augment(cfg.auto_augment, cfg.dataset == "cifar10")
+
+
+def _erasing(cfg: DataConfig) -> list[v2.Transform]:
+    return [v2.RandomErasing(p=cfg.random_erase, value=mean_colour_uint8(cfg.dataset))] if cfg.random_erase > 0 else []
+
+
+def train_extras(cfg: DataConfig) -> v2.Compose | None:
+    """The augmentations after crop and flip, on a uint8 CHW tensor (the device path runs them on the device);
+    None when the recipe has none."""
+    steps = _photometric(cfg) + _erasing(cfg)
+    return v2.Compose(steps) if steps else None
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:

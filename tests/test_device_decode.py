@@ -1,0 +1,147 @@
+"""The device data path (--decode device) run with the CPU as its device: same crops, same pixels within one level
+of the PIL path, fallbacks counted, bad files skipped and named with exact val counts."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from pipeline.config import Config
+from pipeline.data import build_train_loader, build_val_loader, device_batcher, skipped_images
+from pipeline.datasets import seeded_cpu_rng
+from pipeline.device_decode import DrawCrop, EncodedFiles, EncodedImage
+from pipeline.distributed import DistEnv
+from pipeline.evaluate import validate
+from pipeline.models import build_model
+from pipeline.precision import setup_precision
+from pipeline.synthetic import make_image_folder
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagenet"), num_classes=3, train_per_class=8, val_per_class=4,
+                             size=(72, 60), seed=0)
+
+
+def small_config(data_dir, decode: str, *, workers: int = 0, batch_size: int = 4) -> Config:
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.decode, cfg.data.workers = str(data_dir), decode, workers
+    cfg.data.train_crop_size, cfg.data.val_resize_size, cfg.data.val_crop_size = 40, 48, 40
+    cfg.train.batch_size = batch_size
+    return cfg
+
+
+def decoded_batches(cfg: Config, *, train: bool, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The uint8 images and labels the model's input is made from, whichever path decodes them."""
+    env = DistEnv()
+    precision = setup_precision(CPU, "none", False)
+    if train:
+        loader, sampler = build_train_loader(cfg, env, CPU, seed=3)
+        sampler.set_epoch(epoch)
+        to_device = device_batcher(cfg, precision, mix_classes=3)
+    else:
+        loader, to_device = build_val_loader(cfg, env, CPU), device_batcher(cfg, precision)
+    decode = to_device.decoder or (lambda images, targets, device: (images, targets))
+    return [decode(images, targets, CPU) for images, targets in loader]
+
+
+def assert_within_one_level(cpu: list, device: list) -> None:
+    assert len(cpu) == len(device)
+    for (a, labels_a), (b, labels_b) in zip(cpu, device):
+        assert torch.equal(labels_a, labels_b) and a.shape == b.shape and b.dtype == torch.uint8
+        difference = (a.int() - b.int()).abs()
+        assert difference.max() <= 1 and difference.float().mean() < 0.25  # rounding only: another box differs by tens
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_path_gives_the_cpu_paths_crops_and_pixels_within_one_level(image_dir, train):
+    cpu = decoded_batches(small_config(image_dir, "cpu"), train=train, epoch=2)
+    device = decoded_batches(small_config(image_dir, "device", workers=2), train=train, epoch=2)
+    assert_within_one_level(cpu, device)
+
+
+@pytest.mark.parametrize("size", [(72, 60), (60, 72), (500, 375), (16, 300)])
+def test_crop_boxes_are_torchvisions_random_resized_crop_draws(size):
+    crop = v2.RandomResizedCrop(224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    image = Image.new("RGB", size)
+    for seed in range(50):
+        with seeded_cpu_rng(seed):
+            expected = crop.make_params([image])
+        with seeded_cpu_rng(seed):
+            sample = DrawCrop()(EncodedImage(torch.empty(0, dtype=torch.uint8), False, image, "x"))
+        assert sample.box == (expected["top"], expected["left"], expected["height"], expected["width"])
+
+
+def replace_with(path, kind: str) -> None:
+    """Rewrite a JPEG of the folder as a file nvJPEG cannot take (or nobody can read), under the same name."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    if kind == "cmyk":
+        rgb.convert("CMYK").save(path, "JPEG", quality=90)
+    elif kind == "gray":
+        rgb.convert("L").save(path, "JPEG", quality=90)
+    elif kind == "png":
+        rgb.save(path, "PNG")
+    elif kind == "truncated":  # no end-of-image marker: PIL in the worker raises
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "no_scan":  # a valid header and end marker but no image data: both decoders fail on the device side
+        data = path.read_bytes()
+        path.write_bytes(data[: data.find(b"\xff\xda")] + b"\xff\xd9")
+
+
+@pytest.fixture
+def odd_dir(tmp_path):
+    root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=6, val_per_class=5, size=(64, 52))
+    val = sorted((root / "val").rglob("*.JPEG"))
+    for path, kind in zip(val[::2], ["cmyk", "gray", "png", "truncated", "no_scan"]):
+        replace_with(path, kind)
+    return root, val[::2]
+
+
+def test_files_nvjpeg_cannot_take_are_decoded_by_pil_and_counted_bad_ones_skipped_and_named(odd_dir, caplog):
+    root, odd = odd_dir
+    with caplog.at_level(logging.WARNING):
+        cpu = decoded_batches(small_config(root, "cpu"), train=False)
+        cfg = small_config(root, "device")
+        loader, to_device = build_val_loader(cfg, DistEnv(), CPU), device_batcher(cfg, setup_precision(CPU, "none",
+                                                                                                        False))
+        device = [to_device.decoder(images, targets, CPU) for images, targets in loader]
+    # CMYK, grayscale and PNG by PIL in the workers; the truncated file fails there, the scan-less one on the device
+    assert loader.dataset.source.cpu_decoded == 3 and isinstance(loader.dataset.source, EncodedFiles)
+    assert skipped_images(loader) == 1 and to_device.skipped == 1
+    assert sum(len(t) for _, t in device) == 10 - 2
+    assert str(odd[3]) in caplog.text and str(odd[4]) in caplog.text
+    # the CPU path cannot read the scan-less file either: both see the same 8 images alike
+    assert_within_one_level([(torch.cat([i for i, _ in cpu]), torch.cat([t for _, t in cpu]))],
+                            [(torch.cat([i for i, _ in device]), torch.cat([t for _, t in device]))])
+
+
+def test_validate_with_device_decode_counts_what_it_saw_and_what_it_skipped(odd_dir):
+    root, _ = odd_dir
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=2).eval()
+    results = {}
+    for decode in ("cpu", "device"):
+        cfg = small_config(root, decode)
+        precision = setup_precision(CPU, "none", False)
+        results[decode] = validate(model, build_val_loader(cfg, DistEnv(), CPU), precision,
+                                   device_batcher(cfg, precision), expected_total=10)
+    assert (results["device"].total, results["device"].skipped) == (8, 2)  # fails loudly unless total + skipped = 10
+    assert results["device"] == results["cpu"] or abs(results["device"].loss_sum - results["cpu"].loss_sum) < 1e-2
+
+
+def test_a_train_batch_with_an_unreadable_file_stays_full(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1, size=(64, 52))
+    bad = sorted((root / "train").rglob("*.JPEG"))[2]
+    replace_with(bad, "no_scan")
+    with caplog.at_level(logging.WARNING):
+        batches = decoded_batches(small_config(root, "device"), train=True)
+    assert [len(t) for _, t in batches] == [4, 4] and all(images.shape[0] == 4 for images, _ in batches)
+    assert str(bad) in caplog.text
