@@ -1,9 +1,9 @@
 """Stop training cleanly on SIGUSR1 or SIGTERM: a flag now, agreement at the next step boundary.
 
-The handler only sets a flag (safe in a signal handler). After every step each rank calls
-``stop_agreed()``: an all-reduce of the flags, so one signalled rank is enough and all ranks stop after
-the same step, where rank 0 can save a consistent checkpoint. The all-reduce runs on a CPU gloo group,
-so it never waits for the accelerator's queued work.
+The handler only sets a flag (safe in a signal handler). Every few steps (pipeline.train_loop.STOP_CHECK_EVERY)
+and at an epoch's end each rank calls ``stop_agreed()``: an all-reduce of the flags, so one signalled rank is
+enough and all ranks stop after the same step, where rank 0 can save a consistent checkpoint. The all-reduce
+runs on a CPU gloo group, so it never waits for the accelerator's queued work.
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ class PreemptionFlag:
         self.signum = signum
 
     def stop_agreed(self) -> bool:
-        """True on every rank when any rank was signalled (a collective: all ranks call it each step)."""
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0])
+        """True on every rank when any rank was signalled (a collective: all ranks call it after the same steps)."""
+        flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int64)  # a dtype every backend has
         if dist.is_initialized():
             dist.all_reduce(flag, group=self._group)
         if flag.item() > 0 and self.signum is not None:

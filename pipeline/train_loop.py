@@ -33,6 +33,10 @@ from pipeline.precision import Precision
 
 log = logging.getLogger(__name__)
 
+# Steps between the ranks' agreements on stopping (and at an epoch's last step): a multi-node round trip every
+# step costs more than stopping up to 7 steps later, well inside the scheduler's warning time.
+STOP_CHECK_EVERY = 8
+
 
 @dataclass
 class Stepper:
@@ -183,7 +187,8 @@ class EpochResult:
 
 def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
               stop: Callable[[], bool], carried: torch.Tensor | None = None) -> EpochResult:
-    """Train over ``loader`` from batch ``start_step``; ``stop()`` is asked after every step (a collective)."""
+    """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY
+    steps and after the epoch's last."""
     total = len(loader)
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(total - start_step),
                     print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried)
@@ -195,7 +200,7 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
         batch = stepper.step(images, targets, (epoch, step))
         step += 1
         book.step_done(batch, len(images), step, total, stepper.lr)
-        if stop():
+        if (step % STOP_CHECK_EVERY == 0 or step == total) and stop():
             stopped = True
             break
     throughput = book.timer.result()
@@ -217,7 +222,7 @@ def endless_batches(loader: DataLoader, sampler: DistributedSampler | None) -> I
 def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler | None, *, max_steps: int,
              print_freq: int, stop: Callable[[], bool]) -> Throughput | None:
     """``max_steps`` steps over as many epochs as they take: the steady-state throughput after the warm-up,
-    or None when ``stop()`` (asked after every step, a collective) ended the run early."""
+    or None when ``stop()`` (a collective, asked every STOP_CHECK_EVERY steps) ended the run early."""
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
                     prefix="Perf:")
     stepper.model.train()
@@ -225,6 +230,6 @@ def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler |
     for step, (images, targets) in enumerate(batches, start=1):
         book.data_ready()
         book.step_done(stepper.step(images, targets, (0, step)), len(images), step, max_steps, stepper.lr)
-        if step < max_steps and stop():
+        if step < max_steps and step % STOP_CHECK_EVERY == 0 and stop():
             return None
     return book.timer.result()
