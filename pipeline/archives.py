@@ -5,9 +5,11 @@ byte tarfile asks for goes through ``HashingReader``, which feeds the MD5 and th
 no checksum is wanted, skipped members are seeked over instead (a resumed run then skips finished classes
 without reading them).
 
-Every member is checked before anything is written: absolute names, ``..``, links, devices and FIFOs are
-refused with ``UnsafeMemberError`` (stricter than tarfile's ``data`` filter, which allows links inside the
-destination). Files are written by this module, never by ``TarFile.extract``.
+Every member is checked before anything is written: absolute names, ``..``, links, devices, FIFOs and names
+that are not UTF-8 or hold control characters are refused with ``UnsafeMemberError`` (stricter than tarfile's
+``data`` filter, which allows links inside the destination); a name that becomes a file must be a plain portable
+one (``safe_name``). Files are written by this module, never by ``TarFile.extract``. Names are decoded as UTF-8
+whatever the locale, so that an undecodable one is refused here rather than crashing the loaders later.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import contextlib
 import gzip
 import hashlib
 import logging
+import os
 import re
 import queue
 import tarfile
 import threading
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 4 << 20  # bytes per read when draining or reading through a skipped member
 HASH_QUEUE_CHUNKS = 16  # chunks read but not yet hashed, at most (the chunks are shared with the writers)
+NAME_ENCODING = "utf-8"  # member names; tarfile keeps undecodable bytes as surrogates, which check_member refuses
+PORTABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # POSIX portable file name, not hidden
 
 # The official archive names (synthetic test archives use the same ones) and their published MD5s.
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -91,7 +97,10 @@ class HashingReader:
         self.position = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self._fh.read(size)
+        try:
+            data = self._fh.read(size)
+        except OSError as exc:  # EIO and the like: the archive, not the data dir, is at fault
+            raise ArchiveError(f"cannot read archive {self._fh.name}: {exc.strerror or exc}") from None
         if self._hasher is not None and data:
             self._hasher.chunks.put(data)
         self.position += len(data)
@@ -142,9 +151,25 @@ class ArchiveRead:
 
 
 def missing_archive_error(path: Path) -> ArchiveError:
-    present = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+    try:
+        present = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+    except OSError as exc:
+        raise unreadable_archive_error(path.parent, exc) from None
     return ArchiveError(f"archive {path} is missing (the archive dir holds {present or 'nothing'}); "
                         f"put the official {path.name} there or pass --archive-dir")
+
+
+def unreadable_archive_error(path: Path, exc: OSError) -> ArchiveError:
+    return ArchiveError(f"cannot read {path}: {exc.strerror or exc}; give this user read access to the archive dir "
+                        "and its archives, or pass another --archive-dir")
+
+
+def archive_exists(path: Path) -> bool:
+    """Whether ``path`` is a file; an archive dir that cannot be searched is an ArchiveError, not a missing file."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise unreadable_archive_error(path.parent, exc) from None
 
 
 @contextlib.contextmanager
@@ -153,25 +178,30 @@ def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRea
 
     A truncated or corrupt archive raises ArchiveError, a wrong MD5 ChecksumError; both name the file.
     """
-    if not path.is_file():
+    if not archive_exists(path):
         raise missing_archive_error(path)
-    size = path.stat().st_size
     start = time.monotonic()
     read = ArchiveRead(path)
-    with open(path, "rb") as fh, Progress(path.name, size, unit="B", logger=log) as progress:
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise unreadable_archive_error(path, exc) from None
+    stat = os.fstat(fh.fileno())
+    with fh, Progress(path.name, stat.st_size, unit="B", logger=log) as progress:
         reader = HashingReader(fh, hashing=expected_md5 is not None, on_read=progress.update)
         try:
             mode = "r:gz" if path.name.endswith(".gz") else "r:"
-            read.tar = tarfile.open(fileobj=reader, mode=mode)  # type: ignore[call-overload]
+            read.tar = tarfile.open(fileobj=reader, mode=mode, encoding=NAME_ENCODING)  # type: ignore[call-overload]
             yield read
-            _check_end(read.tar, path)
+            check_end(read.tar, f"archive {path}")
             reader.drain()
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise ArchiveError(f"archive {path} is truncated or corrupt ({exc}); download it again") from None
         finally:
             digest = reader.finish()
     seconds = time.monotonic() - start
-    read.stats = {"bytes": size, "md5": digest, "expected_md5": expected_md5,
+    size = stat.st_size
+    read.stats = {"bytes": size, "mtime_ns": stat.st_mtime_ns, "md5": digest, "expected_md5": expected_md5,
                   "checksum": "skipped" if expected_md5 is None else "ok" if digest == expected_md5 else "mismatch",
                   "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 1)}
     if read.stats["checksum"] == "mismatch":
@@ -180,8 +210,11 @@ def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRea
                             "for a mirror or a subset you trust")
 
 
-def _check_end(tar: tarfile.TarFile, path: Path) -> None:
-    """tarfile stops quietly when an archive ends exactly between two members: demand the end-of-archive blocks."""
+def check_end(tar: tarfile.TarFile, what: str) -> None:
+    """tarfile stops quietly when an archive ends exactly between two members: demand the end-of-archive blocks.
+
+    ``what`` names the tar in the error: ``archive <path>``, or a class tar inside the train archive.
+    """
     tar.getmembers()  # reads the remaining headers, should the caller have stopped early
     stream = tar.fileobj
     assert stream is not None
@@ -189,15 +222,19 @@ def _check_end(tar: tarfile.TarFile, path: Path) -> None:
     while stream.read(READ_CHUNK):  # for .tar.gz this also checks the gzip trailer (CRC and length)
         pass
     if stream.tell() < end + 2 * tarfile.BLOCKSIZE:
-        raise ArchiveError(f"archive {path} ends after {end:,} bytes without the end-of-archive marker: it is "
-                           "truncated (an interrupted download or copy); download it again")
+        raise ArchiveError(f"{what} ends after {end:,} bytes without the end-of-archive marker: it is truncated "
+                           "(an interrupted download or copy); download it again")
 
 
 def check_member(member: tarfile.TarInfo, where: str) -> PurePosixPath:
     """The member's relative path, or UnsafeMemberError when it could escape or is not a plain file or folder."""
     path = PurePosixPath(member.name)
     reason = ""
-    if path.is_absolute() or member.name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member.name):
+    if not _is_utf8(member.name):
+        reason = "has a name that is not valid UTF-8"
+    elif any(unicodedata.category(char) == "Cc" for char in member.name):
+        reason = "has a control character (newline, tab, ...) in its name"
+    elif path.is_absolute() or member.name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member.name):
         reason = "has an absolute path"
     elif ".." in path.parts or "\\" in member.name:
         reason = "has '..' or a backslash in its path"
@@ -206,10 +243,32 @@ def check_member(member: tarfile.TarInfo, where: str) -> PurePosixPath:
     elif not (member.isfile() or member.isdir()):
         reason = "is a device, FIFO or other special file"
     if reason:
-        raise UnsafeMemberError(f"{where}: member {member.name!r} {reason}; nothing more is extracted from it. "
-                                "Official archives hold plain files only: download the archive again from the "
-                                "official source")
+        raise UnsafeMemberError(f"{where}: member {shown(member.name)} {reason}; nothing more is extracted from it. "
+                                "Official archives hold plain files with plain names only: download the archive "
+                                "again from the official source")
     return path
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: the bytes tarfile could not decode
+        return False
+    return True
+
+
+def shown(name: str) -> str:
+    """``repr`` of a member name; a name that is not UTF-8 as its bytes, e.g. ``b'a\\xe9.JPEG'``."""
+    return repr(name) if _is_utf8(name) else repr(name.encode(NAME_ENCODING, "surrogateescape"))
+
+
+def safe_name(name: str, where: str) -> str:
+    """``name`` when it may become a file or folder name: letters, digits, '.', '_', '-', not hidden."""
+    if not PORTABLE_NAME.fullmatch(name):
+        raise UnsafeMemberError(f"{where}: {shown(name)} is not a plain file name (letters, digits, '.', '_' and '-', "
+                                "not starting with '.'), which the official archives use throughout; refusing to "
+                                "write it. Download the archive again from the official source")
+    return name
 
 
 def flat_name(path: PurePosixPath) -> str | None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.archives import CIFAR10_TAR, ArchiveError, check_member, read_archive, write_member
+from pipeline.archives import CIFAR10_TAR, ArchiveError, check_member, read_archive, safe_name, write_member
 from pipeline.classes import write_classes
-from pipeline.datadir import (CIFAR_FOLDER, REPORT_FILE, DataDirError, check_dataset, delete_archive, disk_full_guard,
-                              read_report, staging_dir, write_report)
+from pipeline.datadir import (CIFAR_FOLDER, REPORT_FILE, DataDirError, check_dataset, check_same_archive,
+                              delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,12 @@ def prepare_cifar10(archive_dir: Path, data_dir: Path, *, expected_md5: str | No
     """Verify and extract the CIFAR-10 archive into ``data_dir/cifar-10-batches-py``; write classes and report."""
     start = time.monotonic()
     archive_dir, data_dir = Path(archive_dir), Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(data_dir)
     check_dataset(data_dir, "cifar10")
     report = read_report(data_dir)
     if report is not None:
+        check_same_archive(archive_dir / CIFAR10_TAR, report["archives"][CIFAR10_TAR], data_dir,
+                           f"remove {data_dir / CIFAR_FOLDER} and {REPORT_FILE}")
         return reverify_cifar10(data_dir, report)
     final = data_dir / CIFAR_FOLDER
     if final.exists():
@@ -102,7 +104,7 @@ def prepare_cifar10(archive_dir: Path, data_dir: Path, *, expected_md5: str | No
                 for member in read.tar:
                     path = check_member(member, archive.name)
                     if member.isfile() and path.parts[:1] == (CIFAR_FOLDER,) and len(path.parts) == 2:
-                        write_member(read.tar, member, staging / path.name)
+                        write_member(read.tar, member, staging / safe_name(path.name, f"{archive.name}: member"))
                     elif member.isfile():
                         extra.append(member.name)
             report = _cifar_report(archive_dir, data_dir, staging, read.stats, extra)
@@ -127,8 +129,10 @@ def _cifar_report(archive_dir: Path, data_dir: Path, staging: Path, stats: dict[
         raise ArchiveError(f"{archive_dir / CIFAR10_TAR} has no {CIFAR_FOLDER}/{missing[0]} (missing: {missing}); "
                            "is it the CIFAR-10 python version, cifar-10-python.tar.gz?")
     label_names = load_batch(staging / META_FILE).get("label_names")
-    if not isinstance(label_names, list) or not label_names:
-        raise ArchiveError(f"{META_FILE} in {archive_dir / CIFAR10_TAR} has no 'label_names' list")
+    if not isinstance(label_names, list) or not label_names or not all(isinstance(n, str) for n in label_names):
+        raise ArchiveError(f"{META_FILE} in {archive_dir / CIFAR10_TAR} has no 'label_names' list of texts")
+    for name in label_names:  # they become the class list's names
+        safe_name(name, f"{archive_dir / CIFAR10_TAR}: {META_FILE}: label name")
     splits = {}
     for split, names in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
         per_class = count_labels(staging, names, label_names)

@@ -11,12 +11,13 @@ import datetime
 import errno
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
-from pipeline.archives import PrepError
+from pipeline.archives import PrepError, archive_exists
 from pipeline.atomic import atomic_write_text
 from pipeline.logs import human_bytes
 from pipeline.records import read_json
@@ -39,6 +40,37 @@ class DiskFullError(PrepError):
 def staging_dir(data_dir: Path, split: str) -> Path:
     """Where a split is built before it is renamed to ``data_dir/split``."""
     return data_dir / f".{split}.partial"
+
+
+def make_data_dir(data_dir: Path) -> None:
+    """Create the data dir; one that is a file or cannot be written is bad input, said in one line."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataDirError(f"--data-dir {data_dir} is a file, not a folder; pass a folder (it is created when "
+                           "missing)") from None
+    except OSError as exc:
+        raise DataDirError(f"cannot create --data-dir {data_dir}: {exc.strerror or exc}; pass a folder this user "
+                           "can write to") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataDirError(f"cannot write to --data-dir {data_dir}; pass a folder this user can write to")
+
+
+def check_same_archive(path: Path, recorded: Mapping[str, Any], data_dir: Path, redo: str) -> None:
+    """An archive of another size than the one ``data_dir`` was prepared from is an error, since that data would
+    silently stay; a new modification time alone is only logged (copying the archives, e.g. to node-local disk,
+    changes it). An archive deleted since (``--delete-archives``) has nothing to compare."""
+    if not archive_exists(path):
+        return
+    stat = path.stat()
+    if stat.st_size != recorded["bytes"]:
+        raise DataDirError(f"{data_dir} was prepared from a {path.name} of {recorded['bytes']:,} bytes, not from "
+                           f"{path} ({stat.st_size:,} bytes), and still holds that data. To prepare from this "
+                           f"archive, {redo} or pass an empty --data-dir; to use the data as it is, pass the "
+                           "--archive-dir it was prepared from")
+    if recorded.get("mtime_ns", stat.st_mtime_ns) != stat.st_mtime_ns:
+        log.warning("%s was modified since %s was prepared from it (same size); if its contents changed, %s or pass "
+                    "an empty --data-dir", path, data_dir, redo)
 
 
 def read_report(data_dir: Path) -> dict[str, Any] | None:

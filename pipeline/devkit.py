@@ -4,6 +4,8 @@
 their ``ILSVRC2012_ID`` (1..1000) is NOT the position of the wnid in sorted order. Line k of
 ``data/ILSVRC2012_validation_ground_truth.txt`` is the ILSVRC2012_ID of ``ILSVRC2012_val_%08d.JPEG``
 with that k, so a val file is placed by the number in its own name, never by its position in a listing.
+A class's WNID becomes a folder name, so each must be ``n`` + 8 digits; meta.mat fields of another type are
+refused with a DevkitError (bad input, one line) rather than crashing.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
@@ -21,6 +24,7 @@ META_MAT = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 REQUIRED_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "num_children")
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
+WNID = re.compile(r"n\d{8}")
 
 
 class DevkitError(ArchiveError):
@@ -52,28 +56,39 @@ def val_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _scalar(value: object) -> object:
-    return np.asarray(value).reshape(-1)[0] if np.size(value) else None
+def _field(row: np.void, name: str, kind: type, where: str, index: int) -> Any:
+    """One synset field as ``kind``: int (one whole number) or str (text); anything else is a DevkitError."""
+    value, array = row[name], np.asarray(row[name])
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is int and array.size == 1 and array.dtype.kind in "iuf" and float(array.reshape(-1)[0]).is_integer():
+        return int(array.reshape(-1)[0])
+    wanted = "one whole number" if kind is int else "text"
+    raise DevkitError(f"{where}: synset {index} has {name} = {repr(value)[:60]}, not {wanted}; is this the "
+                      "ILSVRC2012 devkit?")
 
 
 def parse_meta_mat(data: bytes, where: str) -> tuple[dict[int, str], dict[str, str]]:
     """Leaf synsets of meta.mat as (ILSVRC2012_ID -> wnid, wnid -> words)."""
     try:
         synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"].reshape(-1)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - foreign bytes: loadmat raises many types (MatReadError, v7.3's ...)
         raise DevkitError(f"{where} is not a readable meta.mat with a 'synsets' struct array ({exc})") from None
     missing = [f for f in REQUIRED_FIELDS if f not in (synsets.dtype.names or ())]
     if missing:
         raise DevkitError(f"{where}: the synsets have no field(s) {missing}; is this the ILSVRC2012 devkit?")
     wnid_of_id: dict[int, str] = {}
     words: dict[str, str] = {}
-    for row in synsets:
-        if int(_scalar(row["num_children"])) != 0:  # type: ignore[arg-type]
+    for index, row in enumerate(synsets, 1):
+        if _field(row, "num_children", int, where, index) != 0:
             continue
-        sid, wnid = int(_scalar(row["ILSVRC2012_ID"])), str(row["WNID"])  # type: ignore[arg-type]
+        sid, wnid = _field(row, "ILSVRC2012_ID", int, where, index), _field(row, "WNID", str, where, index)
+        if not WNID.fullmatch(wnid):
+            raise DevkitError(f"{where}: synset {index} has WNID {wnid!r}, not n + 8 digits; WNIDs become folder "
+                              "names, so no other is accepted")
         if sid in wnid_of_id or wnid in words:
             raise DevkitError(f"{where}: ILSVRC2012_ID {sid} or WNID {wnid} appears twice among the leaf synsets")
-        wnid_of_id[sid], words[wnid] = wnid, str(row["words"])
+        wnid_of_id[sid], words[wnid] = wnid, _field(row, "words", str, where, index)
     if not wnid_of_id:
         raise DevkitError(f"{where} lists no leaf synsets (num_children == 0): no classes")
     return wnid_of_id, words

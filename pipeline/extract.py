@@ -18,8 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from pipeline.archives import (ArchiveError, check_member, flat_name, member_bytes, read_archive, write_file,
-                               write_member)
+from pipeline.archives import (NAME_ENCODING, ArchiveError, check_end, check_member, flat_name, member_bytes,
+                               read_archive, safe_name, write_file, write_member)
 from pipeline.devkit import Devkit, val_number
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,17 @@ def remove_temp_dirs(folder: Path) -> None:
 
 
 def extract_class(data: bytes, wnid: str, staging: Path, where: str) -> None:
-    """Extract one class tar (in memory) to ``staging/<wnid>.tmp``, then rename it to ``staging/<wnid>``."""
+    """Extract one class tar (in memory) to ``staging/<wnid>.tmp``, then rename it to ``staging/<wnid>``.
+
+    The class tar must be whole (end-of-archive marker), hold at least one file and each name once: a class
+    cut short or doubled inside an intact train tar would otherwise pass as complete.
+    """
     tmp, final = staging / (wnid + TMP_SUFFIX), staging / wnid
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    names: set[str] = set()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding=NAME_ENCODING) as tar:
             for member in tar:
                 name = flat_name(check_member(member, where))
                 if member.isdir():
@@ -94,7 +99,14 @@ def extract_class(data: bytes, wnid: str, staging: Path, where: str) -> None:
                 if name is None:
                     raise ArchiveError(f"{where}: member {member.name!r} is in a sub-folder; the official class "
                                        "tars hold flat <wnid>_<n>.JPEG files")
+                if safe_name(name, f"{where}: member") in names:
+                    raise ArchiveError(f"{where} holds {name!r} twice; the official class tars hold each file "
+                                       "once: download the train archive again")
+                names.add(name)
                 write_member(tar, member, tmp / name)
+            check_end(tar, where)
+        if not names:
+            raise ArchiveError(f"{where} holds no files; download the train archive again")
         os.rename(tmp, final)
     except tarfile.TarError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +140,7 @@ def extract_train(archive: Path, staging: Path, *, classes: Collection[str], exp
             if wnid not in done:
                 data = member_bytes(read.tar, member)
                 pool.submit(len(data), extract_class, data, wnid, staging, f"{archive.name}:{member.name}")
+    require_some(len(seen), archive, f"<wnid>.tar of the devkit's {len(classes)} classes")
     return {"archive": read.stats, "extra": extra}
 
 
@@ -183,6 +196,8 @@ def extract_val(archive: Path, staging: Path, *, devkit: Devkit, expected_md5: s
                 seen.add(number)
                 batcher.add(staging / wnid / name, member_bytes(read.tar, member))
         batcher.flush()
+    require_some(len(seen), archive, f"val file with a ground-truth line (ILSVRC2012_val_<k>.JPEG, k = 1.."
+                 f"{len(devkit.ground_truth)})")
     missing = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, len(devkit.ground_truth) + 1) if k not in seen]
     return {"archive": read.stats, "missing": missing, "unlabelled": unlabelled, "extra": extra}
 
@@ -200,13 +215,21 @@ def extract_flat(archive: Path, staging: Path, *, expected_md5: str | None, work
             path = check_member(member, archive.name)
             if member.isdir():
                 continue
-            if path.name in names:
+            if safe_name(path.name, f"{archive.name}: member") in names:
                 duplicates.append(member.name)
                 continue
             names.add(path.name)
             batcher.add(staging / path.name, member_bytes(read.tar, member))
         batcher.flush()
+    require_some(len(names), archive, "files")
     return {"archive": read.stats, "extra": duplicates}
+
+
+def require_some(found: int, archive: Path, what: str) -> None:
+    """An archive that yields nothing is an error: an empty split must never be recorded as finished."""
+    if not found:
+        raise ArchiveError(f"archive {archive} holds no {what}: it is empty or not the official one; "
+                           "download it again")
 
 
 def count_files(split_dir: Path) -> dict[str, int]:

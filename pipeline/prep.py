@@ -11,7 +11,8 @@ submitit) or ``python -m jobs.prep --archive-dir A --data-dir D``. Produces, for
 
 and for CIFAR-10 (``--dataset cifar10``) ``D/cifar-10-batches-py/`` (see pipeline.cifar). Each archive is
 read once, its MD5 checked from the same bytes (``--skip-checksum`` for mirrors and subsets). An interrupted
-run resumes class by class; a finished data dir is re-verified (counts) in seconds.
+run resumes class by class; a finished data dir is re-verified (counts, and the archives' sizes against those it
+was prepared from) in seconds.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, TRAIN_TAR, VAL_TAR, ArchiveError,
-                               ChecksumError, missing_archive_error)
+                               ChecksumError, archive_exists, missing_archive_error)
 from pipeline.atomic import atomic_write_text
 from pipeline.classes import CLASSES_FILE, read_classes, write_classes
 from pipeline.config import Config
-from pipeline.datadir import (REPORT_FILE, DataDirError, check_dataset, delete_archive, disk_full_guard, read_report,
-                              staging_dir, write_report)
+from pipeline.datadir import (REPORT_FILE, DataDirError, check_dataset, check_same_archive, delete_archive,
+                              disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
 from pipeline.devkit import Devkit, read_devkit
 from pipeline.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
 
@@ -59,14 +60,14 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
     """ImageNet from the three (or four) archives; ``expected_md5`` maps archive names to MD5s, None skips checks."""
     start = time.monotonic()
     archive_dir, data_dir = Path(archive_dir), Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(data_dir)
     check_dataset(data_dir, "imagenet")
     if read_report(data_dir) is not None:
-        return reverify_imagenet(data_dir)
+        return reverify_imagenet(data_dir, archive_dir)
     splits = [s for s in SPLIT_ARCHIVES
-              if s != "test" or (archive_dir / TEST_TAR).is_file() or _split_done(data_dir, s)]
+              if s != "test" or archive_exists(archive_dir / TEST_TAR) or _split_done(data_dir, s)]
     needed = [DEVKIT_TAR] + [SPLIT_ARCHIVES[s] for s in splits if not _split_done(data_dir, s)]
-    absent = [archive_dir / name for name in needed if not (archive_dir / name).is_file()]
+    absent = [archive_dir / name for name in needed if not archive_exists(archive_dir / name)]
     if absent:
         raise missing_archive_error(absent[0]) if len(absent) == 1 else ArchiveError(
             f"archives {[p.name for p in absent]} are missing from {archive_dir}; put the official files there "
@@ -79,7 +80,7 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
         records = {}
         for split in splits:
             archive = archive_dir / SPLIT_ARCHIVES[split]
-            records[split] = _load_record(data_dir, split) or _run_split(
+            records[split] = _load_record(archive_dir, data_dir, split) or _run_split(
                 split, archive, data_dir, devkit, expected_md5=expected.get(archive.name), workers=workers)
             if delete_archives:
                 delete_archive(archive)
@@ -118,10 +119,11 @@ def _split_done(data_dir: Path, split: str) -> bool:
     return has_record and (data_dir / split).is_dir()
 
 
-def _load_record(data_dir: Path, split: str) -> dict[str, Any] | None:
+def _load_record(archive_dir: Path, data_dir: Path, split: str) -> dict[str, Any] | None:
     if not _split_done(data_dir, split):
         return None
     record = json.loads((data_dir / STATE_DIR / f"{split}.json").read_text())
+    _check_same_archives(archive_dir, data_dir, {SPLIT_ARCHIVES[split]: record["archive"]})
     record["archive"]["read_in_this_run"] = False
     log.info("%s is already extracted and verified; skipping it", data_dir / split)
     return record
@@ -173,11 +175,26 @@ def _imagenet_report(archive_dir: Path, data_dir: Path, devkit: Devkit,
             "official_counts": OFFICIAL_COUNTS, "official_counts_match": counts == OFFICIAL_COUNTS}
 
 
-def reverify_imagenet(data_dir: Path) -> dict[str, Any]:
-    """A finished data dir: count the files again and compare with the report; a difference is an error."""
+def _check_same_archives(archive_dir: Path, data_dir: Path, recorded: Mapping[str, Mapping[str, Any]]) -> None:
+    """The archives in archive_dir must be those the finished splits were made from (see check_same_archive)."""
+    split_of = {name: split for split, name in SPLIT_ARCHIVES.items()}
+    for name, stats in recorded.items():
+        split = split_of.get(name)
+        redo = (f"remove {data_dir / split} and {REPORT_FILE} (that split alone is redone)" if split else
+                f"remove {data_dir} (the classes come from it)")
+        check_same_archive(archive_dir / name, stats, data_dir, redo)
+
+
+def reverify_imagenet(data_dir: Path, archive_dir: Path) -> dict[str, Any]:
+    """A finished data dir: count the files again and compare with the report; a difference is an error, and so
+    are archives other than those it was prepared from, or a test archive it was prepared without."""
     start = time.monotonic()
     report = read_report(data_dir)
     assert report is not None
+    _check_same_archives(archive_dir, data_dir, report["archives"])
+    if "test" not in report["splits"] and archive_exists(archive_dir / TEST_TAR):
+        raise DataDirError(f"{data_dir} was prepared without the {TEST_TAR} now in {archive_dir}; to add the test "
+                           f"split, remove {data_dir / REPORT_FILE} and run prep again (train and val are kept)")
     for split, record in report["splits"].items():
         folder = data_dir / split
         if not folder.is_dir():
