@@ -34,6 +34,7 @@ dropped); ``skipped_images(loader)`` says how many images could not be read.
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +48,7 @@ from pipeline.datasets import (DataDirError, SampleSet, cifar_split, imagenet_cl
 from pipeline.distributed import DistEnv
 from pipeline.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, NoDraw
 from pipeline.precision import Precision
+from pipeline.preemption import STOP_SIGNALS
 from pipeline.transforms import (BatchTransform, batch_mix, eval_transform, normalization, train_extras,
                                  train_transform)
 
@@ -186,6 +188,14 @@ def device_batcher(cfg: Config, precision: Precision, *, mix_classes: int = 0, s
                          mix=mix, mix_seed=sample_seed(seed, rank, -1), decoder=decoder)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: a scheduler's SIGTERM to the process group (preemption, scancel)
+    reaches them too, and a worker dying of it would fail the run; the trainer gets it as well and decides
+    (pipeline.preemption). The DataLoader still ends its workers by its own means."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
     workers = cfg.data.workers
     # the device path's batches are file bytes for the decoder to read on the host: nothing to pin
@@ -193,7 +203,8 @@ def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
     options = dict(batch_size=cfg.train.batch_size, num_workers=workers, pin_memory=pin,
                    generator=torch.Generator().manual_seed(seed))
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor)
+        options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor,
+                       worker_init_fn=ignore_stop_signals)
     return options
 
 
