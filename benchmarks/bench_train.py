@@ -1,17 +1,20 @@
 """Training and eval img/s against the torchvision reference script's approach, same model, data and machine.
 
-    python -m benchmarks.bench_train [--device cpu|cuda] [--model resnet18] [--steps 20] [--eval-steps 10]
-                                     [--batch-size 32] [--workers 2] [--data-dir DIR] [--out bench-out/train]
+    python -m benchmarks.bench_train [--device cpu|cuda] [--model resnet50,resnet18] [--decode cpu,device]
+                                     [--steps 20] [--eval-steps 10] [--batch-size 32] [--workers 2]
+                                     [--data-dir DIR] [--out bench-out/train]
 
 Reference (torchvision ``references/classification/train.py``): ``ImageFolder`` with its preset
 transforms (RandomResizedCrop 224 + flip; eval resize 256 + center crop 224), a plain loop in fp32,
 NCHW, no channels_last, SGD, float32 images normalized per sample in the loader workers. Ours:
 ``train(cfg)`` in performance mode (``--max-steps``) with the device's fast path (uint8 batches from
 the workers, normalized on the device; channels_last and bf16 autocast, fp16 on GPUs without bf16),
-and our val loader with the same precision and device-side normalization for eval. Both are timed alike
+and our val loader with the same precision and device-side normalization for eval; each of our runs once per
+``--decode`` path (cpu: PIL in the workers; device: decode_jpeg and the augmentation on the device, see
+pipeline/device_decode.py). All are timed alike
 (pipeline.metrics.ThroughputTimer): wall clock including the wait for data, after device synchronization,
-the first steps left out. The data is a synthetic ImageFolder of ImageNet-sized JPEGs (``--data-dir`` takes
-a prepared one instead), read once before the timings so both runs find the page cache warm. Results go to
+the first steps left out. The data is a synthetic ImageFolder of ImageNet-sized JPEGs (500x375, quality 90,
+one in 50 rewritten as CMYK or grayscale; ``--data-dir`` takes a prepared one instead), read once before the timings so both runs find the page cache warm. Results go to
 ``<out>/bench_train.{json,md}``.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 import torchvision
+from PIL import Image
 from tabulate import tabulate
 from torchvision.transforms import v2
 
@@ -77,11 +81,11 @@ def cycle(loader: Iterable, steps: int) -> Iterable:
             done += 1
 
 
-def reference_train(data_dir: Path, args: argparse.Namespace, device: torch.device) -> Throughput:
+def reference_train(data_dir: Path, args: argparse.Namespace, model_name: str, device: torch.device) -> Throughput:
     """Throughput of the reference's plain fp32 NCHW loop (one process)."""
     folder, loader = reference_loader(data_dir, "train", args, device)
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes=len(folder.classes)).to(device).train()
+    model = build_model(model_name, num_classes=len(folder.classes)).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss()
     timer = ThroughputTimer(device, warmup_steps_for(args.steps))
@@ -96,16 +100,17 @@ def reference_train(data_dir: Path, args: argparse.Namespace, device: torch.devi
     return timer.result()
 
 
-def ours_train(data_dir: Path, args: argparse.Namespace, amp: str, work_dir: Path) -> dict[str, Any]:
-    """The perf.csv row of train(cfg) in performance mode."""
+def ours_train(data_dir: Path, args: argparse.Namespace, model: str, amp: str, decode: str,
+               work_dir: Path) -> tuple[float, float]:
+    """(img/s all ranks, data wait fraction) of train(cfg) in performance mode, from its perf.csv row."""
     cfg = Config()
-    cfg.data.data_dir, cfg.data.workers = str(data_dir), args.workers
-    cfg.model.model, cfg.model.channels_last = args.model, True
-    cfg.train.run_dir, cfg.train.device, cfg.train.amp = str(work_dir / "ours"), args.device, amp
+    cfg.data.data_dir, cfg.data.workers, cfg.data.decode = str(data_dir), args.workers, decode
+    cfg.model.model, cfg.model.channels_last = model, True
+    cfg.train.run_dir, cfg.train.device, cfg.train.amp = str(work_dir / f"ours-{model}-{decode}"), args.device, amp
     cfg.train.batch_size, cfg.train.max_steps, cfg.train.print_freq = args.batch_size, args.steps, 5
-    result = train(cfg)
+    perf = train(cfg)["perf"]
     assert (Path(cfg.train.run_dir) / PERF_FILE).exists()
-    return result["perf"]
+    return perf["img_per_s_all_ranks"], perf["data_wait_frac"]
 
 
 @torch.inference_mode()
@@ -124,21 +129,33 @@ def timed_eval(model: nn.Module, loader: Iterable, steps: int, precision: Precis
     return timer.result()
 
 
-def eval_pair(data_dir: Path, args: argparse.Namespace, device: torch.device,
-              amp: str) -> tuple[Throughput, Throughput]:
-    """(reference, ours) eval img/s on the val split, the same weights."""
+def eval_runs(data_dir: Path, args: argparse.Namespace, device: torch.device, model_name: str,
+              amp: str) -> dict[str, Throughput]:
+    """Eval img/s on the val split of the reference and of each of our decode paths, the same weights."""
     folder, loader = reference_loader(data_dir, "val", args, device)
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes=len(folder.classes))
+    model = build_model(model_name, num_classes=len(folder.classes))
     plain = setup_precision(device, "none", channels_last=False)
-    reference = timed_eval(plain.prepare_model(model), loader, args.eval_steps, plain,
-                           lambda images, targets: (images.to(device, non_blocking=True), targets))
-    cfg = Config()
-    cfg.data.data_dir, cfg.data.workers, cfg.train.batch_size = str(data_dir), args.workers, args.batch_size
+    runs = {"reference": timed_eval(plain.prepare_model(model), loader, args.eval_steps, plain,
+                                    lambda images, targets: (images.to(device, non_blocking=True), targets))}
     fast = setup_precision(device, amp, channels_last=True)
-    ours = timed_eval(fast.prepare_model(model), build_val_loader(cfg, DistEnv(), device), args.eval_steps, fast,
-                      device_batcher(cfg, fast))
-    return reference, ours
+    fast_model = fast.prepare_model(model)
+    for decode in args.decode:
+        cfg = Config()
+        cfg.data.data_dir, cfg.data.workers, cfg.data.decode = str(data_dir), args.workers, decode
+        cfg.train.batch_size = args.batch_size
+        runs[decode] = timed_eval(fast_model, build_val_loader(cfg, DistEnv(), device), args.eval_steps, fast,
+                                  device_batcher(cfg, fast))
+    return runs
+
+
+def add_odd_files(data_dir: Path, every: int) -> int:
+    """Rewrite every ``every``-th JPEG as CMYK or grayscale, as ILSVRC2012 train holds some; returns how many."""
+    paths = sorted(data_dir.rglob("*.JPEG"))[::every]
+    for number, path in enumerate(paths):
+        with Image.open(path) as image:
+            image.convert("CMYK" if number % 2 else "L").save(path, "JPEG", quality=90)
+    return len(paths)
 
 
 def warm_page_cache(data_dir: Path) -> int:
@@ -153,7 +170,10 @@ def warm_page_cache(data_dir: Path) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "npu"])
-    parser.add_argument("--model", default="resnet18", help="registered model name (both runs)")
+    parser.add_argument("--model", default=["resnet18"], type=lambda text: text.split(","),
+                        help="registered model names, comma-separated (every run)")
+    parser.add_argument("--decode", default=["cpu", "device"], type=lambda text: text.split(","),
+                        help="our decode paths to run, comma-separated: cpu, device")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run (first 5 left out)")
     parser.add_argument("--eval-steps", type=int, default=10, help="eval batches per run (first 5 left out)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -174,33 +194,40 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if args.device == "cpu" else f"{args.device}:0")
     amp = fast_amp(device) if args.amp == "auto" else args.amp
     args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         work_dir = Path(tmp)
         data_dir = args.data_dir
         if data_dir is None:  # runs longer than an epoch go on to the next, as training does
             data_dir = make_image_folder(work_dir / "data", num_classes=args.classes,
                                          train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                                         size=(320, 280), seed=0)
+                                         size=(500, 375), seed=0)
+            log.info("%d of the synthetic JPEGs rewritten as CMYK or grayscale", add_odd_files(data_dir, 50))
         log.info("data %s: %.0f MB read into the page cache", data_dir, warm_page_cache(data_dir) / 1e6)
-        ref_train = reference_train(data_dir, args, device)
-        our_train = ours_train(data_dir, args, amp, work_dir)
-        ref_eval, our_eval = eval_pair(data_dir, args, device, amp)
-    figures = {"train": (ref_train.img_per_s_all_ranks, ref_train.data_wait_frac,
-                         our_train["img_per_s_all_ranks"], our_train["data_wait_frac"]),
-               "eval": (ref_eval.img_per_s_all_ranks, ref_eval.data_wait_frac,
-                        our_eval.img_per_s_all_ranks, our_eval.data_wait_frac)}
-    rows = [[f"{kind} img/s", f"{ref:.1f}", f"{ref_wait:.0%}", f"{ours:.1f}", f"{our_wait:.0%}", f"{ours / ref:.2f}"]
-            for kind, (ref, ref_wait, ours, our_wait) in figures.items()]
-    setup = (f"{args.model}, {args.device}, batch {args.batch_size}, {args.workers} workers, {args.steps} train steps, "
+        for model in args.model:
+            reference = reference_train(data_dir, args, model, device)
+            trains = {"reference": (reference.img_per_s_all_ranks, reference.data_wait_frac)}
+            trains.update({decode: ours_train(data_dir, args, model, amp, decode, work_dir) for decode in args.decode})
+            evals = eval_runs(data_dir, args, device, model, amp)
+            results[model] = {path: {"train_img_per_s": trains[path][0], "train_data_wait_frac": trains[path][1],
+                                     "eval_img_per_s": evals[path].img_per_s_all_ranks,
+                                     "eval_data_wait_frac": evals[path].data_wait_frac} for path in trains}
+    rows = []
+    for model, paths in results.items():
+        ref = paths["reference"]
+        for path, f in paths.items():
+            name = "reference" if path == "reference" else f"ours, --decode {path}"
+            rows.append([model, name, f"{f['train_img_per_s']:.1f}", f"{f['train_data_wait_frac']:.0%}",
+                         f"{f['eval_img_per_s']:.1f}", f"{f['eval_data_wait_frac']:.0%}",
+                         f"{f['train_img_per_s'] / ref['train_img_per_s']:.2f}",
+                         f"{f['eval_img_per_s'] / ref['eval_img_per_s']:.2f}"])
+    setup = (f"{args.device}, batch {args.batch_size}, {args.workers} workers, {args.steps} train steps, "
              f"{args.eval_steps} eval batches, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
              f"reference: ImageFolder, fp32, NCHW; ours: {amp} autocast, channels_last")
-    table = tabulate(rows, headers=["", "reference", "data wait", "ours", "data wait", "ours / reference"],
-                     tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, headers=["model", "", "train img/s", "data wait", "eval img/s", "data wait",
+                                    "train x ref", "eval x ref"], tablefmt="github", disable_numparse=True)
     (args.out / "bench_train.md").write_text(f"{setup}\n\n{table}\n")
-    (args.out / "bench_train.json").write_text(json.dumps(
-        {"setup": setup, **{kind: dict(zip(("reference_img_per_s", "reference_data_wait_frac", "ours_img_per_s",
-                                             "ours_data_wait_frac"), values)) for kind, values in figures.items()}},
-        indent=2) + "\n")
+    (args.out / "bench_train.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
     print(setup)
     print(table)
     return 0
