@@ -2,9 +2,10 @@
 of the PIL path, fallbacks counted, bad files skipped and named with exact val counts."""
 from __future__ import annotations
 
+import json
 import logging
+import signal
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +20,8 @@ from pipeline.evaluate import validate
 from pipeline.models import build_model
 from pipeline.precision import setup_precision
 from pipeline.synthetic import make_image_folder
+from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module, tiny_argv,
+                           tiny_data, wait_for_line)
 
 CPU = torch.device("cpu")
 
@@ -64,6 +67,24 @@ def test_device_path_gives_the_cpu_paths_crops_and_pixels_within_one_level(image
     cpu = decoded_batches(small_config(image_dir, "cpu"), train=train, epoch=2)
     device = decoded_batches(small_config(image_dir, "device", workers=2), train=train, epoch=2)
     assert_within_one_level(cpu, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+@pytest.mark.parametrize("train", [True, False])
+def test_nvjpeg_on_cuda_gives_the_cpu_paths_crops_and_pixels_within_a_few_levels(image_dir, train):
+    cuda = torch.device("cuda", 0)
+    cfg = small_config(image_dir, "device", workers=2)
+    loader = build_train_loader(cfg, DistEnv(), CPU, seed=3)[0] if train else build_val_loader(cfg, DistEnv(), CPU)
+    if train:
+        loader.sampler.set_epoch(2)
+    decoder = device_batcher(cfg, setup_precision(CPU, "none", False), mix_classes=3 if train else 0).decoder
+    on_gpu = [decoder(images, targets, cuda) for images, targets in loader]
+    assert all(images.device.type == "cuda" for images, _ in on_gpu)
+    cpu = decoded_batches(small_config(image_dir, "cpu"), train=train, epoch=2)
+    for (a, labels_a), (b, labels_b) in zip(cpu, on_gpu):
+        assert torch.equal(labels_a, labels_b.cpu()) and a.shape == b.shape
+        assert (a.float() - b.cpu().float()).abs().mean() < 2  # nvJPEG's IDCT and upsampling differ from libjpeg's
 
 
 @pytest.mark.parametrize("size", [(72, 60), (60, 72), (500, 375), (16, 300)])
@@ -145,3 +166,33 @@ def test_a_train_batch_with_an_unreadable_file_stays_full(tmp_path, caplog):
         batches = decoded_batches(small_config(root, "device"), train=True)
     assert [len(t) for _, t in batches] == [4, 4] and all(images.shape[0] == 4 for images, _ in batches)
     assert str(bad) in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_and_eval_with_device_decode_are_exact(tmp_path):
+    """The uninterrupted run, the one stopped by SIGUSR1 mid-epoch and resumed, and the eval stage agree exactly."""
+    data_dir = tiny_data(tmp_path / "data")
+    runs = {}
+    for name in ("whole", "resumed"):
+        runs[name] = tmp_path / name
+        argv = tiny_argv(data_dir, runs[name], "--epochs", "2", "--resume", "auto", "--decode", "device")
+        if name == "resumed":
+            proc = start_module("jobs.train", argv)
+            wait_for_line(proc, "Epoch: [1] [3/8]")
+            proc.send_signal(signal.SIGUSR1)
+            assert proc.wait(timeout=60) == 0
+            assert json.loads((runs[name] / "run_state.json").read_text())["state"] == "preempted"
+        done = run_module("jobs.train", argv)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(checkpoint_weights(runs["whole"] / "checkpoints" / "latest.pt"),
+                        checkpoint_weights(runs["resumed"] / "checkpoints" / "latest.pt"))
+    rows = {name: read_rows(run_dir / "epochs.csv") for name, run_dir in runs.items()}
+    compared = ("epoch", "steps", "train_loss", "train_acc1", "val_top1_correct", "val_top5_correct", "val_total")
+    assert [{k: r[k] for k in compared} for r in rows["whole"]] == [{k: r[k] for k in compared} for r in rows["resumed"]]
+
+    evaluated = run_module("jobs.eval", tiny_argv(data_dir, runs["resumed"], "--decode", "device"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    counts = json.loads((runs["resumed"] / "eval.json").read_text())
+    best = max(rows["resumed"], key=lambda r: float(r["val_acc1"]))
+    assert (counts["top1_correct"], counts["top5_correct"], counts["total"]) == \
+        (int(best["val_top1_correct"]), int(best["val_top5_correct"]), int(best["val_total"]))
