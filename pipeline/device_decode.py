@@ -164,6 +164,10 @@ class DeviceDecoder:
         encoded = [i for i, s in enumerate(batch.samples) if not s.decoded]
         if not encoded:
             return out
+        if device.type != "cpu":
+            # nvJPEG's hardware decoder writes its outputs without waiting for the caller's stream, so it can be
+            # handed a block that queued kernels still read (pytorch/vision#9606): let that work finish first.
+            torch.accelerator.current_stream(device).synchronize()
         try:
             decoded = decode_jpeg([batch.samples[i].payload for i in encoded], mode=ImageReadMode.RGB,
                                   device=device)
