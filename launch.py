@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
@@ -31,6 +32,7 @@ from jobs.stages import STAGES, TORCHRUN_STAGES, StageInputError, check_inputs, 
 from jobs.torchrun import REPO_ROOT, STAGE_MODULES, torchrun_command
 from pipeline.config import FIELDS, Config, ConfigError, LaunchConfig, add_config_arguments, build_config, read_toml
 from pipeline.records import CONFIG_FILE
+from pipeline.validate import check_text, validate
 
 SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 OWN_FLAGS = {"nodes": "--nodes", "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task",
@@ -38,6 +40,7 @@ OWN_FLAGS = {"nodes": "--nodes", "gpus-per-node": "--gpus-per-node", "cpus-per-t
              "constraint": "--constraint", "exclusive": "--exclusive", "job-name": "--job-name",
              "signal": "--signal-delay-s"}
 SET_BY_LAUNCHER = {"ntasks-per-node", "output", "error", "dependency", "array", "open-mode"}
+PLACEHOLDER = re.compile(r"(\$(?:NODE_RANK|MASTER_ADDR|MASTER_PORT|JOB_ID|RESTARTS))")  # filled in by the job
 
 
 class LaunchError(RuntimeError):
@@ -52,6 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="what to run; all = prep, train, eval, report as a chain of jobs")
     parser.add_argument("--run-dir", dest="run_dirs", nargs="+", metavar="RUN_DIR", default=argparse.SUPPRESS,
                         help="run dir (config: [train] run_dir); several only with --stage report")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, bad input included")
     return parser
 
 
@@ -104,16 +108,13 @@ def choose_executor(requested: str, out: TextIO) -> str:
 
 
 def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None:
-    if launch.nodes < 1 or launch.gpus_per_node < 1:
-        raise LaunchError(f"--nodes {launch.nodes} --gpus-per-node {launch.gpus_per_node}: both must be at least 1")
+    """What the chosen executor cannot do; the values themselves are checked by pipeline.validate."""
     if launch.nodes > 1 and executor != "slurm" and any(s in TORCHRUN_STAGES for s in stages):
         raise LaunchError(f"--nodes {launch.nodes} needs Slurm: the {executor} executor runs on this machine only. "
                           f"Use --procs-per-node N for N processes here, or --executor slurm")
     if launch.detach and executor != "slurm" and len(stages) > 1:
         raise LaunchError(f"--detach with the {executor} executor runs one stage only (a chain waits on each "
                           "stage here); use --executor slurm, or drop --detach")
-    if launch.time < 1 or launch.signal_delay_s < 0:
-        raise LaunchError(f"--time {launch.time} must be at least 1 minute and --signal-delay-s non-negative")
 
 
 def parse_sbatch_options(options: Sequence[str]) -> dict[str, str | bool]:
@@ -149,6 +150,8 @@ def get_slurm_executor_parameters(launch: LaunchConfig, *, nodes: int, gpus_per_
     if launch.exclusive:
         params["exclusive"] = True
     params.update(kwargs)
+    if params.get("cpus_per_task"):  # Slurm >= 22.05: srun no longer inherits the job's --cpus-per-task
+        params["srun_args"] = [*params.get("srun_args", []), "--cpus-per-task", str(params["cpus_per_task"])]
     return params
 
 
@@ -165,16 +168,27 @@ def stage_resources(cfg: Config, stage: str) -> tuple[int, int, int]:
     return cfg.launch.nodes, nproc, nproc if cfg.train.device in ("auto", "cuda") else 0
 
 
-def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None) -> dict[str, Any]:
-    """The parameters of one stage's job for the chosen executor; ``after`` is the job it waits for."""
+def default_cpus(cfg: Config, stage: str) -> int | None:
+    """CPUs a node task needs: each process and each of its loader workers one (train, eval: processes per node
+    x (workers + 1)); prep: one per writer thread (--workers) plus the reading thread; report: Slurm's default."""
+    _, nproc, _ = stage_resources(cfg, stage)
+    if stage in TORCHRUN_STAGES:
+        return nproc * (cfg.data.workers + 1)
+    return cfg.data.workers + 1 if stage == "prep" else None
+
+
+def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None,
+                        node_cpus: int | None = None) -> dict[str, Any]:
+    """The parameters of one stage's job for the chosen executor; ``after`` is the job it waits for, ``node_cpus``
+    the most a node of the partition has (the default CPU request is capped there)."""
     nodes, nproc, gpus = stage_resources(cfg, stage)
     if executor != "slurm":
         return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
                 "signal_delay_s": cfg.launch.signal_delay_s, "setup": [pythonpath_setup()]}
     extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}"}
-    if not cfg.launch.cpus_per_task and stage in (*TORCHRUN_STAGES, "prep"):
-        # at least one CPU per process; prep: one per writer thread (--workers) plus the reading thread
-        extra["cpus_per_task"] = nproc if stage in TORCHRUN_STAGES else cfg.data.workers + 1
+    wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
+    if wanted:
+        extra["cpus_per_task"] = min(wanted, node_cpus or wanted)
     params = get_slurm_executor_parameters(cfg.launch, nodes=nodes, gpus_per_node=gpus, **extra)
     if after:
         params["dependency"] = f"afterok:{after}"
@@ -217,7 +231,14 @@ def node_command(cfg: Config, stage: str) -> str:
                            master_port="$MASTER_PORT", run_id="$JOB_ID-$RESTARTS",
                            max_restarts=cfg.launch.max_restarts, log_dir=f"{job_dir}/node$NODE_RANK",
                            module=STAGE_MODULES[stage], args=["--config", f"{job_dir}/{stage}_config.toml"])
-    return " ".join(a if a.startswith("$") or "/$" in a else shlex.quote(a) for a in cmd)
+    return " ".join(shell_word(arg) for arg in cmd)
+
+
+def shell_word(arg: str) -> str:
+    """``arg`` quoted for a shell, but for the job's placeholders, left to expand (they are never followed by a
+    letter, digit or underscore here)."""
+    return "".join(part if PLACEHOLDER.fullmatch(part) else shlex.quote(part)
+                   for part in PLACEHOLDER.split(arg) if part) or "''"
 
 
 PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of the allocation; MASTER_PORT: "
@@ -225,10 +246,33 @@ PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of t
                 "JOB_ID, RESTARTS: the Slurm job id and requeue count")
 
 
+def cpu_warnings(cfg: Config, stages: list[str], node_cpus: int | None, out: TextIO) -> None:
+    """Say where the default CPU request is more than the partition's nodes have (the request is capped)."""
+    for stage in stages:
+        wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
+        if wanted and node_cpus and wanted > node_cpus:
+            how = ("processes per node x (--workers + 1)" if stage in TORCHRUN_STAGES else "--workers + 1")
+            out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
+                      f"partition {cfg.launch.partition or '(default)'} have at most {node_cpus}; it asks for "
+                      f"{node_cpus} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
+
+
+def partition_cpus(cfg: Config, executor: str) -> int | None:
+    """CPUs of the partition's largest node when Slurm answers (a dry run works without Slurm too)."""
+    if executor != "slurm" or cfg.launch.cpus_per_task or not shutil.which("sinfo"):
+        return None
+    try:
+        return slurm.node_cpus(cfg.launch.partition)
+    except slurm.SlurmError:
+        return None
+
+
 def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, out: TextIO) -> None:
+    node_cpus = partition_cpus(cfg, executor)
+    cpu_warnings(cfg, stages, node_cpus, out)
     for i, stage in enumerate(stages):
         after = f"<{stages[i - 1]} job id>" if i and executor == "slurm" else None
-        params = executor_parameters(executor, cfg, stage, after)
+        params = executor_parameters(executor, cfg, stage, after, node_cpus)
         if executor == "slurm":
             out.write(f"===== {stage}: sbatch script (saved as {job_folder(cfg)}/%j_submission.sh) =====\n")
             out.write(sbatch_script(cfg, params) + "\n")
@@ -253,12 +297,11 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, 
     out.write("dry run: nothing was submitted\n")
 
 
-def validate_on_slurm(cfg: Config, stages: list[str]) -> None:
+def validate_on_slurm(cfg: Config, stages: list[str], node_cpus: int | None) -> None:
     """Every stage's script passes ``sbatch --test-only`` before the first is submitted."""
-    slurm.check_partition(cfg.launch.partition)
     for stage in stages:
         try:
-            slurm.test_only(sbatch_script(cfg, executor_parameters("slurm", cfg, stage)))
+            slurm.test_only(sbatch_script(cfg, executor_parameters("slurm", cfg, stage, node_cpus=node_cpus)))
         except slurm.SlurmError as exc:
             hint = "; on a cluster without GPUs pass --device cpu" if "gres" in str(exc).lower() else ""
             if stage == "prep" and not cfg.launch.cpus_per_task:
@@ -266,12 +309,12 @@ def validate_on_slurm(cfg: Config, stages: list[str]) -> None:
             raise LaunchError(f"Slurm rejects the {stage} job, nothing was submitted: {exc}{hint}") from None
 
 
-def submit(executor: str, cfg: Config, stage: str, fn: Callable[[], Any], after: str | None,
-           out: TextIO) -> Submitted:
+def submit(executor: str, cfg: Config, stage: str, fn: Callable[[], Any], after: str | None, out: TextIO,
+           node_cpus: int | None = None) -> Submitted:
     from submitit.core.utils import FailedJobError
 
     try:
-        job = make_executor(executor, cfg, executor_parameters(executor, cfg, stage, after)).submit(fn)
+        job = make_executor(executor, cfg, executor_parameters(executor, cfg, stage, after, node_cpus)).submit(fn)
     except FailedJobError as exc:
         raise LaunchError(f"sbatch rejected the {stage} job: {exc}") from None
     sub = Submitted(stage, job, executor)
@@ -288,11 +331,14 @@ def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], executor: str
     plan = [(stage, stage_job(stage, cfg, run_dirs)) for stage in stages]
     submitted: list[Submitted] = []
     if executor == "slurm":
-        validate_on_slurm(cfg, stages)
+        slurm.check_partition(cfg.launch.partition)
+        node_cpus = partition_cpus(cfg, executor)
+        cpu_warnings(cfg, stages, node_cpus, out)
+        validate_on_slurm(cfg, stages, node_cpus)
         try:
             for stage, fn in plan:
                 after = submitted[-1].job.job_id if submitted else None
-                submitted.append(submit(executor, cfg, stage, fn, after, out))
+                submitted.append(submit(executor, cfg, stage, fn, after, out, node_cpus))
         except LaunchError:
             slurm.cancel([s.job.job_id for s in submitted])
             raise
@@ -324,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, run_dirs = resolve_config(args)
         stages = stage_chain(args.stage)
+        validate(cfg, stages)
+        for run_dir in run_dirs:
+            check_text("--run-dir", run_dir)
         executor = choose_executor(cfg.launch.executor, out)
         check_launch(cfg.launch, stages, executor)
         parse_sbatch_options(cfg.launch.sbatch)
@@ -334,10 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_chain(cfg, stages, run_dirs, executor, out)
     except (LaunchError, ConfigError, StageInputError, slurm.SlurmError) as exc:
         out.flush()
+        if args.debug:
+            traceback.print_exc()
         print(f"launch.py: error: {exc}", file=sys.stderr)
         return 2
     except StageFailed as exc:
         out.flush()
+        if args.debug:
+            traceback.print_exc()
         print(f"launch.py: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Any, Callable, Sequence
 
-from pipeline.config import ConfigError, add_config_arguments, config_from_args
+from pipeline.config import Config, ConfigError, add_config_arguments, config_from_args
 
 
 def get_args_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
@@ -52,7 +52,15 @@ def run_door(door: str, *args: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args)
 
 
-def run_stage(argv: Sequence[str] | None, prog: str, description: str, door: str) -> int:
-    """The ``main`` of a one-config stage entry point: parse the flags, run ``door`` on the config."""
+def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: str) -> int:
+    """The ``main`` of ``python -m jobs.<stage>``: parse the flags, validate the config again (the launcher did
+    before submitting; this process may have been started without it), run ``door`` on it."""
     args = get_args_parser(description).parse_args(argv)
-    return exit_status(prog, lambda: run_door(door, config_from_args(args)))
+    return exit_status(f"jobs.{stage}", lambda: run_door(door, validated(config_from_args(args), stage)))
+
+
+def validated(cfg: Config, stage: str) -> Config:
+    from pipeline.validate import validate
+
+    validate(cfg, [stage])
+    return cfg

@@ -15,7 +15,7 @@ DOOR = "pipeline.prep:prepare"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(argv, "jobs.prep", "Prepare ImageNet (or CIFAR-10) from the official archives into a verified "
+    return run_stage(argv, "prep", "Prepare ImageNet (or CIFAR-10) from the official archives into a verified "
                      "data dir.", DOOR)
 
 

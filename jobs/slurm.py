@@ -63,6 +63,16 @@ def check_partition(name: str) -> None:
         raise SlurmError(f"partition {name!r} does not exist on this cluster; known partitions: {known}")
 
 
+def node_cpus(partition: str) -> int | None:
+    """CPUs of the largest node of ``partition`` (of the default partition when empty); None when sinfo cannot say."""
+    result = call(["sinfo", "-h", "-o", "%P %c", *(["-p", partition] if partition else [])])
+    rows = [line.split() for line in result.stdout.splitlines() if len(line.split()) == 2]
+    if not partition:  # the default partition is marked with a *
+        rows = [row for row in rows if row[0].endswith("*")] or rows
+    counts = [int(found.group()) for _, cpus in rows if (found := re.match(r"\d+", cpus))]
+    return max(counts) if result.returncode == 0 and counts else None
+
+
 def test_only(script: str) -> str:
     """Let sbatch validate a script without submitting it (``--test-only``); returns Slurm's estimate."""
     result = call(["sbatch", "--test-only"], stdin=script)

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -289,7 +290,7 @@ class TorchrunJob:
         log_dir = job_dir / f"node{rdzv.node_rank}"
         cmd = node_command(rdzv, nproc_per_node=nproc, max_restarts=launch.max_restarts, log_dir=log_dir,
                            module=self.module, args=["--config", str(config_path)])
-        log.info("running: %s", " ".join(cmd))
+        log.info("running: %s", shlex.join(cmd))
         returncode = self.run(cmd, env)
         if returncode != 0:
             assert self._running is not None

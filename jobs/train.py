@@ -8,7 +8,7 @@ from jobs.common import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(argv, "jobs.train", "Train a classifier (one process, or each process under torchrun).",
+    return run_stage(argv, "train", "Train a classifier (one process, or each process under torchrun).",
                      "pipeline.train:train")
 
 

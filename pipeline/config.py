@@ -27,6 +27,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+import tomli_w
+
 from pipeline.atomic import atomic_write_text
 
 
@@ -127,7 +129,8 @@ class LaunchConfig:
     executor: Literal["auto", "slurm", "local", "debug"] = opt("auto", "slurm where sbatch exists, else local")
     nodes: int = opt(1, "nodes per job")
     gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
-    cpus_per_task: int = opt(0, "CPUs per node task; 0: one per process (train, eval), --workers + 1 (prep)")
+    cpus_per_task: int = opt(0, "CPUs per node task; 0: processes per node x (--workers + 1) (train, eval: each "
+                                "process and its loader workers), --workers + 1 (prep), at most a node's CPUs")
     mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
     time: int = opt(60, "time limit, minutes")
     partition: str = opt("", "Slurm partition")
@@ -218,12 +221,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_toml(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a config file, with a clear error for a missing file or bad TOML."""
+    """Read a config file, with one clear line for a missing, unreadable or non-TOML file."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for the recipes") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file (see configs/)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (not UTF-8); pass a TOML file (see configs/)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     return data
@@ -262,24 +271,10 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def dumps(cfg: Config) -> str:
-    """TOML text of the whole resolved config, every field written out."""
-    lines = []
-    for section, values in to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        lines += [f"{name} = {_toml_value(value)}" for name, value in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+    """TOML text of the whole resolved config, every field written out; a library writes it, so any legal value
+    (quotes, backslashes, unicode) reads back equal."""
+    return tomli_w.dumps(to_dict(cfg))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

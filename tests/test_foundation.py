@@ -63,7 +63,9 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = build_config({"launch": {"sbatch": ["mail-type=END"]}}, {"lr": 0.3, "run_dir": 'a "quoted" dir'})
+    """Any legal value reads back equal, even those validation refuses (newlines): eval and resume must read it."""
+    cfg = build_config({"launch": {"sbatch": ["mail-type=END", "comment='''x\n\"\"\"y"]}},
+                       {"lr": 0.3, "run_dir": 'a "quoted" dir\\ ü', "job_name": "two\nlines\t\x7f", "min_lr": 1e-300})
     path = tmp_path / "config.toml"
     path.write_text(dumps(cfg))
     assert load_config(path) == cfg

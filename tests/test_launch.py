@@ -18,7 +18,7 @@ import pytest
 import launch
 from jobs.follow import LogFollower, StageFailed, Submitted, failure_text, follow
 from jobs.preflight import EXIT_NO_ANSWER
-from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port
+from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port, torchrun_command
 from pipeline.config import Config
 from train_helpers import TINY_FLAGS  # resnet18 on 32 px crops: the smallest real training
 
@@ -52,12 +52,12 @@ def test_dry_run_four_nodes_eight_gpus(no_slurm_path, tmp_path, capsys):
     assert code == 0
     script = sbatch_sections(out)["train"]
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --time=1440",
+                 "#SBATCH --cpus-per-task=40", "#SBATCH --partition=gpu", "#SBATCH --time=1440",
                  "#SBATCH --signal=USR2@90", "#SBATCH --job-name=imagenet-train",
                  f"#SBATCH --output={tmp_path}/run/logs/%j/%j_0_log.out"):
         assert line in script.splitlines()
     assert "dependency" not in script
-    assert re.search(r"^srun .* -m submitit\.core\._submit .*/run/logs/%j$", script, re.M)
+    assert re.search(r"^srun .* --cpus-per-task 40 .* -m submitit\.core\._submit .*/run/logs/%j$", script, re.M)
     torchrun = next(line for line in out.splitlines() if "torch.distributed.run" in line)
     assert "--nnodes 4 --nproc-per-node 8 --node-rank $NODE_RANK --master-addr $MASTER_ADDR" in torchrun
     assert "--max-restarts 2" in torchrun and torchrun.endswith(f"-m jobs.train --config {tmp_path}/run/logs/"
@@ -88,18 +88,25 @@ def test_dry_run_chain_waits_on_each_stage_and_cpu_jobs_ask_for_no_gpus(no_slurm
             previous = list(scripts)[list(scripts).index(stage) - 1]
             assert f"#SBATCH --dependency='afterok:<{previous} job id>'" in lines
             assert "#SBATCH --kill-on-invalid-dep=yes" in lines
-    assert "#SBATCH --nodes=2" in scripts["train"] and "#SBATCH --cpus-per-task=2" in scripts["train"]
+    assert "#SBATCH --nodes=2" in scripts["train"] and "#SBATCH --cpus-per-task=10" in scripts["train"]
     assert "#SBATCH --cpus-per-task=5" in scripts["prep"]  # 4 writer threads (--workers) and the reader
     assert "cpus-per-task" not in scripts["report"]
     assert "--nnodes 2 --nproc-per-node 2" in out
     assert "warning: a real launch would stop here: archive dir" in out
 
 
-@pytest.mark.parametrize("flags, cpus", [(["--workers", "7"], 8), (["--workers", "7", "--cpus-per-task", "3"], 3)])
-def test_prep_job_asks_for_a_cpu_per_writer_thread_unless_told(flags, cpus, no_slurm_path, tmp_path, capsys):
-    code, out, _ = run_main(capsys, "--stage", "prep", "--executor", "slurm", "--dry-run", *flags,
+@pytest.mark.parametrize("stage, flags, cpus", [
+    ("prep", ["--workers", "7"], 8),  # 7 writer threads and the reader
+    ("prep", ["--workers", "7", "--cpus-per-task", "3"], 3),
+    ("train", ["--procs-per-node", "2", "--workers", "3"], 8),  # 2 processes x (3 loader workers + 1)
+    ("eval", ["--procs-per-node", "2", "--cpus-per-task", "3"], 3),
+])
+def test_jobs_ask_for_a_cpu_per_process_and_worker_unless_told(stage, flags, cpus, no_slurm_path, tmp_path, capsys):
+    code, out, _ = run_main(capsys, "--stage", stage, "--executor", "slurm", "--dry-run", *flags,
                             "--run-dir", tmp_path / "run")
-    assert code == 0 and f"#SBATCH --cpus-per-task={cpus}" in sbatch_sections(out)["prep"].splitlines()
+    script = sbatch_sections(out)[stage]
+    assert code == 0 and f"#SBATCH --cpus-per-task={cpus}" in script.splitlines()
+    assert re.search(rf"^srun .* --cpus-per-task {cpus} ", script, re.M)  # Slurm >= 22.05: srun does not inherit it
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -113,8 +120,10 @@ def test_prep_job_asks_for_a_cpu_per_writer_thread_unless_told(flags, cpus, no_s
     (["--stage", "train", "--sbatch", "nodes=3", "--dry-run"], "use --nodes for this option"),
     (["--stage", "train", "--sbatch", "x y", "--dry-run"], "expected key=value"),
     (["--stage", "all", "--detach", "--executor", "local"], "--detach with the local executor runs one stage"),
-    (["--stage", "train", "--gpus-per-node", "0", "--dry-run"], "both must be at least 1"),
+    (["--stage", "train", "--gpus-per-node", "0", "--dry-run"], "gpus_per_node (--gpus-per-node) = 0: must be at"),
     (["--stage", "train", "--config", "{tmp}/missing.toml"], "config file {tmp}/missing.toml does not exist"),
+    (["--stage", "eval", "--model", "builtins:dict", "--dry-run"], "the factory returned dict, not a torch.nn"),
+    (["--stage", "report", "--run-dir", "{tmp}/a", "{tmp}/b\tc", "--dry-run"], "--run-dir = "),
 ])
 def test_bad_input_is_a_clear_error(argv, message, no_slurm_path, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -127,6 +136,80 @@ def test_bad_input_is_a_clear_error(argv, message, no_slurm_path, tmp_path, caps
     assert message.replace("{tmp}", str(tmp_path)) in err
     assert "Traceback" not in err
     assert not list(tmp_path.glob("**/*_submitted.pkl"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(256)), "is not text (not UTF-8)"),
+    (b'[launch]\njob_name = "a\\nb"\n', "launch.job_name (--job-name) = 'a\\nb' holds control character(s)"),
+    (b'[launch]\nsbatch = ["comment=\\u0007"]\n', "holds control character(s) '\\x07'"),
+    (b"[model]\nmodel = 'builtins:print'\n", "model 'builtins:print' is not a model factory"),
+])
+def test_bad_config_file_is_one_line(content, message, no_slurm_path, tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_bytes(content)
+    code, out, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--config", config)
+    assert code == 2 and message in err and "Traceback" not in err and "sbatch" not in out
+
+
+def test_bad_model_in_a_chain_stops_before_prep_runs(no_slurm_path, tmp_path, capsys):
+    (tmp_path / "archives").mkdir()
+    code, out, err = run_main(capsys, "--stage", "all", "--executor", "local", "--archive-dir", tmp_path / "archives",
+                              "--data-dir", tmp_path / "data", "--run-dir", tmp_path / "run", "--model", "no_such_net")
+    assert code == 2 and "unknown model 'no_such_net'" in err and "submitted" not in out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_debug_shows_the_traceback_of_bad_input(no_slurm_path, tmp_path, capsys):
+    code, _, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--batch-size", "0",
+                            "--debug")
+    assert code == 2 and "Traceback (most recent call last)" in err and "ConfigError" in err
+    assert err.rstrip().splitlines()[-1] == "launch.py: error: train.batch_size (--batch-size) = 0: must be at least 1 " \
+                                            "(images per process)"
+
+
+def test_dry_run_torchrun_line_pastes_into_a_shell(no_slurm_path, tmp_path, capsys):
+    """Quoted for the shell, with the job's placeholders left to expand; odd run dirs included."""
+    run_dir = tmp_path / "my run's \"dir\" $HOME `x` ü"
+    code, out, _ = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--nodes", 2,
+                            "--run-dir", run_dir)
+    line = next(line for line in out.splitlines() if "torch.distributed.run" in line)
+    values = {"NODE_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "20016", "JOB_ID": "42", "RESTARTS": "3"}
+    words = subprocess.run(["/bin/bash", "-c", "printf '%s\\n' " + line], env=values, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    job_dir = f"{run_dir}/logs/42"
+    assert code == 0 and words == torchrun_command(
+        nnodes=2, nproc_per_node=1, node_rank=1, master_addr="node7", master_port=20016, run_id="42-3",
+        max_restarts=2, log_dir=f"{job_dir}/node1", module="jobs.train", args=["--config", f"{job_dir}/train_config.toml"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "{tmp}"], "config file {tmp} is a directory"),
+    (["--batch-size", "0"], "train.batch_size (--batch-size) = 0: must be at least 1"),
+    (["--workers", "-1"], "data.workers (--workers) = -1: must be at least 0"),
+    (["--prefetch-factor", "0"], "prefetch_factor (--prefetch-factor) = 0: must"),
+    (["--train-crop-size", "0"], "train_crop_size (--train-crop-size) = 0: must"),
+    (["--save-every", "0"], "save_every (--save-every) = 0: must be at least 1"),
+    (["--epochs", "0"], "epochs (--epochs) = 0: must be at least 1"),
+    (["--cpus-per-task", "-4"], "cpus_per_task (--cpus-per-task) = -4: must be"),
+    (["--max-restarts", "-1"], "max_restarts (--max-restarts) = -1: must be"),
+    (["--time", "10", "--signal-delay-s", "600"], "is not shorter than the time"),
+    (["--lr", "nan"], "optim.lr (--lr) = nan: must be a finite number"),
+    (["--warmup-epochs", "5", "--epochs", "5"], "leave no epoch of the main"),
+    (["--momentum", "0", "--nesterov"], "nesterov needs momentum > 0"),
+    (["--device", "cpu", "--sync-bn", "--procs-per-node", "2"], "no CPU kernel"),
+    (["--dataset", "cifar10", "--decode", "device"], "use --decode cpu"),
+    (["--model", "os:system"], "model 'os:system' is not a model factory"),
+    (["--pretrained", "{tmp}/w.pt"], "weights file {tmp}/w.pt does not exist"),
+    (["--job-name", "x\nsrun rm -rf ~"], "holds control character(s) '\\n'"),
+    (["--sbatch", "comment=a\rb"], "launch.sbatch (--sbatch) = 'comment=a\\rb' holds"),
+    (["--data-dir", "{tmp}/d\x1b[2J"], "holds control character(s) '\\x1b'"),
+])
+def test_bad_value_is_one_line_before_anything_is_submitted(flags, message, no_slurm_path, tmp_path, capsys):
+    """Every value a launcher can judge is refused by the validation of the resolved config (pipeline.validate)."""
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    code, out, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", *flags)
+    assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err
+    assert "Traceback" not in err and "sbatch" not in out
 
 
 def test_auto_executor_without_sbatch_is_local_and_says_so(no_slurm_path, tmp_path, capsys):

@@ -179,11 +179,17 @@ def epoch_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_two_node_training_has_world_size_two(launcher, tiny_data, tmp_path):
+    """Also: the default CPU request, 1 process x (2 loader workers + 1), is more than the 2 CPUs of a CI node;
+    the launcher says so and asks for what a node has, for sbatch and for srun (which no longer inherits it)."""
     run_dir = tmp_path / "run"
     result = launcher("--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", tiny_data,
-                      "--run-dir", run_dir, "--epochs", 1, *TINY)
+                      "--run-dir", run_dir, "--epochs", 1, *TINY, "--workers", 2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     (job_id,) = launcher.job_ids
+    assert "warning: the train job would ask for 3 CPUs per node" in result.stdout
+    assert "nodes of partition debug have at most 2; it asks for 2" in result.stdout
+    script = (run_dir / "logs" / job_id / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --cpus-per-task=2" in script.splitlines() and re.search(r"^srun .* --cpus-per-task 2 ", script, re.M)
     assert f"[train {job_id}] RUNNING on node[1-2]" in result.stdout
     assert "pre-flight passed: all-reduce over 2 ranks" in result.stdout
     rows = epoch_rows(run_dir)
