@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from pipeline.accelerator import BACKENDS
+
 log = logging.getLogger(__name__)
 
 ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
 class DistributedSetupError(RuntimeError):
@@ -101,7 +102,7 @@ def init(device: torch.device, env: DistEnv, timeout_s: float = 1800) -> None:
         return
     backend = BACKENDS[device.type]
     kwargs: dict[str, Any] = {}
-    if device.type == "cuda":
+    if device.type != "cpu":  # binds the group to this device (eager NCCL/HCCL communicator)
         kwargs["device_id"] = device
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     log.info("joined process group: backend=%s rank=%d/%d local_rank=%d master=%s:%d",

@@ -9,29 +9,25 @@ epoch (warm-up: cudnn autotuning, worker start-up, allocator growth), summed ove
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 
 import torch
 
 from pipeline import distributed
+from pipeline.accelerator import Accelerator
 
 MAX_WARMUP_STEPS = 5
-MIB = 1024 * 1024
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (no-op on CPU), so the wall clock covers what was launched."""
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
+    Accelerator.of(device).synchronize()
 
 
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this process: allocated on the accelerator, or max resident set size on CPU."""
-    if device.type == "cpu":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
-    return getattr(torch, device.type).max_memory_allocated(device) / MIB
+    return Accelerator.of(device).peak_memory_mib()
 
 
 def hard_labels(targets: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from typing import ContextManager
 import torch
 import torch.nn as nn
 
+from pipeline.accelerator import Accelerator
+
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,17 +77,16 @@ def setup_precision(device: torch.device, amp: str, channels_last: bool) -> Prec
     """The Precision for ``device``; turns on cudnn autotuning on CUDA (fixed input sizes, faster kernels)."""
     if amp not in ("none", *AMP_DTYPES):
         raise PrecisionError(f"--amp {amp!r} is not one of none, bf16, fp16")
-    if amp != "none" and not torch.amp.is_autocast_available(device.type):
-        raise PrecisionError(f"--amp {amp} is not supported on device {device.type}; use --amp none")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PrecisionError("--amp bf16 needs a GPU with bfloat16 support (Ampere or newer); use --amp fp16")
+    accelerator = Accelerator.of(device)
+    problem = accelerator.amp_problem(amp)
+    if problem:
+        raise PrecisionError(problem)
     if amp == "fp16" and device.type == "cpu":
         log.warning("--amp fp16 on CPU runs, but slower than --amp bf16 on most CPUs")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True  # read by cuDNN only
     scaler = None
     if amp == "fp16":
-        scaler = torch.amp.GradScaler(device.type)
+        scaler = accelerator.grad_scaler()
         # The scaler skips the optimizer step when gradients overflow (it then lowers the scale); the
         # schedule still advances one step per batch, so torch's "scheduler before optimizer" notice is noise.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")

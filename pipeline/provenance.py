@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+from pipeline.accelerator import Accelerator
 from pipeline.distributed import DistEnv
 from pipeline.records import read_json
 
@@ -33,25 +34,6 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "npu":
-        return torch.npu.get_device_name(device)
-    return cpu_model() or platform.machine()
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), '' elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def all_hostnames() -> list[str]:
     """Every rank's host, in rank order; a collective: all ranks must call it."""
     host = socket.gethostname()
@@ -64,15 +46,16 @@ def all_hostnames() -> list[str]:
 
 def collect_provenance(device: torch.device, env: DistEnv, seed: int, hosts: list[str]) -> dict[str, Any]:
     """The provenance record of this process (rank 0's is the one written); ``hosts`` from all_hostnames()."""
+    accelerator = Accelerator.of(device)
     return {
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda or "",
-        "cudnn": str(torch.backends.cudnn.version() or "") if torch.cuda.is_available() else "",
+        "cuda": torch.version.cuda or "",  # the build's, whatever the device; the device's stack below
+        **accelerator.versions(),
         "device_type": device.type,
-        "device_name": device_name(device),
+        "device_name": accelerator.name(),
         "hostname": socket.gethostname(),
         "hosts": sorted(set(hosts)),
         "rank_hosts": hosts,
