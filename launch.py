@@ -12,6 +12,8 @@ machine, stages one after the other), debug (in this process, for pdb); auto = s
 PATH, else local. Each job keeps its sbatch script, logs per task, the config its processes read and
 torchrun's logs per node and rank in <run dir>/logs/<job id>/.
 
+Before anything is submitted the resolved config passes pipeline.validate (each job runs it again): bad input
+is one line and status 2, with its traceback only under --debug.
 This module is the only place that builds executors and sbatch parameters.
 """
 from __future__ import annotations
@@ -169,12 +171,10 @@ def stage_resources(cfg: Config, stage: str) -> tuple[int, int, int]:
 
 
 def default_cpus(cfg: Config, stage: str) -> int | None:
-    """CPUs a node task needs: each process and each of its loader workers one (train, eval: processes per node
-    x (workers + 1)); prep: one per writer thread (--workers) plus the reading thread; report: Slurm's default."""
-    _, nproc, _ = stage_resources(cfg, stage)
-    if stage in TORCHRUN_STAGES:
-        return nproc * (cfg.data.workers + 1)
-    return cfg.data.workers + 1 if stage == "prep" else None
+    """CPUs a node task needs: one per process and per loader worker (train, eval: processes per node x
+    (workers + 1)), or per prep writer thread (--workers) and the reading thread; report: Slurm's default."""
+    _, nproc, _ = stage_resources(cfg, stage)  # prep: one process
+    return None if stage == "report" else nproc * (cfg.data.workers + 1)
 
 
 def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None,
@@ -258,13 +258,9 @@ def cpu_warnings(cfg: Config, stages: list[str], node_cpus: int | None, out: Tex
 
 
 def partition_cpus(cfg: Config, executor: str) -> int | None:
-    """CPUs of the partition's largest node when Slurm answers (a dry run works without Slurm too)."""
-    if executor != "slurm" or cfg.launch.cpus_per_task or not shutil.which("sinfo"):
-        return None
-    try:
-        return slurm.node_cpus(cfg.launch.partition)
-    except slurm.SlurmError:
-        return None
+    """CPUs of the partition's largest node, when they matter and Slurm answers."""
+    needed = executor == "slurm" and not cfg.launch.cpus_per_task
+    return slurm.node_cpus(cfg.launch.partition) if needed else None
 
 
 def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, out: TextIO) -> None:

@@ -64,8 +64,12 @@ def check_partition(name: str) -> None:
 
 
 def node_cpus(partition: str) -> int | None:
-    """CPUs of the largest node of ``partition`` (of the default partition when empty); None when sinfo cannot say."""
-    result = call(["sinfo", "-h", "-o", "%P %c", *(["-p", partition] if partition else [])])
+    """CPUs of the largest node of ``partition`` (of the default partition when empty); None when sinfo cannot say
+    (a dry run works without Slurm)."""
+    try:
+        result = call(["sinfo", "-h", "-o", "%P %c", *(["-p", partition] if partition else [])])
+    except SlurmError:
+        return None
     rows = [line.split() for line in result.stdout.splitlines() if len(line.split()) == 2]
     if not partition:  # the default partition is marked with a *
         rows = [row for row in rows if row[0].endswith("*")] or rows
