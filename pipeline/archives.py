@@ -265,7 +265,7 @@ def shown(name: str) -> str:
 def safe_name(name: str, where: str) -> str:
     """``name`` when it may become a file or folder name: letters, digits, '.', '_', '-', not hidden."""
     if not PORTABLE_NAME.fullmatch(name):
-        raise UnsafeMemberError(f"{where}: {shown(name)} is not a plain file name (letters, digits, '.', '_' and '-', "
+        raise UnsafeMemberError(f"{where} {shown(name)} is not a plain file name (letters, digits, '.', '_' and '-', "
                                 "not starting with '.'), which the official archives use throughout; refusing to "
                                 "write it. Download the archive again from the official source")
     return name

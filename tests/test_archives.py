@@ -1,6 +1,7 @@
-"""One-pass reading: the MD5 covers every byte even when members are skipped; member path checks."""
+"""One-pass reading: the MD5 covers every byte even when members are skipped; member path and name checks."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import tarfile
@@ -8,7 +9,8 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from pipeline.archives import HashingReader, UnsafeMemberError, check_member, flat_name, read_archive
+from pipeline.archives import (ArchiveError, HashingReader, UnsafeMemberError, check_member, flat_name, read_archive,
+                               safe_name)
 from prep_fixtures import file_member, write_tar
 
 
@@ -62,6 +64,9 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
     (member("x", tarfile.CHRTYPE), "device"),
     (member("x", tarfile.BLKTYPE), "device"),
     (member("x", tarfile.FIFOTYPE), "FIFO"),
+    (member("a\udce9.JPEG"), "name that is not valid UTF-8"),
+    (member("a\nb.JPEG"), "control character"),
+    (member("a\x1b[2Jb.JPEG"), "control character"),
 ])
 def test_unsafe_members_are_refused_with_the_reason(info, reason):
     with pytest.raises(UnsafeMemberError, match=f"archive.tar: member .* {reason}"):
@@ -74,3 +79,34 @@ def test_plain_members_pass_and_flat_names_are_recognised(name, flat):
     path = check_member(member(name), "archive.tar")
     assert path == PurePosixPath(name) and flat_name(path) == flat
     assert check_member(member("folder", tarfile.DIRTYPE), "archive.tar") == PurePosixPath("folder")
+
+
+def test_a_name_that_is_not_utf8_is_shown_as_its_bytes():
+    with pytest.raises(UnsafeMemberError, match=r"member b'n01_\\xe9\\xff.JPEG' has a name that is not valid UTF-8"):
+        check_member(member("n01_\udce9\udcff.JPEG"), "archive.tar")
+
+
+@pytest.mark.parametrize("name", ["n01440764_10026.JPEG", "data_batch_1", "ILSVRC2012_test_00000001.JPEG", "a-b.c"])
+def test_plain_file_names_pass(name):
+    assert safe_name(name, "archive.tar: member") == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "-rf", "a b", "caf\u00e9.JPEG", "a/b", "x" * 256])
+def test_names_that_are_not_plain_file_names_are_refused(name):
+    with pytest.raises(UnsafeMemberError, match="archive.tar: member .* is not a plain file name"):
+        safe_name(name, "archive.tar: member")
+
+
+class FailingFile(io.BytesIO):
+    """An archive on a disk that fails: every read is an I/O error."""
+    name = "/archives/broken.tar"
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_read_error_of_the_archive_is_an_archive_error_naming_it():
+    reader = HashingReader(FailingFile(), hashing=True, on_read=lambda n: None)
+    with pytest.raises(ArchiveError, match="cannot read archive /archives/broken.tar: Input/output error"):
+        reader.read(10)
+    reader.finish()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from torchvision.datasets import ImageFolder
@@ -14,7 +12,7 @@ from pipeline.config import Config
 from pipeline.datadir import DataDirError
 from pipeline.prep import TEST_TAR, prepare, prepare_imagenet
 from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
-from prep_fixtures import REPO, assert_prepared, file_member, small_archives, tar_members, write_tar
+from prep_fixtures import assert_prepared, file_member, run_prep_cli, small_archives, tar_members, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +91,13 @@ def test_test_archive_goes_to_test_and_archives_are_kept_unless_asked(archives, 
     assert (tmp_path / "deleted" / "test" / test_names[0]).read_bytes() == test_names[0].encode()
 
 
-def run_cli(*args: str):
-    return subprocess.run([sys.executable, "-m", "jobs.prep", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-
-
 def test_cli_prepares_and_reports_a_checksum_mismatch_by_file_name_without_traceback(archives, tmp_path):
-    ok = run_cli("--archive-dir", str(archives.archive_dir), "--data-dir", str(tmp_path / "d"), "--skip-checksum",
+    ok = run_prep_cli("--archive-dir", str(archives.archive_dir), "--data-dir", str(tmp_path / "d"), "--skip-checksum",
                  "--workers", "2")
     assert ok.returncode == 0, ok.stderr
     assert_prepared(archives, tmp_path / "d")
     assert "val files missing (2): ILSVRC2012_val_00000003.JPEG" in ok.stderr
-    bad = run_cli("--archive-dir", str(archives.archive_dir), "--data-dir", str(tmp_path / "e"))
+    bad = run_prep_cli("--archive-dir", str(archives.archive_dir), "--data-dir", str(tmp_path / "e"))
     assert bad.returncode == 2
     assert f"error: checksum mismatch for {archives.archive_dir / DEVKIT_TAR}" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "e" / "train").exists()

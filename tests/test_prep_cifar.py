@@ -5,6 +5,8 @@ import hashlib
 import os
 import pickle
 import tarfile
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -61,6 +63,14 @@ def test_cifar_checksum_is_verified_and_a_mismatch_names_the_archive(archive, tm
     assert not list((tmp_path / "official").iterdir())
 
 
+def damaged_copy(archive: Path, folder: Path, member: str, change: Callable[[bytes], bytes]) -> Path:
+    """A copy of the archive in ``folder`` with the file ``member`` replaced by ``change(its bytes)``."""
+    folder.mkdir()
+    write_tar(folder / CIFAR10_TAR, [file_member(m.name, change(d) if m.name.endswith(member) else d)
+                                     for m, d in tar_members(archive)])
+    return folder
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
@@ -69,11 +79,8 @@ class RunsCode:
 def test_batch_with_foreign_pickle_globals_is_refused_without_running_them(archive, tmp_path):
     evil = RunsCode()
     evil.marker = str(tmp_path / "code-ran")
-    members = [(m, pickle.dumps({"data": evil, "labels": []}) if m.name.endswith("data_batch_3") else d)
-               for m, d in tar_members(archive)]
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    write_tar(bad_dir / CIFAR10_TAR, [file_member(m.name, d) for m, d in members])
+    bad_dir = damaged_copy(archive, tmp_path / "bad", "data_batch_3", lambda d: pickle.dumps({"data": evil,
+                                                                                               "labels": []}))
     with pytest.raises(ArchiveError, match="data_batch_3 in the CIFAR-10 archive is not a readable batch .*mkdir"):
         prepare(cifar_config(bad_dir, tmp_path / "data", skip_checksum=True))
     assert not (tmp_path / "code-ran").exists()
@@ -87,14 +94,35 @@ def test_out_of_range_label_names_the_batch(archive, tmp_path, label):
         batch["labels"][2] = label
         return pickle.dumps(batch)
 
-    members = [(m, damaged(d) if m.name.endswith("data_batch_2") else d) for m, d in tar_members(archive)]
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    write_tar(bad_dir / CIFAR10_TAR, [file_member(m.name, d) for m, d in members])
+    bad_dir = damaged_copy(archive, tmp_path / "bad", "data_batch_2", damaged)
     with pytest.raises(ArchiveError, match=rf"data_batch_2 in the CIFAR-10 archive has 1 label\(s\) outside 0..9 "
                                            rf"\(first: {label!r}\)"):
         prepare(cifar_config(bad_dir, tmp_path / "data", skip_checksum=True))
     assert [p.name for p in (tmp_path / "data").iterdir()] == []
+
+
+@pytest.mark.parametrize("name, message", [("cat\tdog", "label name 'cat\\\\tdog' is not a plain file name"),
+                                           ("../up", "label name '../up' is not a plain file name"),
+                                           (3, "has no 'label_names' list of texts")])
+def test_label_name_that_is_no_plain_name_is_refused(archive, tmp_path, name, message):
+    def relabel(data: bytes) -> bytes:
+        meta = pickle.loads(data, encoding="latin1")
+        meta["label_names"][3] = name
+        return pickle.dumps(meta)
+
+    bad_dir = damaged_copy(archive, tmp_path / "bad", "batches.meta", relabel)
+    with pytest.raises(ArchiveError, match=message):
+        prepare(cifar_config(bad_dir, tmp_path / "data", skip_checksum=True))
+    assert not (tmp_path / "data" / "classes.tsv").exists()
+
+
+def test_finished_data_dir_given_another_archive_says_so(archive, tmp_path):
+    first = prepare(cifar_config(archive.parent, tmp_path / "data", skip_checksum=True))
+    other = make_cifar10_archive(tmp_path / "other", per_class=6, test_per_class=2, seed=1)
+    with pytest.raises(DataDirError, match=f"was prepared from a {CIFAR10_TAR} of .* bytes, not from {other} "
+                                           r"\(.* bytes\), and still holds that data"):
+        prepare(cifar_config(other.parent, tmp_path / "data", skip_checksum=True))
+    assert prepare(cifar_config(archive.parent, tmp_path / "data", skip_checksum=True)) == first
 
 
 def test_missing_batch_and_rerun_checks(archive, tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,20 +15,8 @@ from pipeline.datadir import DataDirError
 from pipeline.devkit import DevkitError
 from pipeline.prep import prepare_imagenet
 from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_cifar10_archive
-from prep_fixtures import REPO, file_member, small_archives, tar_bytes, tar_members, write_tar
-
-
-@pytest.fixture(scope="module")
-def archives(tmp_path_factory):
-    return small_archives(tmp_path_factory.mktemp("archives"))
-
-
-@pytest.fixture
-def archive_dir(archives, tmp_path) -> Path:
-    """A private copy of the archives that a test may damage."""
-    folder = tmp_path / "archives"
-    shutil.copytree(archives.archive_dir, folder)
-    return folder
+from prep_fixtures import archive_dir, archives  # noqa: F401 (fixtures)
+from prep_fixtures import REPO, file_member, replace_class_tar, tar_bytes, tar_members, write_tar
 
 
 def assert_nothing_finished(data_dir: Path) -> None:
@@ -133,12 +120,7 @@ def test_malicious_val_member_is_refused_and_nothing_escapes(archive_dir, tmp_pa
 @pytest.mark.parametrize("kind", ["dotdot", "symlink"])
 def test_malicious_member_inside_a_class_tar_is_refused_and_its_temp_removed(archives, archive_dir, tmp_path, kind):
     wnid = archives.wnids[0]
-    members = tar_members(archive_dir / TRAIN_TAR)
-    for i, (info, data) in enumerate(members):
-        if info.name == f"{wnid}.tar":
-            inner = tar_bytes([special_member(kind), *tar_members(data)])
-            members[i] = file_member(info.name, inner)
-    write_tar(archive_dir / TRAIN_TAR, members)
+    replace_class_tar(archive_dir, wnid, lambda data: tar_bytes([special_member(kind), *tar_members(data)]))
     with pytest.raises(UnsafeMemberError, match=f"{TRAIN_TAR}:{wnid}.tar: member"):
         prepare_imagenet(archive_dir, tmp_path / "data", workers=2)
     assert not (tmp_path / "data" / ".train.partial" / wnid).exists()
