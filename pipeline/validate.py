@@ -1,15 +1,16 @@
 """The one validation of a resolved config: run by launch.py before anything is submitted, and by the job again.
 
-A typo must never cost a queue wait, so every value a login node can judge is checked here, in the
-config's own words (``--batch-size 0`` is refused as ``batch_size``). What needs the data or the device
-(batch size vs images, bf16 on this GPU) stays in the training code. ``validate(cfg, stages)`` checks the
-sections the given stages read: a prep job does not import your model.
+A typo must never cost a queue wait, so every value a login node can judge is checked here, naming the
+field and its flag. What needs the device or data not prepared yet (bf16 on this GPU, a batch larger than a
+data dir still to come) stays in the training code. ``validate(cfg, stages)`` checks what those stages read:
+a prep job does not import your model.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import unicodedata
+from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.config import Config, ConfigError
@@ -44,6 +45,8 @@ def validate(cfg: Config, stages: Iterable[str] = ("prep", "train", "eval", "rep
     _check_relations(cfg, stages)
     if stages & set(MODEL_STAGES):
         check_model(cfg, pretrained="train" in stages)
+    if "train" in stages:
+        check_batch_fits(cfg)
 
 
 def check_text(where: str, text: str) -> None:
@@ -140,3 +143,21 @@ def _build_on_cpu(name: str, num_classes: int) -> None:
         raise ConfigError(f"model {name!r} is not a model factory: calling it as factory(num_classes={num_classes}) "
                           f"failed with {type(exc).__name__}: {exc}; a model is a registered name or "
                           "package.module:factory returning a torch.nn.Module") from None
+
+
+def check_batch_fits(cfg: Config) -> None:
+    """Each process's share of the train images holds a batch, when a prepared data dir's report counts them (the
+    world size as launched: nodes x processes per node; under a bare torchrun the loader checks it again)."""
+    from pipeline.datadir import REPORT_FILE
+    from pipeline.records import read_json
+
+    try:
+        report = read_json(Path(cfg.data.data_dir) / REPORT_FILE, ConfigError, "")
+        images = int(report["splits"]["train"]["images"]) if report else 0
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return  # a damaged report is the data dir's problem, said by the job that reads it
+    world = cfg.launch.nodes * cfg.launch.gpus_per_node
+    if images and cfg.train.batch_size > images // world:
+        raise ConfigError(f"train.batch_size (--batch-size) = {cfg.train.batch_size} per process is larger than the "
+                          f"{images // world} training images each of the {world} processes gets ({images} in "
+                          f"{cfg.data.data_dir}); lower --batch-size or use fewer processes")

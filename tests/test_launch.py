@@ -454,3 +454,19 @@ def test_torchrun_child_inherits_an_ignored_usr2_and_the_parent_keeps_its_handle
         assert signal.getsignal(signal.SIGUSR2) is handler
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_batch_larger_than_a_prepared_data_dir_is_refused_at_submission(no_slurm_path, tmp_path, capsys):
+    from pipeline.config import build_config
+    from pipeline.prep import prepare
+    from pipeline.synthetic import make_imagenet_archives
+
+    make_imagenet_archives(tmp_path / "archives", num_classes=2, train_per_class=8, val_per_class=2)
+    data = tmp_path / "data"
+    prepare(build_config(cli_values={"archive_dir": str(tmp_path / "archives"), "data_dir": str(data),
+                                     "skip_checksum": True, "workers": 1}))
+    argv = ["--stage", "train", "--executor", "slurm", "--dry-run", "--data-dir", data, "--procs-per-node", 2]
+    assert run_main(capsys, *argv, "--batch-size", 8)[0] == 0  # 16 images: 8 per process
+    code, _, err = run_main(capsys, *argv, "--batch-size", 9)
+    assert code == 2 and f"= 9 per process is larger than the 8 training images each of the 2 processes gets " \
+                          f"(16 in {data})" in err
