@@ -42,7 +42,9 @@ def read_classes(data_dir: str | Path) -> list[ClassEntry]:
     if not rows or tuple(rows[0].split("\t")) != HEADER:
         raise ValueError(f"{path} does not start with the header {HEADER}; re-run the prep stage")
     entries = []
-    for line in rows[1:]:
-        index, wnid, words = line.split("\t", 2)
-        entries.append(ClassEntry(int(index), wnid, words))
+    for number, line in enumerate(rows[1:], 2):
+        fields = line.split("\t", 2)
+        if len(fields) != 3 or not (fields[0].isascii() and fields[0].isdigit()):
+            raise ValueError(f"{path} line {number} is not 'index<TAB>wnid<TAB>words': {line[:80]!r}")
+        entries.append(ClassEntry(int(fields[0]), fields[1], fields[2]))
     return entries

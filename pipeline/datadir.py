@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import shutil
+import stat as stat_lib
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pipeline.archives import PrepError, archive_exists
+from pipeline.archives import PrepError
 from pipeline.atomic import atomic_write_text
 from pipeline.logs import human_bytes
 from pipeline.records import read_json
@@ -56,13 +57,23 @@ def make_data_dir(data_dir: Path) -> None:
         raise DataDirError(f"cannot write to --data-dir {data_dir}; pass a folder this user can write to")
 
 
+def archive_stat(path: Path) -> os.stat_result | None:
+    """The archive's stat, or None when it is gone (``--delete-archives``) or out of reach: a finished data dir
+    needs no archives, so there is then nothing to compare."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat if stat_lib.S_ISREG(stat.st_mode) else None
+
+
 def check_same_archive(path: Path, recorded: Mapping[str, Any], data_dir: Path, redo: str) -> None:
     """An archive of another size than the one ``data_dir`` was prepared from is an error, since that data would
     silently stay; a new modification time alone is only logged (copying the archives, e.g. to node-local disk,
-    changes it). An archive deleted since (``--delete-archives``) has nothing to compare."""
-    if not archive_exists(path):
+    changes it)."""
+    stat = archive_stat(path)
+    if stat is None:
         return
-    stat = path.stat()
     if stat.st_size != recorded["bytes"]:
         raise DataDirError(f"{data_dir} was prepared from a {path.name} of {recorded['bytes']:,} bytes, not from "
                            f"{path} ({stat.st_size:,} bytes), and still holds that data. To prepare from this "

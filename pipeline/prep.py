@@ -29,9 +29,10 @@ from pipeline.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, 
 from pipeline.atomic import atomic_write_text
 from pipeline.classes import CLASSES_FILE, read_classes, write_classes
 from pipeline.config import Config
-from pipeline.datadir import (REPORT_FILE, DataDirError, check_dataset, check_same_archive, delete_archive,
-                              disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
+from pipeline.datadir import (REPORT_FILE, DataDirError, archive_stat, check_dataset, check_same_archive,
+                              delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
 from pipeline.devkit import Devkit, read_devkit
+from pipeline.records import read_json
 from pipeline.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,10 @@ def check_classes(data_dir: Path, devkit: Devkit) -> None:
     """A class list or class folders that are not the devkit's mean the data dir holds another dataset."""
     known = set(devkit.wnids)
     if (data_dir / CLASSES_FILE).exists():
-        listed = [entry.wnid for entry in read_classes(data_dir)]
+        try:
+            listed = [entry.wnid for entry in read_classes(data_dir)]
+        except ValueError as exc:
+            raise DataDirError(f"{exc}; remove it, or choose an empty --data-dir") from None
         if listed != devkit.wnids:
             raise DataDirError(f"{data_dir / CLASSES_FILE} lists {len(listed)} classes that are not the devkit's "
                                f"{len(known)} (e.g. {sorted(set(listed) ^ known)[:3]}): the data dir holds another "
@@ -122,7 +126,9 @@ def _split_done(data_dir: Path, split: str) -> bool:
 def _load_record(archive_dir: Path, data_dir: Path, split: str) -> dict[str, Any] | None:
     if not _split_done(data_dir, split):
         return None
-    record = json.loads((data_dir / STATE_DIR / f"{split}.json").read_text())
+    record = read_json(data_dir / STATE_DIR / f"{split}.json", DataDirError, f"remove it and {data_dir / split} to "
+                       "redo that split")
+    assert record is not None
     _check_same_archives(archive_dir, data_dir, {SPLIT_ARCHIVES[split]: record["archive"]})
     record["archive"]["read_in_this_run"] = False
     log.info("%s is already extracted and verified; skipping it", data_dir / split)
@@ -192,7 +198,7 @@ def reverify_imagenet(data_dir: Path, archive_dir: Path) -> dict[str, Any]:
     report = read_report(data_dir)
     assert report is not None
     _check_same_archives(archive_dir, data_dir, report["archives"])
-    if "test" not in report["splits"] and archive_exists(archive_dir / TEST_TAR):
+    if "test" not in report["splits"] and archive_stat(archive_dir / TEST_TAR) is not None:
         raise DataDirError(f"{data_dir} was prepared without the {TEST_TAR} now in {archive_dir}; to add the test "
                            f"split, remove {data_dir / REPORT_FILE} and run prep again (train and val are kept)")
     for split, record in report["splits"].items():

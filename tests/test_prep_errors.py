@@ -141,3 +141,20 @@ def test_full_disk_is_a_clear_error_and_the_half_written_class_is_removed(archiv
     listing = result.stdout.split("rc=2", 1)[1].split()
     assert not any(name.endswith(".tmp") for name in listing)
     assert "train" not in listing and "prep_report.json" not in listing
+
+
+@pytest.mark.parametrize("damage", ["record", "classes.tsv"])
+def test_damaged_state_of_an_interrupted_run_is_a_data_dir_error(archive_dir, tmp_path, damage):
+    """Train finished, val failed; then the split record or the class list is damaged (by hand, or a bad disk)."""
+    write_tar(archive_dir / VAL_TAR, [])
+    with pytest.raises(ArchiveError):
+        prepare_imagenet(archive_dir, tmp_path)
+    if damage == "record":
+        (tmp_path / ".prep" / "train.json").write_text('{"archive": ')
+        message = r"\.prep/train\.json is not valid JSON .*remove it and .*/train to redo that split"
+    else:
+        with open(tmp_path / "classes.tsv", "a") as fh:
+            fh.write("seven\tn00000007\n")
+        message = r"classes\.tsv line 8 is not 'index<TAB>wnid<TAB>words': 'seven\\tn00000007'"
+    with pytest.raises(DataDirError, match=message):
+        prepare_imagenet(archive_dir, tmp_path)
