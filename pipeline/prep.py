@@ -32,8 +32,8 @@ from pipeline.config import Config
 from pipeline.datadir import (REPORT_FILE, DataDirError, archive_stat, check_dataset, check_same_archive,
                               delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
 from pipeline.devkit import Devkit, read_devkit
-from pipeline.records import read_json
 from pipeline.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
+from pipeline.records import read_json
 
 log = logging.getLogger(__name__)
 
