@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test test-cluster bench clean-demo
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,20 @@ demo: venv
 	$(PY) launch.py --stage all --executor local --config configs/demo.toml \
 		--archive-dir $(DEMO_DIR)/archives --data-dir $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run
 
-test: venv
+test: venv test-cluster
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Slurm tests need Debian's slurm-wlm and munge (the tests start their two-node cluster themselves):
+# installed here when missing and apt can run as root, as CI does; otherwise stop with the one command to run.
+test-cluster:
+	@if bash .ci/slurm/install.sh --check; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "make test: installing Slurm and munge from Debian's packages for the Slurm tests (.ci/slurm/install.sh)"; \
+		bash .ci/slurm/install.sh; \
+	else \
+		echo "make test: the Slurm tests need Slurm and munge; install them first with: sudo bash .ci/slurm/install.sh" >&2; \
+		exit 2; \
+	fi
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install a local Slurm + munge from Debian packages (bookworm: Slurm 22.05).
 # Idempotent: apt is skipped entirely when the daemons and sbatch are on PATH.
+# --check: install nothing, exit 0 when installed and 1 when not.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"   # daemons live in /usr/sbin
 
@@ -8,6 +9,9 @@ missing=0
 for b in slurmctld slurmd sbatch munged; do
   command -v "$b" >/dev/null 2>&1 || missing=1
 done
+if [ "${1:-}" = --check ]; then
+  exit "$missing"
+fi
 if [ "$missing" = 0 ]; then
   echo "slurm already installed: $(slurmd -V)"   # sbatch -V needs a slurm.conf
   exit 0
