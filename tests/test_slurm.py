@@ -250,10 +250,12 @@ def test_whole_pipeline_runs_as_a_chain_of_dependent_jobs(launcher, tmp_path):
     assert result.stdout.rstrip().endswith(f"finished: prep -> train -> eval -> report; run dir {run_dir}")
 
 
-def test_crash_on_every_node_is_reported_per_node_with_rank_and_log(launcher, tiny_data, tmp_path):
-    result = launcher("--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", tiny_data,
+def test_crash_on_every_node_is_reported_per_node_with_rank_and_log(launcher, tmp_path):
+    """An empty data dir: the launcher sees it exists, the training processes find no train/ in it."""
+    (tmp_path / "empty").mkdir()
+    result = launcher("--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", tmp_path / "empty",
                       "--run-dir", tmp_path / "run", "--epochs", 1, "--max-restarts", 0, "--preflight-timeout-s", 0,
-                      *TINY, "--model", "no_such_net")
+                      *TINY)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr
     (job_id,) = launcher.job_ids
     assert f"train job {job_id} failed (FAILED" in result.stderr
@@ -261,4 +263,4 @@ def test_crash_on_every_node_is_reported_per_node_with_rank_and_log(launcher, ti
         assert f"node {node}: jobs.torchrun.WorkerFailedError: train failed on node {node}" in result.stderr
         assert f"rank {rank} (local rank 0) exited with code 2 after 0 restart(s)" in result.stderr
     logs = re.findall(r"Its log: (\S+)", result.stderr)
-    assert len(logs) == 2 and all("unknown model 'no_such_net'" in Path(log).read_text() for log in logs)
+    assert len(logs) == 2 and all("has no train/ and val/ folders" in Path(log).read_text() for log in logs)
