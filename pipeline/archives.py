@@ -23,7 +23,6 @@ import queue
 import tarfile
 import threading
 import time
-import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -36,6 +35,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 4 << 20  # bytes per read when draining or reading through a skipped member
 HASH_QUEUE_CHUNKS = 16  # chunks read but not yet hashed, at most (the chunks are shared with the writers)
 NAME_ENCODING = "utf-8"  # member names; tarfile keeps undecodable bytes as surrogates, which check_member refuses
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: newline, tab, escape, ...
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # POSIX portable file name, not hidden
 
 # The official archive names (synthetic test archives use the same ones) and their published MD5s.
@@ -100,7 +100,7 @@ class HashingReader:
         try:
             data = self._fh.read(size)
         except OSError as exc:  # EIO and the like: the archive, not the data dir, is at fault
-            raise ArchiveError(f"cannot read archive {self._fh.name}: {exc.strerror or exc}") from None
+            raise ArchiveError(f"cannot read archive {getattr(self._fh, 'name', '')}: {exc.strerror or exc}") from None
         if self._hasher is not None and data:
             self._hasher.chunks.put(data)
         self.position += len(data)
@@ -232,7 +232,7 @@ def check_member(member: tarfile.TarInfo, where: str) -> PurePosixPath:
     reason = ""
     if not _is_utf8(member.name):
         reason = "has a name that is not valid UTF-8"
-    elif any(unicodedata.category(char) == "Cc" for char in member.name):
+    elif CONTROL_CHARACTER.search(member.name):
         reason = "has a control character (newline, tab, ...) in its name"
     elif path.is_absolute() or member.name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member.name):
         reason = "has an absolute path"
