@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from pipeline import distributed
-from pipeline.checkpoint import BEST, CheckpointError, checkpoint_dir, load_checkpoint
+from pipeline.checkpoint import BEST, CheckpointError, NotATrainingCheckpointError, checkpoint_dir, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import DeviceBatcher, build_val_loader, dataset_info, device_batcher, skipped_images
 from pipeline.logs import Progress
@@ -108,7 +108,7 @@ def load_eval_weights(path: Path, model_name: str, which: str) -> tuple[str, int
         raise CheckpointError(f"checkpoint {path} does not exist; train first, or pass --checkpoint FILE")
     try:
         state = load_checkpoint(path)
-    except CheckpointError:
+    except NotATrainingCheckpointError:  # plain weights; a corrupt or unreadable file stops here
         if which == "ema":
             raise CheckpointError(f"{path} is not a training checkpoint of this pipeline, so it holds no EMA "
                                   "weights; evaluate it with --weights model") from None

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torchvision.models
 
 from pipeline import architectures
+from pipeline.checkpoint import read_verified
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,9 @@ def _classifier_keys(model: nn.Module) -> set[str]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights in ``path``: a plain state dict or a checkpoint's ``model`` entry, wrapper prefixes removed."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PretrainedWeightsError(f"cannot read weights file {path}: {exc}") from exc
+    """The model weights in ``path``: a plain state dict or a checkpoint's ``model`` entry, wrapper prefixes removed.
+    One of our checkpoints is verified against its checksum (CheckpointError when it does not match)."""
+    obj = read_verified(path)
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedWeightsError(f"{path} holds no state dict (expected name -> tensor, or a dict with 'model')")

@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import distributed
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
-                                 epoch_file, remove_stale_temporaries, resolve_resume, restore_rng_state,
-                                 save_checkpoint)
+                                 epoch_file, finish_copies, remove_stale_temporaries, resolve_resume,
+                                 restore_rng_state, save_checkpoint)
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.evaluate import EvalResult, validate
@@ -61,6 +60,9 @@ from pipeline.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLU
 from pipeline.train_loop import EpochResult, Stepper, run_epoch, run_perf
 
 log = logging.getLogger(__name__)
+
+# What training writes in the run dir beside checkpoints/ (their temporaries are cleaned on start).
+RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, EPOCHS_FILE, PERF_FILE, RUN_STATE_FILE)
 
 
 def seed_everything(seed: int) -> None:
@@ -122,12 +124,6 @@ def broadcast_buffers_from_rank0(*models: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def copy_atomically(src: Path, dst: Path) -> None:
-    """A copy keeping ``src``'s mtime, so --resume auto sees it as no newer than latest.pt."""
-    with atomic_path(dst) as tmp:
-        shutil.copy2(src, tmp)
-
-
 class Trainer:
     """The objects of one training process, built from the config (and a checkpoint when resuming)."""
 
@@ -175,6 +171,7 @@ class Trainer:
             seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank
         else:
             self.restore(*found)
+        distributed.on_main_process(self.tidy_checkpoints, found)
         model = self.raw_model
         if env.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
@@ -199,14 +196,19 @@ class Trainer:
         }
 
     def save(self, state: dict[str, Any], *, keep_epoch: bool = False, best: bool = False) -> None:
-        """latest.pt, then copies as epoch_NNNN.pt and best.pt when asked (rank 0 only)."""
-        folder = checkpoint_dir(self.run_dir)
-        latest = folder / LATEST
-        save_checkpoint(state, latest)
-        if keep_epoch:
-            copy_atomically(latest, folder / epoch_file(state["epoch"]))
-        if best:
-            copy_atomically(latest, folder / BEST)
+        """latest.pt naming the copies it owes, then those copies: epoch_NNNN.pt and best.pt when asked (rank 0)."""
+        latest = checkpoint_dir(self.run_dir) / LATEST
+        copies = [LATEST] + [epoch_file(state["epoch"])] * keep_epoch + [BEST] * best
+        save_checkpoint({**state, "copies": copies}, latest)
+        finish_copies(latest, copies)
+
+    def tidy_checkpoints(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+        """Before anything uses the run dir (rank 0): drop temporaries left by a kill; finish the copies the run's newest
+        state owes (auto, or its latest.pt; not an older one named by path), else best.pt may stay stale for good."""
+        remove_stale_temporaries(self.run_dir, RUN_FILES)
+        latest = checkpoint_dir(self.run_dir) / LATEST
+        if found is not None and (self.cfg.train.resume == "auto" or found[0].resolve() == latest.resolve()):
+            finish_copies(found[0], found[1].get("copies", []))
 
     def restore(self, path: Path, state: dict[str, Any]) -> None:
         check_compatible(state, path, model_name=self.cfg.model.model, num_classes=self.info.num_classes,
@@ -258,7 +260,6 @@ class Trainer:
         """Called on every rank (the host list is a collective); rank 0 writes."""
         hosts = all_hostnames()
         if distributed.is_main_process():
-            remove_stale_temporaries(self.run_dir)
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
             record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
             if self.position.resumed_from:

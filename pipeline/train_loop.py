@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import distributed
+from pipeline.config import ConfigError
 from pipeline.data import DeviceBatcher
 from pipeline.logs import format_seconds
 from pipeline.metrics import (RunningSums, Throughput, ThroughputTimer, Totals, batch_sums, peak_memory_mib,
@@ -185,6 +187,67 @@ class EpochResult:
         return Totals(*self.sums.tolist())
 
 
+class NonFiniteLossError(ConfigError):
+    """Training diverged (a NaN or infinite loss or weight): the recipe is the user's to change, so it ends as bad
+    input does, in one line."""
+
+
+DIVERGED_HINT = ("lower --lr (or ramp it up with --warmup-epochs) or bound each step with --clip-grad-norm; nothing "
+                 "was saved after it, so the checkpoints hold the last good weights")
+SCALER_PATIENCE = 10  # consecutive non-finite losses fp16's GradScaler may skip (it halves its scale at each)
+
+
+class LossWatch:
+    """The first non-finite loss, tracked on the device and read only at checks (log boundaries, and before the
+    loop returns, so before any save): no host sync per step.
+
+    fp16's GradScaler skips the optimizer step of an overflow, so with it a streak of up to ``tolerated``
+    non-finite losses is forgiven once a finite one follows; a streak still running before a save is not (the
+    weights about to be saved give NaN).
+    """
+
+    def __init__(self, device: torch.device, *, tolerated: int, where: str):
+        self.tolerated, self.where = tolerated, where
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)  # non-finite losses in a row, up to now
+        self.start = torch.zeros((), dtype=torch.int64, device=device)  # the step that began the streak
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # the start of the first fatal streak, 0: none
+
+    @classmethod
+    def of(cls, stepper: Stepper, where: str) -> "LossWatch":
+        scaled = stepper.precision.scaler is not None
+        return cls(stepper.precision.device, tolerated=SCALER_PATIENCE if scaled else 0, where=where)
+
+    def add(self, batch_sums: torch.Tensor, step: int) -> None:
+        """``step``: the number (1-based) of the step whose ``batch_sums`` these are."""
+        self.streak = (self.streak + 1) * ~torch.isfinite(batch_sums[0])
+        self.start.masked_fill_(self.streak == 1, step)
+        self.first.masked_fill_((self.streak > self.tolerated) & (self.first == 0), step - self.tolerated)
+
+    def check(self, model: nn.Module | None = None) -> None:
+        """Raise NonFiniteLossError on every rank when any rank saw a fatal loss (a collective). With ``model``,
+        before a save: a running streak is fatal too, and so are weights that are not finite (a NaN learning
+        rate spoils them with a finite loss)."""
+        fatal = self.first
+        if model is not None:
+            fatal = torch.where((fatal == 0) & (self.streak > 0), self.start, fatal)
+        none = torch.iinfo(torch.int64).max
+        step = torch.where(fatal > 0, fatal, none)
+        if dist.is_initialized():
+            dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        if step.item() != none:
+            raise NonFiniteLossError(f"training diverged: the loss became NaN or infinite at step {step.item()} of "
+                                     f"{self.where}; {DIVERGED_HINT}")
+        if model is not None and distributed.all_reduce_sum([float(not finite_weights(model))], step.device)[0]:
+            raise NonFiniteLossError(f"training diverged: the weights are NaN or infinite at the end of {self.where}; "
+                                     f"{DIVERGED_HINT}")
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+
+
 def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
               stop: Callable[[], bool], carried: torch.Tensor | None = None) -> EpochResult:
     """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY
@@ -193,16 +256,21 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(total - start_step),
                     print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried)
     start_s = time.perf_counter()
+    watch = LossWatch.of(stepper, f"epoch {epoch}")
     step, stopped = start_step, False
     stepper.model.train()  # validation left it in eval mode
     for images, targets in skip_batches(loader, start_step):
         book.data_ready()
         batch = stepper.step(images, targets, (epoch, step))
         step += 1
+        watch.add(batch, step)
         book.step_done(batch, len(images), step, total, stepper.lr)
+        if step % book.print_freq == 0:
+            watch.check()
         if (step % STOP_CHECK_EVERY == 0 or step == total) and stop():
             stopped = True
             break
+    watch.check(stepper.raw_model)  # before the caller saves anything
     throughput = book.timer.result()
     sums = torch.tensor(distributed.all_reduce_sum(book.sums.sums.tolist(), stepper.precision.device),
                         dtype=torch.float64)
@@ -225,11 +293,17 @@ def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler |
     or None when ``stop()`` (a collective, asked every STOP_CHECK_EVERY steps) ended the run early."""
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
                     prefix="Perf:")
+    watch = LossWatch.of(stepper, "the performance run")
     stepper.model.train()
     batches = itertools.islice(endless_batches(loader, sampler), max_steps)
     for step, (images, targets) in enumerate(batches, start=1):
         book.data_ready()
-        book.step_done(stepper.step(images, targets, (0, step)), len(images), step, max_steps, stepper.lr)
+        batch = stepper.step(images, targets, (0, step))
+        watch.add(batch, step)
+        book.step_done(batch, len(images), step, max_steps, stepper.lr)
+        if step % book.print_freq == 0:
+            watch.check()
         if step < max_steps and step % STOP_CHECK_EVERY == 0 and stop():
             return None
+    watch.check()
     return book.timer.result()

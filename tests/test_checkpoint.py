@@ -89,7 +89,7 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
     result = train(tiny_config(data_dir, run_dir, "--epochs", "2", "--resume", "auto"))
     assert result["finished"]
     err = capsys.readouterr().err
-    assert f"skipping checkpoint: checkpoint {latest} is unreadable" in err
+    assert f"skipping checkpoint: checkpoint {latest} is corrupt or truncated" in err
     assert "resumed from" in err and "epoch 1, 0 of its 8 batches done" in err
     assert [r["epoch"] for r in read_rows(run_dir / "epochs.csv")] == ["0", "1"]
     assert load_checkpoint(latest)["epoch"] == 2
@@ -101,9 +101,9 @@ class NotAllowed:
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"not a zip or pickle", "is unreadable"),
+    (b"not a zip or pickle", "is corrupt or truncated"),
     ({"conv.weight": torch.zeros(2)}, "is not a training checkpoint of this pipeline"),
-    ({**minimal_state(1), "extra": NotAllowed()}, "is unreadable"),
+    ({**minimal_state(1), "extra": NotAllowed()}, "is corrupt or truncated"),
     (None, "does not exist"),
 ])
 def test_loading_refuses_what_is_not_a_safe_checkpoint(tmp_path, content, message):

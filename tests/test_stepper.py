@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.precision import setup_precision
-from pipeline.train_loop import Stepper
+from pipeline.train_loop import LossWatch, NonFiniteLossError, Stepper
 
 DECAY = 0.5
 
@@ -65,3 +65,39 @@ def test_clip_grad_norm_bounds_the_step(amp):
     (before, after), _ = run(stepper(amp=amp, clip_grad_norm=bound), 1)
     assert (after - before).norm().item() <= 0.5 * bound * 1.001
     assert (after - before).norm().item() > 0.5 * bound * 0.5  # clipped, not zeroed
+
+
+def losses(*values: float) -> list[torch.Tensor]:
+    """batch_sums rows (loss sum first) with these losses."""
+    return [torch.tensor([v, 1.0, 1.0, 8.0], dtype=torch.float64) for v in values]
+
+
+@pytest.mark.parametrize("tolerated, sequence, at_log, before_save", [
+    (0, (1.0, 2.0), None, None),
+    (0, (1.0, float("nan"), 1.0), 2, 2),  # without a scaler the first one is fatal
+    (2, (1.0, float("inf"), float("inf"), 1.0), None, None),  # the scaler skipped two overflows and recovered
+    (2, (1.0, float("inf"), float("inf"), float("inf"), 1.0), 2, 2),  # three in a row is more than it forgives
+    (2, (1.0, 1.0, float("nan")), None, 3),  # a streak still running when the weights are about to be saved
+])
+def test_loss_watch_names_the_first_fatal_step_at_its_checks(tolerated, sequence, at_log, before_save):
+    watch = LossWatch(torch.device("cpu"), tolerated=tolerated, where="epoch 4")
+    for step, batch in enumerate(losses(*sequence), start=1):
+        watch.add(batch, step)
+    for model, expected in ((None, at_log), (nn.Linear(2, 2), before_save)):
+        if expected is None:
+            watch.check(model)
+        else:
+            with pytest.raises(NonFiniteLossError, match=f"NaN or infinite at step {expected} of epoch 4; lower --lr"):
+                watch.check(model)
+
+
+def test_loss_watch_refuses_weights_that_are_not_finite_before_a_save():
+    """A NaN learning rate spoils the weights in a step whose loss was still finite."""
+    model = nn.Linear(2, 2)
+    watch = LossWatch(torch.device("cpu"), tolerated=0, where="epoch 0")
+    watch.add(losses(1.0)[0], 1)
+    watch.check()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="weights are NaN or infinite at the end of epoch 0"):
+        watch.check(model)

@@ -209,3 +209,30 @@ def test_a_missing_device_in_a_real_process_prints_no_traceback(data_dir, tmp_pa
     done = run_module("jobs.train", tiny_argv(data_dir, tmp_path / "run", "--device", "npu"))
     assert done.returncode == 2
     assert "--device npu needs the torch_npu package" in done.stderr and "Traceback" not in done.stderr
+
+
+# Epoch 0 trains at lr 0.05, epoch 1 at 0.05 x 1e30: its first step blows the weights up, its second loss is not finite.
+DIVERGING = ("--epochs", "3", "--save-every", "1", "--scheduler", "step", "--lr-step-size", "1", "--lr-gamma", "1e30")
+
+
+@pytest.mark.parametrize("extra", [("--print-freq", "1"), ("--print-freq", "100"), ("--amp", "fp16")])
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing_after_it(data_dir, tmp_path, capsys,
+                                                                                       extra):
+    """Whether the loss is looked at every step or only at the epoch's end, and also with fp16's GradScaler (which
+    forgives short streaks of overflows, but not one still running when the epoch ends)."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(tiny_argv(data_dir, run_dir, *DIVERGING, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    message = "training diverged: the loss became NaN or infinite at step 2 of epoch 1; lower --lr"
+    assert message in err and "Traceback" not in err
+    state, epochs_done, error = read_state(run_dir)
+    assert (state, epochs_done) == ("failed", 1) and message in error
+    assert [r["epoch"] for r in read_rows(run_dir / "epochs.csv")] == ["0"]
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "epoch_0001.pt", "latest.pt"]
+    for path in folder.iterdir():
+        checkpoint = load_checkpoint(path)
+        assert checkpoint["epoch"] == 1
+        assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
