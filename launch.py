@@ -140,7 +140,7 @@ def get_slurm_executor_parameters(launch: LaunchConfig, *, nodes: int, gpus_per_
     """submitit SlurmExecutor parameters: one task per node; ``kwargs`` override anything."""
     params: dict[str, Any] = {"job_name": launch.job_name, "time": launch.time, "nodes": nodes, "ntasks_per_node": 1,
                               "signal_delay_s": launch.signal_delay_s, "stderr_to_stdout": False,
-                              "setup": [pythonpath_setup()],
+                              "setup": [pythonpath_setup(), *launch.setup],
                               "additional_parameters": parse_sbatch_options(launch.sbatch)}
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
@@ -163,11 +163,18 @@ def pythonpath_setup() -> str:
 
 
 def stage_resources(cfg: Config, stage: str) -> tuple[int, int, int]:
-    """(nodes, processes per node, GPUs per node to request) of a stage's job."""
+    """(nodes, processes per node, GPUs per node to request) of a stage's job; NPUs: npu_gres_request."""
     if stage not in TORCHRUN_STAGES:
         return 1, 1, 0
     nproc = cfg.launch.gpus_per_node
     return cfg.launch.nodes, nproc, nproc if cfg.train.device in ("auto", "cuda") else 0
+
+
+def npu_gres_request(cfg: Config, stage: str) -> dict[str, str]:
+    """The sbatch option asking for a node's NPUs (--device npu; Slurm knows them as a generic resource)."""
+    if stage not in TORCHRUN_STAGES or cfg.train.device != "npu":
+        return {}
+    return {"gres": f"{cfg.launch.npu_gres}:{cfg.launch.gpus_per_node}"}
 
 
 def default_cpus(cfg: Config, stage: str) -> int | None:
@@ -184,12 +191,13 @@ def executor_parameters(executor: str, cfg: Config, stage: str, after: str | Non
     nodes, nproc, gpus = stage_resources(cfg, stage)
     if executor != "slurm":
         return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
-                "signal_delay_s": cfg.launch.signal_delay_s, "setup": [pythonpath_setup()]}
+                "signal_delay_s": cfg.launch.signal_delay_s, "setup": [pythonpath_setup(), *cfg.launch.setup]}
     extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}"}
     wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
     if wanted:
         extra["cpus_per_task"] = min(wanted, node_cpus or wanted)
     params = get_slurm_executor_parameters(cfg.launch, nodes=nodes, gpus_per_node=gpus, **extra)
+    params["additional_parameters"] = {**params["additional_parameters"], **npu_gres_request(cfg, stage)}
     if after:
         params["dependency"] = f"afterok:{after}"
         params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}

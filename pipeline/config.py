@@ -140,6 +140,10 @@ class LaunchConfig:
     exclusive: bool = opt(False, "whole nodes for the job")
     job_name: str = opt("imagenet", "job name prefix")
     sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
+    setup: list[str] = opt([], "shell lines every job runs before its processes start, repeatable: e.g. 'source "
+                               "/usr/local/Ascend/ascend-toolkit/set_env.sh' (CANN) or 'module load cuda'")
+    npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
+                               "per node>")
     max_restarts: int = opt(2, "torchrun restarts of a crashed worker group before the job fails")
     signal_delay_s: int = opt(90, "seconds before the time limit at which Slurm signals a checkpoint")
     max_requeues: int = opt(10, "times a job may be requeued after reaching its time limit (preemptions do not count)")

@@ -470,3 +470,30 @@ def test_batch_larger_than_a_prepared_data_dir_is_refused_at_submission(no_slurm
     code, _, err = run_main(capsys, *argv, "--batch-size", 9)
     assert code == 2 and f"= 9 per process is larger than the 8 training images each of the 2 processes gets " \
                           f"(16 in {data})" in err
+
+
+@pytest.mark.parametrize("device, extra, wanted, unwanted", [
+    ("cuda", [], "#SBATCH --gpus-per-node=8", "--gres"),
+    ("npu", [], "#SBATCH --gres=npu:8", "--gpus-per-node"),
+    ("npu", ["--npu-gres", "ascend910"], "#SBATCH --gres=ascend910:8", "--gpus-per-node"),
+    ("cpu", [], "#SBATCH --nodes=1", "--gres"),
+])
+def test_the_job_asks_for_the_accelerators_its_device_names(no_slurm_path, tmp_path, capsys, device, extra, wanted,
+                                                             unwanted):
+    code, out, _ = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--device", device,
+                            "--gpus-per-node", 8, *extra, "--run-dir", tmp_path / "run")
+    script = sbatch_sections(out)["train"]
+    assert code == 0 and wanted in script and unwanted not in script
+    assert device != "cpu" or "--gpus-per-node" not in script
+
+
+def test_setup_lines_run_in_every_job_before_its_processes_start(no_slurm_path, tmp_path, capsys):
+    lines = ["source /usr/local/Ascend/ascend-toolkit/set_env.sh", "module load 'cuda/12.4'"]
+    code, out, _ = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--device", "npu",
+                            "--setup", lines[0], "--setup", lines[1], "--run-dir", tmp_path / "run")
+    assert code == 0
+    for stage, script in sbatch_sections(out).items():
+        script_lines = script.splitlines()
+        srun = next(i for i, line in enumerate(script_lines) if line.startswith("srun "))
+        assert [script_lines.index(line) for line in lines] == sorted(script_lines.index(line) for line in lines)
+        assert all(script_lines.index(line) < srun for line in lines), stage
