@@ -77,7 +77,8 @@ class ModelConfig:
     pretrained: str = opt("", "weights to start from: a local file (state dict or checkpoint), or a torchvision "
                               "weights name (IMAGENET1K_V1) already in $TORCH_HOME; nothing is downloaded")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs")
+    channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs (never on NPUs, whose "
+                                    "runtime picks its own formats)")
     compile: bool = opt(False, "torch.compile the model")
     ema_decay: float = opt(0.0, "model EMA decay per update (e.g. 0.9999); 0 turns EMA off")
     ema_steps: int = opt(1, "optimizer steps between EMA updates (torchvision's --model-ema-steps); during warm-up "

@@ -90,4 +90,7 @@ def setup_precision(device: torch.device, amp: str, channels_last: bool) -> Prec
         # The scaler skips the optimizer step when gradients overflow (it then lowers the scale); the
         # schedule still advances one step per batch, so torch's "scheduler before optimizer" notice is noise.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-    return Precision(device=device, amp=amp, channels_last=channels_last, scaler=scaler)
+    if channels_last and not accelerator.channels_last_default:
+        log.info("channels_last is not used on %s: its runtime picks its own memory formats", device.type)
+    return Precision(device=device, amp=amp, channels_last=channels_last and accelerator.channels_last_default,
+                     scaler=scaler)
