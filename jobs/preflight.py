@@ -1,6 +1,8 @@
 """Pre-flight of a multi-process job: one all-reduce over every rank, bounded, before training starts.
 
-Runs under the same torchrun layout as the training (``python -m jobs.preflight`` per process)::
+A job runs it inside its training torchrun: each training process does the check first (``before_training``,
+asked for by TorchrunJob through $JOBS_PREFLIGHT_DIR and $JOBS_PREFLIGHT_HOSTS), then leaves the group and trains,
+so the job pays for one torchrun and one import of torch per process, not two. Standalone, for a test or by hand::
 
     torchrun --nnodes 2 --nproc-per-node 4 ... -m jobs.preflight --config C \\
         --timeout-s 120 --heartbeat-dir <run dir>/logs/<job>/preflight-<port> --hosts node1,node2
@@ -9,7 +11,9 @@ Each process logs the environment that decides whether the job can communicate (
 MASTER_ADDR/PORT, backend, NCCL_*/HCCL_*/GLOO_* variables, versions) and drops a heartbeat file in the
 shared run dir; then all ranks join the process group and sum a tensor. A watchdog thread logs who has
 answered every few seconds and, past the timeout, exits with a message naming the ranks (and their
-hosts) that did not, instead of hanging in the collective.
+hosts) that did not, instead of hanging in the collective. A failure inside training is written to ``failed.json``
+in the job's pre-flight folder; torchrun's restarts of the group then stop at once with the same message instead
+of waiting out the timeout again (heartbeats go to one ``attempt<k>`` folder per restart).
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "HCCL_", "ASCEND_", "GLOO_", "TORCH_DIST
                 "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_", "SLURM_JOB_ID", "SLURM_NODEID")
 EXIT_NO_ANSWER = 3  # a rank did not answer within the timeout
 EXIT_WRONG_SUM = 4  # the all-reduce returned a wrong value
+DIR_ENV, HOSTS_ENV = "JOBS_PREFLIGHT_DIR", "JOBS_PREFLIGHT_HOSTS"  # set by TorchrunJob for its training processes
+FAILED_FILE = "failed.json"  # in the job's pre-flight folder: a failure its restarts repeat without waiting
 
 
 def preflight_args(config_path: str | Path, timeout_s: int, heartbeat_dir: str | Path,
@@ -40,6 +46,18 @@ def preflight_args(config_path: str | Path, timeout_s: int, heartbeat_dir: str |
     """Arguments of ``python -m jobs.preflight`` for one job."""
     return ["--config", str(config_path), "--timeout-s", str(timeout_s), "--heartbeat-dir", str(heartbeat_dir),
             "--hosts", ",".join(hosts)]
+
+
+def preflight_env(folder: str | Path, hosts: Sequence[str]) -> dict[str, str]:
+    """The variables that make each training process run the pre-flight first (see ``before_training``)."""
+    return {DIR_ENV: str(folder), HOSTS_ENV: ",".join(hosts)}
+
+
+def record_failure(marker: Path | None, code: int, message: str) -> None:
+    if marker is not None:
+        from pipeline.atomic import atomic_write_text
+
+        atomic_write_text(marker, json.dumps({"code": code, "message": message}))
 
 
 def environment_record(backend: str, device: Any) -> dict[str, Any]:
@@ -54,9 +72,11 @@ def environment_record(backend: str, device: Any) -> dict[str, Any]:
         "torch": torch.__version__, "cuda": torch.version.cuda or "",
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
     }
-    if device.type == "cuda":
-        record["device_name"] = torch.cuda.get_device_name(device)
-        record["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+    if device.type != "cpu":
+        from pipeline.accelerator import Accelerator
+
+        accelerator = Accelerator.of(device)
+        record.update(device_name=accelerator.name(), **accelerator.versions())
     return record
 
 
@@ -66,7 +86,8 @@ def summary(record: dict[str, Any]) -> str:
     return (f"host {record['host']} rank {record['rank']}/{record['world_size']} local rank "
             f"{record['local_rank']}/{record['local_world_size']} master {record['master_addr']}:"
             f"{record['master_port']} backend {record['backend']} device {record['device']} torch {record['torch']} "
-            f"cuda {record['cuda'] or 'none'} nccl {record.get('nccl', 'none')}; NCCL/HCCL/GLOO variables: "
+            f"cuda {record['cuda'] or 'none'} nccl {record.get('nccl', 'none')} torch_npu "
+            f"{record.get('torch_npu', 'none')} cann {record.get('cann') or 'none'}; NCCL/HCCL/GLOO variables: "
             f"{comm or 'none set'}")
 
 
@@ -74,8 +95,9 @@ class Watchdog(threading.Thread):
     """Reports arrivals every ``every_s`` and ends the process, naming the silent ranks, after ``timeout_s``."""
 
     def __init__(self, folder: Path, rank: int, world_size: int, local_world_size: int, hosts: Sequence[str],
-                 timeout_s: float, every_s: float):
+                 timeout_s: float, every_s: float, marker: Path | None = None):
         super().__init__(daemon=True)
+        self.marker = marker
         self.folder, self.rank, self.world_size = folder, rank, world_size
         self.local_world_size, self.hosts = local_world_size, list(hosts)
         self.timeout_s, self.every_s = timeout_s, every_s
@@ -102,8 +124,9 @@ class Watchdog(threading.Thread):
                     what = f"{self.describe(absent)} never started or cannot write to the shared run dir"
                 else:
                     what = f"{self.describe(stuck)} started but did not finish the all-reduce (network or backend)"
-                log.error("pre-flight failed after %.0f s: no answer from %s; heartbeats in %s",
-                          elapsed, what, self.folder)
+                message = f"pre-flight failed after {elapsed:.0f} s: no answer from {what}; heartbeats in {self.folder}"
+                log.error("%s", message)
+                record_failure(self.marker, EXIT_NO_ANSWER, message)
                 logging.shutdown()
                 os._exit(EXIT_NO_ANSWER)
             if self.rank == 0:
@@ -117,12 +140,70 @@ def check_all_reduce(device: Any, world_size: int) -> float:
     import torch.distributed as dist
 
     start = time.monotonic()
-    values = torch.tensor([1.0, float(dist.get_rank())], dtype=torch.float64, device=device)
+    values = torch.tensor([1, dist.get_rank()], dtype=torch.int64, device=device)  # a dtype every backend sums
     dist.all_reduce(values)
-    expected = [float(world_size), world_size * (world_size - 1) / 2]  # count of ranks, sum of 0..W-1
+    expected = [world_size, world_size * (world_size - 1) // 2]  # count of ranks, sum of 0..W-1
     if values.tolist() != expected:
         raise RuntimeError(f"all-reduce returned {values.tolist()}, expected {expected}")
     return time.monotonic() - start
+
+
+def run_preflight(device_name: str, timeout_s: float, folder: Path, hosts: Sequence[str], report_dir: Path,
+                  marker: Path | None = None) -> int:
+    """The check in this process: heartbeat, bounded all-reduce, ranks.json in ``report_dir``; leaves the group.
+    Returns 0, or the exit status of a failure (``marker`` records it for the restarts)."""
+    import torch.distributed as dist
+
+    from pipeline import distributed
+    from pipeline.atomic import atomic_write_text
+    from pipeline.logs import setup_logging
+
+    env = distributed.read_env()
+    setup_logging(env.rank)
+    device = distributed.resolve_device(device_name, env.local_rank)
+    backend = distributed.BACKENDS[device.type]
+    record = environment_record(backend, device)
+    log.info("pre-flight: %s", summary(record))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / f"arrived_{env.rank}.json", json.dumps(record))
+    watchdog = Watchdog(folder, env.rank, env.world_size, env.local_world_size, hosts, timeout_s,
+                        every_s=min(10.0, max(timeout_s / 6, 1.0)), marker=marker)
+    watchdog.start()
+    distributed.init(device, env, timeout_s=timeout_s)
+    try:
+        seconds = check_all_reduce(device, env.world_size)
+    except RuntimeError as exc:
+        log.error("pre-flight failed: %s", exc)
+        record_failure(marker, EXIT_WRONG_SUM, f"pre-flight failed: {exc}")
+        return EXIT_WRONG_SUM
+    atomic_write_text(folder / f"done_{env.rank}.json", json.dumps({"all_reduce_s": seconds}))
+    records: list[Any] = [None] * env.world_size
+    dist.all_gather_object(records, record)
+    watchdog.finished.set()
+    if distributed.is_main_process():
+        atomic_write_text(report_dir / "ranks.json", json.dumps(records, indent=2, sort_keys=True) + "\n")
+        hosts_seen = sorted({r["host"] for r in records})
+        log.info("pre-flight passed: all-reduce over %d ranks on %d host(s) %s, backend %s, %.3f s",
+                 env.world_size, len(hosts_seen), hosts_seen, backend, seconds)
+    distributed.cleanup()  # training joins again with its own timeout (gloo on one host: ~10 ms)
+    return 0
+
+
+def before_training(cfg: Any) -> int:
+    """In a training process of a job that asked for it: the pre-flight, or at once the failure an earlier attempt
+    of this torchrun recorded (torchrun restarts the group; waiting out the timeout again would say nothing new)."""
+    base = os.environ.get(DIR_ENV)
+    if not base or cfg.launch.preflight_timeout_s <= 0:
+        return 0
+    base_dir = Path(base)
+    marker = base_dir / FAILED_FILE
+    if marker.exists():
+        failure = json.loads(marker.read_text())
+        print(f"{failure['message']} (an earlier attempt of this job; not tried again)", file=sys.stderr, flush=True)
+        return int(failure["code"])
+    attempt = base_dir / f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return run_preflight(cfg.train.device, cfg.launch.preflight_timeout_s, attempt,
+                         os.environ.get(HOSTS_ENV, "").split(","), base_dir, marker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,42 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-
-    import torch.distributed as dist
-
-    from pipeline import distributed
-    from pipeline.atomic import atomic_write_text
-    from pipeline.logs import setup_logging
-
-    env = distributed.read_env()
-    setup_logging(env.rank)
-    device = distributed.resolve_device(cfg.train.device, env.local_rank)
-    backend = distributed.BACKENDS[device.type]
-    record = environment_record(backend, device)
-    log.info("pre-flight: %s", summary(record))
-    folder = args.heartbeat_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / f"arrived_{env.rank}.json", json.dumps(record))
-    watchdog = Watchdog(folder, env.rank, env.world_size, env.local_world_size, args.hosts.split(","),
-                        args.timeout_s, every_s=min(10.0, max(args.timeout_s / 6, 1.0)))
-    watchdog.start()
-    distributed.init(device, env, timeout_s=args.timeout_s)
-    try:
-        seconds = check_all_reduce(device, env.world_size)
-    except RuntimeError as exc:
-        log.error("pre-flight failed: %s", exc)
-        return EXIT_WRONG_SUM
-    atomic_write_text(folder / f"done_{env.rank}.json", json.dumps({"all_reduce_s": seconds}))
-    records: list[Any] = [None] * env.world_size
-    dist.all_gather_object(records, record)
-    watchdog.finished.set()
-    if distributed.is_main_process():
-        atomic_write_text(folder / "ranks.json", json.dumps(records, indent=2, sort_keys=True) + "\n")
-        hosts = sorted({r["host"] for r in records})
-        log.info("pre-flight passed: all-reduce over %d ranks on %d host(s) %s, backend %s, %.3f s",
-                 env.world_size, len(hosts), hosts, backend, seconds)
-    distributed.cleanup()
-    return 0
+    return run_preflight(cfg.train.device, args.timeout_s, args.heartbeat_dir, args.hosts.split(","),
+                         args.heartbeat_dir)
 
 
 if __name__ == "__main__":

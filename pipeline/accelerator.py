@@ -42,6 +42,11 @@ class Accelerator:
         return BACKENDS[self.device.type]
 
     @property
+    def sum_dtype(self) -> torch.dtype:
+        """What running sums on the device are kept in: float64, but NPUs compute it slowly if at all."""
+        return torch.float32 if self.device.type == "npu" else torch.float64
+
+    @property
     def channels_last_default(self) -> bool:
         """NHWC helps cuDNN and CPU kernels; torch_npu keeps its own internal formats, so not on NPUs."""
         return self.device.type != "npu"

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.accelerator import Accelerator
 from pipeline.atomic import atomic_path
 from pipeline.config import Config, dumps
 from pipeline.records import CHECKPOINT_DIR
@@ -87,8 +88,9 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and accelerator RNG states, as tensors and lists (weights_only-loadable)."""
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, numpy, torch CPU and ``device``'s accelerator RNG states, as tensors and lists (weights_only-
+    loadable)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -96,19 +98,19 @@ def capture_rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    accelerator = Accelerator.of(device)
+    if accelerator.module is not None:
+        state[device.type] = accelerator.rng_state()
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(_as_tuples(state["python"]))
     np_state = state["numpy"]
     np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    Accelerator.of(device).set_rng_state(state.get(device.type, []))  # what ran before, if the same kind
 
 
 def _as_tuples(value: Any) -> Any:

@@ -9,6 +9,7 @@ import datetime
 import gc
 import importlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -134,10 +135,17 @@ def on_main_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs) if is_main_process() else None
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum of each value over all processes (float64, so counts stay exact)."""
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable Python value), in rank order; a collective."""
     if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum of each value over all processes, added on the host in float64 (``math.fsum``: exact counts, the
+    same result in any order). No float64 tensor reaches a device or a collective: HCCL reduces none, and
+    NPUs compute float64 slowly if at all. For epoch-end figures, not for every step."""
+    return [math.fsum(column) for column in zip(*gather([float(v) for v in values]))]

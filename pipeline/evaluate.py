@@ -88,8 +88,7 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
                 sums.add(batch_sums(criterion(logits, targets), logits, targets))
             bar.update()
     skipped_here = skipped_images(loader) + to_device.skipped - skipped_before
-    loss_sum, top1, top5, total, skipped = distributed.all_reduce_sum(sums.sums.tolist() + [skipped_here],
-                                                                      precision.device)
+    loss_sum, top1, top5, total, skipped = distributed.all_reduce_sum(sums.sums.tolist() + [skipped_here])
     result = EvalResult(int(top1), int(top5), int(total), loss_sum, int(skipped))
     if result.total + result.skipped != expected_total:
         raise EvalCountError(f"{desc}: the {distributed.world_size()} process(es) counted {result.total} images "

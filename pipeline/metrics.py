@@ -44,11 +44,13 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 
 
 def batch_sums(loss_mean: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[loss sum, top-1 correct, top-5 correct, samples] of one batch, float64 on the batch's device."""
+    """[loss sum, top-1 correct, top-5 correct, samples] of one batch on the batch's device, in the accelerator's
+    sum dtype (float64; float32 on NPUs, exact for counts below 2**24 per process and epoch)."""
     n = logits.shape[0]
-    correct = topk_correct(logits.detach(), targets).double()
-    return torch.cat([(loss_mean.detach().double() * n).reshape(1), correct,
-                      torch.full((1,), float(n), dtype=torch.float64, device=logits.device)])
+    dtype = Accelerator.of(logits.device).sum_dtype
+    correct = topk_correct(logits.detach(), targets).to(dtype)
+    return torch.cat([(loss_mean.detach().to(dtype) * n).reshape(1), correct,
+                      torch.full((1,), float(n), dtype=dtype, device=logits.device)])
 
 
 class RunningSums:
@@ -56,7 +58,7 @@ class RunningSums:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=Accelerator.of(device).sum_dtype, device=device)
 
     def add(self, batch: torch.Tensor) -> None:
         self.sums += batch
@@ -143,8 +145,7 @@ class ThroughputTimer:
         """The steady-state figures over all processes (a collective: every rank must call it)."""
         synchronize(self.device)
         elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
-        images, elapsed_sum, wait_sum = distributed.all_reduce_sum([self.images, elapsed, self.data_wait_s],
-                                                                   self.device)
+        images, elapsed_sum, wait_sum = distributed.all_reduce_sum([self.images, elapsed, self.data_wait_s])
         world = distributed.world_size()
         mean_elapsed_s = elapsed_sum / world
         all_ranks = images / mean_elapsed_s if images and mean_elapsed_s > 0 else float("nan")

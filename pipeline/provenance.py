@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torchvision
 
 from pipeline.accelerator import Accelerator
-from pipeline.distributed import DistEnv
+from pipeline.distributed import DistEnv, gather
 from pipeline.records import read_json
 
 log = logging.getLogger(__name__)
@@ -36,12 +35,7 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
 
 def all_hostnames() -> list[str]:
     """Every rank's host, in rank order; a collective: all ranks must call it."""
-    host = socket.gethostname()
-    if not dist.is_initialized():
-        return [host]
-    hosts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, host)
-    return hosts
+    return gather(socket.gethostname())
 
 
 def collect_provenance(device: torch.device, env: DistEnv, seed: int, hosts: list[str]) -> dict[str, Any]:

@@ -88,14 +88,9 @@ class Position:
     resumed_from: str = ""
 
 
-def gather_rng_states() -> list[dict[str, Any]]:
+def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
     """Every rank's RNG states, in rank order (a collective)."""
-    state = capture_rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    return distributed.gather(capture_rng_state(device))
 
 
 def forget_epochs_from(path: Path, epoch: int) -> None:
@@ -191,7 +186,7 @@ class Trainer:
             "ema": s.ema.state_dict() if s.ema is not None else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.position.global_step,
             "best_acc1": self.position.best_acc1, "finished": epoch >= self.cfg.train.epochs,
-            "epoch_sums": sums, "epoch_elapsed_s": self.position.carried_s, "rng": gather_rng_states(),
+            "epoch_sums": sums, "epoch_elapsed_s": self.position.carried_s, "rng": gather_rng_states(self.device),
             "config_digest": self.digest, "world_size": self.env.world_size, "batch_size": self.cfg.train.batch_size,
         }
 
@@ -233,7 +228,7 @@ class Trainer:
             self.convert_position(state)
         rng = state.get("rng") or []
         if len(rng) == self.env.world_size:
-            restore_rng_state(rng[self.env.rank])
+            restore_rng_state(rng[self.env.rank], self.device)
         else:
             seed_everything(self.cfg.train.seed + self.env.rank + 1000 * self.position.epoch)
         log.info("resumed from %s: epoch %d, %d of its %d batches done, step %d, best Acc@1 %.3f", path,

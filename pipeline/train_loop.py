@@ -237,7 +237,7 @@ class LossWatch:
         if step.item() != none:
             raise NonFiniteLossError(f"training diverged: the loss became NaN or infinite at step {step.item()} of "
                                      f"{self.where}; {DIVERGED_HINT}")
-        if model is not None and distributed.all_reduce_sum([float(not finite_weights(model))], step.device)[0]:
+        if model is not None and distributed.all_reduce_sum([float(not finite_weights(model))])[0]:
             raise NonFiniteLossError(f"training diverged: the weights are NaN or infinite at the end of {self.where}; "
                                      f"{DIVERGED_HINT}")
 
@@ -272,8 +272,7 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
             break
     watch.check(stepper.raw_model)  # before the caller saves anything
     throughput = book.timer.result()
-    sums = torch.tensor(distributed.all_reduce_sum(book.sums.sums.tolist(), stepper.precision.device),
-                        dtype=torch.float64)
+    sums = torch.tensor(distributed.all_reduce_sum(book.sums.sums.tolist()), dtype=torch.float64)
     return EpochResult(step, stopped, sums, throughput, time.perf_counter() - start_s)
 
 

@@ -29,11 +29,11 @@ def draws() -> tuple[float, float, float]:
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
-    state = capture_rng_state()
+    state = capture_rng_state(torch.device("cpu"))
     expected = draws()
     torch.save(state, tmp_path / "rng.pt")
     draws()  # move every generator on
-    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
     assert draws() == expected
 
 
