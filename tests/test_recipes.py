@@ -50,6 +50,11 @@ def test_recipe_values_from_their_sources():
     assert v2.model.ema_decay == pytest.approx(1 - (1 - 0.99998) * 8 * 128 * 32 / 600, abs=1e-6)
     dn121 = recipes["densenet121"]
     assert (dn121.optim.scheduler, dn121.optim.label_smoothing, dn121.train.epochs) == ("cosine", 0.1, 120)
+    for name, model, batch, lr in (("resnet50_v1b_ascend", "resnet50_v1b", 512, 1.6),
+                                   ("shufflenet_v2_ascend", "shufflenet_v2_x1_0", 1024, 0.75)):
+        ascend = recipes[name]  # Ascend 910: fp16 with loss scaling (no bf16), 8p learning rate for 8 NPUs
+        assert (ascend.model.model, ascend.train.device, ascend.train.amp) == (model, "npu", "fp16")
+        assert (ascend.train.batch_size, ascend.optim.lr) == (batch, lr)
 
 
 @pytest.fixture(scope="module")
