@@ -34,6 +34,7 @@ from PIL import Image
 from tabulate import tabulate
 from torchvision.transforms import v2
 
+from pipeline.accelerator import Accelerator
 from pipeline.config import Config
 from pipeline.data import build_val_loader, device_batcher
 from pipeline.distributed import DistEnv
@@ -50,10 +51,8 @@ CROP, RESIZE = 224, 256  # the reference's train crop, eval resize and center cr
 
 
 def fast_amp(device: torch.device) -> str:
-    """Our default for the device: bf16 where it runs natively, else fp16 (GPUs before Ampere)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
+    """Our default for the device: bf16 where it runs natively, else fp16 (GPUs before Ampere, Ascend 910A)."""
+    return "fp16" if Accelerator.of(device).amp_problem("bf16") else "bf16"
 
 
 def reference_transforms(train: bool) -> v2.Compose:
@@ -67,7 +66,7 @@ def reference_transforms(train: bool) -> v2.Compose:
 def reference_loader(data_dir: Path, split: str, args: argparse.Namespace, device: torch.device):
     folder = torchvision.datasets.ImageFolder(str(data_dir / split), transform=reference_transforms(split == "train"))
     return folder, torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=split == "train",
-                                               num_workers=args.workers, pin_memory=device.type == "cuda",
+                                               num_workers=args.workers, pin_memory=device.type != "cpu",
                                                drop_last=split == "train")
 
 
