@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-cluster bench clean-demo
+.PHONY: venv demo test test-cluster gpu-deps bench clean-demo
 
 venv: $(VENV)/.installed
 
@@ -42,3 +42,9 @@ test-cluster:
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# What a lent GPU machine lacks (it installs nothing): pure-Python packages copied from .venv, carried there with
+# the working tree for benchmarks/gpu_check.sh.
+gpu-deps: venv
+	rm -rf .gpu-deps && mkdir -p .gpu-deps
+	cp -r $$($(PY) -c "import os, tomli_w; print(os.path.dirname(tomli_w.__file__))") .gpu-deps/
