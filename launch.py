@@ -53,8 +53,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help, conflict_handler="resolve",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--stage", required=True, choices=[*STAGES, "all"],
-                        help="what to run; all = prep, train, eval, report as a chain of jobs")
+    stage = parser.add_mutually_exclusive_group(required=True)
+    stage.add_argument("--stage", choices=[*STAGES, "all"],
+                       help="what to run; all = prep, train, eval, report as a chain of jobs")
+    stage.add_argument("--test-only", dest="stage", action="store_const", const="eval",
+                       help="--stage eval (torchvision's reference spelling)")
     parser.add_argument("--run-dir", dest="run_dirs", nargs="+", metavar="RUN_DIR", default=argparse.SUPPRESS,
                         help="run dir (config: [train] run_dir); several only with --stage report")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, bad input included")

@@ -29,6 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import tomli_w
 
+from pipeline import flags as tv_flags
 from pipeline.atomic import atomic_write_text
 
 
@@ -80,7 +81,12 @@ class ModelConfig:
     channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs (never on NPUs, whose "
                                     "runtime picks its own formats)")
     compile: bool = opt(False, "torch.compile the model")
-    ema_decay: float = opt(0.0, "model EMA decay per update (e.g. 0.9999); 0 turns EMA off")
+    ema_decay: float = opt(0.0, "model EMA decay per update, used as given at any scale (e.g. 0.9999); 0 turns EMA "
+                                "off; or give ema_decay_per_image instead")
+    ema_decay_per_image: float = opt(0.0, "model EMA decay as torchvision's --model-ema-decay (0.99998 there): "
+                                          "adjusted for scale to 1 - min(1, (1 - this) x world size x batch_size x "
+                                          "ema_steps / epochs) per update, so a recipe means the same at any world "
+                                          "size or batch; 0 is off; use this or ema_decay, not both")
     ema_steps: int = opt(1, "optimizer steps between EMA updates (torchvision's --model-ema-steps); during warm-up "
                             "the EMA follows the model")
 
@@ -165,7 +171,11 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"]}
+# Other spellings of the same flag, torchvision's reference ones among them (pipeline/flags.py: its other flags).
+FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"], "data_dir": ["--data-path"], "batch_size": ["-b"],
+                "workers": ["-j"], "optimizer": ["--opt"], "weight_decay": ["--wd"], "scheduler": ["--lr-scheduler"],
+                "warmup_epochs": ["--lr-warmup-epochs"], "warmup_decay": ["--lr-warmup-decay"], "min_lr": ["--lr-min"],
+                "ema_steps": ["--model-ema-steps"], "ema_decay_per_image": ["--model-ema-decay"]}
 
 
 def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
@@ -185,6 +195,11 @@ FIELDS = _field_owner()
 def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
     """Return value converted to the field's type, or raise ConfigError naming the key and the expected type."""
     origin = typing.get_origin(kind)
+    if name in tv_flags.TYPES and isinstance(value, str):  # e.g. time = "1-12:00:00" in a file, as on the command line
+        try:
+            return tv_flags.TYPES[name](value)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{where}: {name}: {exc}") from None
     if origin is Literal:
         if value not in typing.get_args(kind):
             raise ConfigError(f"{where}: {name} = {value!r} is not one of {list(typing.get_args(kind))}")
@@ -211,17 +226,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             help_text = f"{f.metadata['help']} (default: {default!r})"
             origin = typing.get_origin(kind)
-            if kind is bool:
+            if kind is bool and name in tv_flags.BOOL_VALUE_REFUSED:
+                group.add_argument(*flags, dest=name, action=tv_flags.BoolRefusingValue, default=argparse.SUPPRESS,
+                                   why=tv_flags.BOOL_VALUE_REFUSED[name], help=help_text)
+            elif kind is bool:
                 group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
             elif origin is Literal:
-                group.add_argument(*flags, dest=name, choices=typing.get_args(kind),
-                                   default=argparse.SUPPRESS, help=help_text)
+                bare = {"nargs": "?", "const": tv_flags.CONSTS[name]} if name in tv_flags.CONSTS else {}
+                group.add_argument(*flags, dest=name, choices=typing.get_args(kind), default=argparse.SUPPRESS,
+                                   type=tv_flags.choice_type(name, typing.get_args(kind)), help=help_text, **bare)
             elif origin is list:
                 group.add_argument(*flags, dest=name, action="append", default=argparse.SUPPRESS,
                                    metavar="KEY=VALUE", help=help_text)
             else:
-                group.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(*flags, dest=name, type=tv_flags.TYPES.get(name, kind), default=argparse.SUPPRESS,
+                                   help=help_text)
+    tv_flags.add_torchvision_flags(parser)
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (see configs/)")
 
 
@@ -290,3 +311,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def load_config(path: str | Path) -> Config:
     """Read a config file (e.g. a run dir's resolved config.toml) over the defaults."""
     return build_config(read_toml(Path(path)), where=str(path))
+
+
+def ema_update_decay(cfg: Config, world_size: int) -> float | None:
+    """The model EMA's decay per update, None when off: model.ema_decay as given, or model.ema_decay_per_image
+    adjusted as torchvision's reference does (pycls's rule), so the EMA spans the same share of training at any
+    world size, batch or update period."""
+    model = cfg.model
+    if model.ema_decay_per_image <= 0:
+        return model.ema_decay if model.ema_decay > 0 else None
+    adjust = world_size * cfg.train.batch_size * model.ema_steps / cfg.train.epochs
+    return 1.0 - min(1.0, (1.0 - model.ema_decay_per_image) * adjust)

@@ -1,19 +1,26 @@
-"""Models by name: a registry of builders, user factories ``package.module:factory``, local pretrained weights.
+"""Models by name: a registry of builders, every torchvision classifier, ``timm:NAME``, user factories
+``package.module:factory``, local pretrained weights. All come out of ``build_model`` as a plain nn.Module, so
+checkpoints, EMA, AMP and eval treat them alike.
 
     model = build_model("resnet50", num_classes=1000)
+    model = build_model("regnet_y_400mf", num_classes=1000)             # any torchvision.models.list_models() name
+    model = build_model("timm:resnet10t", num_classes=1000)             # any timm model, when timm is installed
     model = build_model("mypkg.nets:tiny_net", num_classes=10)          # calls tiny_net(num_classes=10)
     model = build_model("resnet50", num_classes=1000, pretrained="r50.pth")
     model = build_model("resnet50", num_classes=1000, pretrained="IMAGENET1K_V2")  # from the TORCH_HOME cache
 
 Nothing is ever downloaded. ``pretrained`` is either a local file (a state dict, or a checkpoint dict
 holding one under ``model``) or, for a torchvision model, a weights name (``IMAGENET1K_V1``, ``DEFAULT``)
-whose file must already be in torch's hub cache ($TORCH_HOME/hub/checkpoints). When the file's
+whose file must already be in torch's hub cache ($TORCH_HOME/hub/checkpoints); timm models are built with
+``pretrained=False`` and take a local file only. When the file's
 classifier has another number of classes than asked for, the classifier keeps its fresh initialisation
 (fine-tuning) and a warning says so; any other missing, unexpected or misshapen weight is an error.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import logging
 import os
 import warnings
@@ -32,7 +39,8 @@ log = logging.getLogger(__name__)
 ModelFactory = Callable[..., nn.Module]  # called as factory(num_classes=N)
 _REGISTRY: dict[str, ModelFactory] = {}
 
-# torchvision builders registered under their own names, always with weights=None (random init).
+# The recipes' torchvision builders, registered under their own names; every other torchvision classifier is found
+# by name too (torchvision_models()). Always weights=None (random init).
 TORCHVISION_MODELS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "densenet121", "densenet169",
@@ -40,6 +48,11 @@ TORCHVISION_MODELS = (
     "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
 )
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added to state-dict keys by DDP and torch.compile
+# Built without auxiliary classifiers: in training their extra outputs would break a plain cross-entropy loss.
+# (init_weights=True is torchvision's behaviour anyway; saying it silences its FutureWarning.)
+TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                      "inception_v3": {"aux_logits": False, "init_weights": True}}
+TIMM_PREFIX = "timm:"
 
 
 class UnknownModelError(ValueError):
@@ -61,12 +74,24 @@ def register_model(fn: ModelFactory, name: str | None = None) -> ModelFactory:
 
 
 def list_models() -> list[str]:
+    """The registered names (the recipes' models and any added with register_model)."""
     return sorted(_REGISTRY)
+
+
+def torchvision_models() -> list[str]:
+    """Every classification model torchvision ships (not its detection, segmentation, video or quantized ones)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def available_models() -> list[str]:
+    """Every plain name build_model takes: registered and torchvision (timm's go as timm:NAME)."""
+    return sorted(set(_REGISTRY) | set(torchvision_models()))
 
 
 def _torchvision_factory(name: str) -> ModelFactory:
     def build(*, num_classes: int) -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes,
+                                            **TORCHVISION_KWARGS.get(name, {}))
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"torchvision.models.{name}, randomly initialised."
     return build
@@ -96,13 +121,39 @@ def _import_factory(spec: str) -> ModelFactory:
     return factory
 
 
+def _timm_factory(name: str) -> ModelFactory:
+    """``timm:ARCH`` as timm.create_model(ARCH, pretrained=False): timm is optional and never downloads here."""
+    arch = name[len(TIMM_PREFIX):]
+    try:
+        import timm
+    except ImportError:
+        raise UnknownModelError(f"model {name!r} needs timm, which is not installed: pip install timm "
+                                "(or pip install -e '.[timm]')") from None
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise UnknownModelError(f"timm has no model {arch!r}{f' (close: {close})' if close else ''}; "
+                                f"timm.list_models('*PATTERN*') searches its {len(timm.list_models())} models")
+
+    def build(*, num_classes: int) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    return build
+
+
 def _factory(name: str) -> ModelFactory:
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if name in torchvision_models():
+        return _torchvision_factory(name)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_factory(name)
     if ":" in name:
         return _import_factory(name)
-    raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}; "
-                            "or give your own as package.module:factory")
+    close = difflib.get_close_matches(name, available_models(), n=3)
+    timm_note = ("timm:NAME for any timm model (timm is installed)" if importlib.util.find_spec("timm")
+                 else "timm:NAME once timm is installed (pip install timm)")
+    raise UnknownModelError(f"unknown model {name!r}{f' (did you mean {close})' if close else ''}; known models: "
+                            f"{', '.join(available_models())}; {timm_note}; or give your own as "
+                            "package.module:factory")
 
 
 def build_model(name: str, *, num_classes: int, pretrained: str = "") -> nn.Module:
@@ -122,7 +173,7 @@ def resolve_weights_file(name: str, pretrained: str) -> Path:
     path = Path(pretrained).expanduser()
     if path.is_file():
         return path
-    if name in TORCHVISION_MODELS and os.sep not in pretrained and not path.suffix:
+    if name in torchvision_models() and os.sep not in pretrained and not path.suffix:
         weights_enum = torchvision.models.get_model_weights(name)
         try:
             url = weights_enum[pretrained].url
@@ -161,9 +212,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, path: Path) -> None:
-    """Load ``path`` into ``model``; a classifier for another class count is left freshly initialised."""
+    """Load ``path`` into ``model``; a classifier for another class count is left freshly initialised, and the
+    weights of auxiliary heads the model was built without (googlenet's aux1, inception_v3's AuxLogits) are left out."""
     state = read_state_dict(path)
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or getattr(model, k.split(".")[0], 0) is not None}
     head = _classifier_keys(model)
     misshapen = {k for k, v in state.items() if k in own and own[k].shape != v.shape}
     head_skipped = misshapen & head

@@ -45,7 +45,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
                                  epoch_file, finish_copies, remove_stale_temporaries, resolve_resume,
                                  restore_rng_state, save_checkpoint)
-from pipeline.config import Config, ConfigError, save_config
+from pipeline.config import Config, ConfigError, ema_update_decay, save_config
 from pipeline.data import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.evaluate import EvalResult, validate
 from pipeline.metrics import Throughput, peak_memory_mib
@@ -148,8 +148,9 @@ class Trainer:
         ema = None
         if cfg.model.ema_steps < 1:
             raise ConfigError(f"ema_steps must be 1 or more, got {cfg.model.ema_steps}")
-        if cfg.model.ema_decay > 0:
-            ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model.ema_decay),
+        ema_decay = ema_update_decay(cfg, env.world_size)
+        if ema_decay is not None:
+            ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
                                 use_buffers=True)
         self.digest = config_digest(cfg)
         self.position = Position()

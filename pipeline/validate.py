@@ -33,7 +33,7 @@ AT_LEAST = {
     "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
 }
 UNIT_INTERVAL = {"random_erase": "a probability", "warmup_decay": "a fraction of lr",
-                 "ema_decay": "a decay per update"}
+                 "ema_decay": "a decay per update", "ema_decay_per_image": "a decay before the adjustment for scale"}
 BELOW_ONE = {"label_smoothing": "1 would make every target uniform"}
 
 
@@ -89,6 +89,10 @@ def _check_relations(cfg: Config, stages: set[str]) -> None:
         raise ConfigError(f"launch.signal_delay_s = {launch.signal_delay_s} s is not shorter than the time limit "
                           f"launch.time = {launch.time} min = {launch.time * 60} s; lower --signal-delay-s or "
                           "raise --time")
+    if cfg.model.ema_decay > 0 and cfg.model.ema_decay_per_image > 0:
+        raise ConfigError(f"model.ema_decay = {cfg.model.ema_decay} (per update, as given) and ema_decay_per_image = "
+                          f"{cfg.model.ema_decay_per_image} (torchvision's --model-ema-decay, adjusted for scale) are "
+                          "both set: keep one (--ema-decay 0 or --model-ema-decay 0 turns the other off)")
     if cfg.data.decode == "device" and cfg.data.dataset != "imagenet":
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")
