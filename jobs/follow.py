@@ -2,19 +2,23 @@
 
 On Slurm the state comes from jobs.slurm (scontrol/squeue, no accounting needed), results from the
 pickles submitit leaves per task; a job that ends without them is reported with its state and log.
+A training rank that reports no progress for its ``hang_timeout_s`` is told with the host and rank it waits
+for, read from the ranks' heartbeat files (pipeline/watchdog.py), whichever node's log holds the stacks.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Protocol, Sequence, TextIO
 
 from jobs import slurm
+from pipeline.watchdog import HEARTBEAT_DIR, Hang, diagnose, read_heartbeats
 
 MAX_NODES_SHOWN = 4  # a 64-node job that fails everywhere: the first few say enough
 RESULT_GRACE_S = 30  # shared file systems may show the result files a little after the scheduler's state
 FORGOTTEN_GRACE_S = 60  # how long a job may be unknown to Slurm (just submitted, or purged) before we give up
+HEARTBEAT_POLL_S = 10  # between reads of the heartbeat files (one per rank, on a shared file system)
 
 
 class StageFailed(RuntimeError):
@@ -35,6 +39,14 @@ class Submitted:
         """stdout and stderr of the first task (node 0, where rank 0 runs)."""
         paths = self.job.task(0).paths
         return [paths.stdout, paths.stderr]
+
+    def heartbeat_root(self) -> Path:
+        """``<run dir>/logs/heartbeat``, beside the job's folder ``<run dir>/logs/<job id>`` (launch.job_folder)."""
+        return Path(self.job.paths.folder).parent / HEARTBEAT_DIR
+
+
+class Poller(Protocol):
+    def poll(self, final: bool = False) -> None: ...
 
 
 class LogFollower:
@@ -63,6 +75,50 @@ class LogFollower:
         self.out.flush()
 
 
+class HangReporter:
+    """Says which ranks a stalled training waits for, once per change, from the newest heartbeat folder under
+    ``root`` whose name (the torchrun run id, ``<job id>-<requeues>``) starts with ``run_prefix``."""
+
+    def __init__(self, root: Path, run_prefix: str, prefix: str, out: TextIO, every_s: float = HEARTBEAT_POLL_S):
+        self.root, self.run_prefix, self.prefix, self.out, self.every_s = root, run_prefix, prefix, out, every_s
+        self.next_s = 0.0
+        self.told: tuple[int, ...] | None = None
+
+    def poll(self, final: bool = False) -> None:
+        if final or time.monotonic() < self.next_s:
+            return
+        self.next_s = time.monotonic() + self.every_s
+        hang = self.report()
+        if hang is None:
+            self.told = None
+        elif hang.silent != self.told:
+            self.told = hang.silent
+            self.out.write(f"{self.prefix}{hang.text}\n")
+            self.out.flush()
+
+    def report(self, now: float | None = None) -> Hang | None:
+        """The silent ranks and a line naming them, while a rank reports a stall or no rank has beaten for its
+        timeout (``now``: this host's clock, which only that second test uses), else None."""
+        folders = sorted(self.root.glob(f"{self.run_prefix}*"), key=lambda p: p.stat().st_mtime) if \
+            self.root.is_dir() else []
+        beats = read_heartbeats(folders[-1]) if folders else []
+        if not beats:
+            return None
+        stalled = [b for b in beats if b["stalled_s"] >= b["timeout_s"]]
+        quiet_s = (time.time() if now is None else now) - max(b["beat_at"] for b in beats)
+        if stalled:
+            worst = max(stalled, key=lambda b: b["stalled_s"])
+            hang = diagnose(beats)
+            return Hang(hang.silent, f"hang: rank {worst['rank']} on {worst['host']} made no training progress for "
+                                     f"{worst['stalled_s']:.0f} s; {hang.text}; Python stacks in the ranks' logs "
+                                     f"under {self.root.parent}")
+        if quiet_s > max(b["timeout_s"] for b in beats):
+            return Hang(tuple(b["rank"] for b in beats), f"hang: no rank has written a heartbeat for {quiet_s:.0f} s "
+                                                         f"(every process stopped, or the file system is unreachable); "
+                                                         f"last: {folders[-1]}")
+        return None
+
+
 def failure_text(exc: BaseException, limit: int = 40) -> str:
     """The part of a job's error that matters: its exception line(s), not submitit's frames."""
     lines = str(exc).splitlines()
@@ -80,7 +136,8 @@ def follow(sub: Submitted, out: TextIO, poll_s: float = 2.0) -> list[Any]:
     """Wait for the job while streaming its log; its results (one per task), or StageFailed."""
     if sub.executor == "debug":
         return collect(sub, None)
-    follower = LogFollower(sub.log_paths(), f"[{sub.label}] ", out)
+    follower = Pollers(LogFollower(sub.log_paths(), f"[{sub.label}] ", out),
+                       HangReporter(sub.heartbeat_root(), f"{sub.job.job_id}-", f"[{sub.label}] ", out))
     try:
         info = wait_slurm(sub, follower, out, poll_s) if sub.executor == "slurm" else wait_local(sub, follower, poll_s)
     finally:
@@ -88,13 +145,22 @@ def follow(sub: Submitted, out: TextIO, poll_s: float = 2.0) -> list[Any]:
     return collect(sub, info)
 
 
-def wait_local(sub: Submitted, follower: LogFollower, poll_s: float) -> None:
+class Pollers:
+    def __init__(self, *pollers: Poller):
+        self.pollers = pollers
+
+    def poll(self, final: bool = False) -> None:
+        for poller in self.pollers:
+            poller.poll(final)
+
+
+def wait_local(sub: Submitted, follower: Poller, poll_s: float) -> None:
     while not sub.job.done():
         follower.poll()
         time.sleep(poll_s)
 
 
-def wait_slurm(sub: Submitted, follower: LogFollower, out: TextIO, poll_s: float) -> slurm.JobInfo | None:
+def wait_slurm(sub: Submitted, follower: Poller, out: TextIO, poll_s: float) -> slurm.JobInfo | None:
     """Poll scontrol/squeue until the job is final; None when Slurm forgot it but left its results."""
     last: tuple[str, int] | None = None
     unknown_since: float | None = None

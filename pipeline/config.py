@@ -122,6 +122,12 @@ class TrainConfig:
     seed: int = opt(0, "random seed of model init, sampling and augmentation")
     print_freq: int = opt(10, "steps between log lines")
     save_every: int = opt(1, "epochs between kept checkpoints (latest and best are always written)")
+    tensorboard: bool = opt(True, "TensorBoard event files in <run dir>/tensorboard/ (rank 0): loss, lr, img/s, "
+                                  "data wait at the log lines; accuracy, epoch time, memory per epoch")
+    wandb: bool = opt(False, "also log to Weights & Biases (the wandb extra); WANDB_MODE=offline needs no "
+                             "account")
+    hang_timeout_s: int = opt(900, "seconds without a training step before every rank dumps its Python "
+                                   "stacks to its log and names the silent ranks; 0 is off")
 
 
 @dataclass

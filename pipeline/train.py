@@ -26,6 +26,7 @@ Throughput in the records is steady state over all processes (pipeline.metrics.T
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -40,7 +41,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import distributed
+from pipeline import distributed, tracking, watchdog
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
                                  epoch_file, finish_copies, remove_stale_temporaries, resolve_resume,
@@ -174,6 +175,8 @@ class Trainer:
         if cfg.model.compile:
             model = torch.compile(model)
         self.stepper.model = model
+        # points after the checkpoint's step were written by a run that stopped later: hidden from here on
+        self.tracker = tracking.open_tracker(cfg, self.run_dir, purge_from=self.position.global_step + 1)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def checkpoint_state(self, step_in_epoch: int, epoch: int, sums: torch.Tensor | None) -> dict[str, Any]:
@@ -305,7 +308,8 @@ class Trainer:
                 self.sampler.set_epoch(epoch)
             start_step = pos.step_in_epoch
             result = run_epoch(self.stepper, self.loader, epoch=epoch, start_step=start_step,
-                               print_freq=self.cfg.train.print_freq, stop=flag.stop_agreed, carried=pos.carried)
+                               print_freq=self.cfg.train.print_freq, stop=flag.stop_agreed, carried=pos.carried,
+                               on_log=self.tracker.log_step)
             pos.global_step += result.step_in_epoch - start_step
             pos.step_in_epoch, pos.carried = result.step_in_epoch, result.sums
             pos.carried_s += result.elapsed_s
@@ -346,6 +350,7 @@ class Trainer:
         row = self.epoch_row(epoch, result, val, ema_val, pos.carried_s)
         pos.epoch, pos.step_in_epoch, pos.carried, pos.carried_s = epoch + 1, 0, None, 0.0
         distributed.on_main_process(append_row, self.run_dir / EPOCHS_FILE, row, EPOCH_COLUMNS)
+        self.tracker.log_epoch(row)
         self.record_state("training")
         train = result.totals
         distributed.on_main_process(
@@ -362,7 +367,7 @@ class Trainer:
         self.write_run_metadata()
         cfg = self.cfg
         tp = run_perf(self.stepper, self.loader, self.sampler, max_steps=cfg.train.max_steps,
-                      print_freq=cfg.train.print_freq, stop=flag.stop_agreed)
+                      print_freq=cfg.train.print_freq, stop=flag.stop_agreed, on_log=self.tracker.log_step)
         if tp is None:
             log.warning("performance run stopped by a signal before its %d steps; nothing recorded",
                         cfg.train.max_steps)
@@ -381,16 +386,18 @@ class Trainer:
 
 def train(cfg: Config) -> dict[str, Any]:
     """The train stage's door (see the module docstring for the files it writes and the preemption contract)."""
-    with stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag:
+    tracking.check_installed(cfg)
+    with watchdog.watching(cfg), stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag:
         return _train(cfg, env, device, flag)
 
 
 def _train(cfg: Config, env: distributed.DistEnv, device: torch.device, flag: PreemptionFlag) -> dict[str, Any]:
     trainer = Trainer(cfg, env, device)
-    if trainer.perf_mode:
-        return trainer.perf(flag)
-    try:
-        return trainer.fit(flag)
-    except Exception as exc:
-        trainer.record_state("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    with contextlib.closing(trainer.tracker):
+        if trainer.perf_mode:
+            return trainer.perf(flag)
+        try:
+            return trainer.fit(flag)
+        except Exception as exc:
+            trainer.record_state("failed", error=f"{type(exc).__name__}: {exc}")
+            raise

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline import distributed
+from pipeline import distributed, watchdog
 from pipeline.config import ConfigError
 from pipeline.data import DeviceBatcher
 from pipeline.logs import format_seconds
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Steps between the ranks' agreements on stopping (and at an epoch's last step): a multi-node round trip every
 # step costs more than stopping up to 7 steps later, well inside the scheduler's warning time.
 STOP_CHECK_EVERY = 8
+
+OnLog = Callable[[int, dict[str, float]], None]  # a tracker's log_step: (global step, scalars)
 
 
 @dataclass
@@ -109,17 +111,23 @@ class LogWindow:
         self.steps += 1
         self.last = time.perf_counter()
 
-    def line(self, prefix: str, step: int, total: int, epoch_sums: Totals, lr: float) -> str:
+    def scalars(self, lr: float) -> dict[str, float]:
+        """The window's figures under the trackers' tags (pipeline/tracking.py); one host sync."""
         window = self.sums.local()
         elapsed_s = max(time.perf_counter() - self.start, 1e-9)
-        eta_s = (total - step) * elapsed_s / max(self.steps, 1)
+        return {"train/loss": window.loss, "train/acc1": window.acc1, "train/acc5": window.acc5, "train/lr": lr,
+                "train/img_per_s": window.samples / elapsed_s,
+                "train/data_wait_s": self.data_wait_s / max(self.steps, 1)}
+
+    def line(self, prefix: str, step: int, total: int, epoch_sums: Totals, s: dict[str, float]) -> str:
+        """The log line of the window's ``scalars``."""
+        eta_s = (total - step) * (time.perf_counter() - self.start) / max(self.steps, 1)
         width = len(str(total))
         return (f"{prefix} [{step:>{width}}/{total}] eta: {format_seconds(eta_s)} "
-                f"loss: {window.loss:.4f} ({epoch_sums.loss:.4f}) "
-                f"acc1: {window.acc1:.2f} ({epoch_sums.acc1:.2f}) acc5: {window.acc5:.2f} ({epoch_sums.acc5:.2f}) "
-                f"lr: {lr:.6f} img/s: {window.samples / elapsed_s:.1f} "
-                f"data: {self.data_wait_s / max(self.steps, 1):.4f}s "
-                f"max mem: {peak_memory_mib(self.device):.0f}MB")
+                f"loss: {s['train/loss']:.4f} ({epoch_sums.loss:.4f}) "
+                f"acc1: {s['train/acc1']:.2f} ({epoch_sums.acc1:.2f}) acc5: {s['train/acc5']:.2f} "
+                f"({epoch_sums.acc5:.2f}) lr: {s['train/lr']:.6f} img/s: {s['train/img_per_s']:.1f} "
+                f"data: {s['train/data_wait_s']:.4f}s max mem: {peak_memory_mib(self.device):.0f}MB")
 
 
 class _SkipFirstBatches:
@@ -153,7 +161,10 @@ class StepBook:
     """Bookkeeping around each step: epoch sums, log window, steady-state throughput, log lines."""
 
     def __init__(self, device: torch.device, *, warmup_steps: int, print_freq: int, prefix: str,
-                 carried: torch.Tensor | None = None):
+                 carried: torch.Tensor | None = None, first_step: int = 0, on_log: OnLog | None = None):
+        """``on_log(global step, scalars)`` at each log line, the global step being ``first_step`` + the step."""
+        watchdog.step_done(0)  # the loop starts: the hang watchdog counts from now
+        self.first_step, self.on_log = first_step, on_log
         self.sums = RunningSums(device)
         if carried is not None and distributed.is_main_process():  # global sums of an earlier run: count once
             self.sums.add(carried.to(device))
@@ -168,8 +179,13 @@ class StepBook:
     def step_done(self, batch: torch.Tensor, images: int, step: int, total: int, lr: float) -> None:
         self.sums.add(batch)
         self.window.step_done(batch)
+        watchdog.step_done()
         if step % self.print_freq == 0 or step == total:
-            distributed.on_main_process(log.info, self.window.line(self.prefix, step, total, self.sums.local(), lr))
+            scalars = self.window.scalars(lr)
+            line = self.window.line(self.prefix, step, total, self.sums.local(), scalars)
+            distributed.on_main_process(log.info, line)
+            if self.on_log is not None:
+                self.on_log(self.first_step + step, scalars)
             self.window.reset()
         self.timer.step_done(images)
 
@@ -249,12 +265,14 @@ def finite_weights(model: nn.Module) -> bool:
 
 
 def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
-              stop: Callable[[], bool], carried: torch.Tensor | None = None) -> EpochResult:
+              stop: Callable[[], bool], carried: torch.Tensor | None = None,
+              on_log: OnLog | None = None) -> EpochResult:
     """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY
     steps and after the epoch's last."""
     total = len(loader)
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(total - start_step),
-                    print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried)
+                    print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried, first_step=epoch * total,
+                    on_log=on_log)
     start_s = time.perf_counter()
     watch = LossWatch.of(stepper, f"epoch {epoch}")
     step, stopped = start_step, False
@@ -287,11 +305,11 @@ def endless_batches(loader: DataLoader, sampler: DistributedSampler | None) -> I
 
 
 def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler | None, *, max_steps: int,
-             print_freq: int, stop: Callable[[], bool]) -> Throughput | None:
+             print_freq: int, stop: Callable[[], bool], on_log: OnLog | None = None) -> Throughput | None:
     """``max_steps`` steps over as many epochs as they take: the steady-state throughput after the warm-up,
     or None when ``stop()`` (a collective, asked every STOP_CHECK_EVERY steps) ended the run early."""
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
-                    prefix="Perf:")
+                    prefix="Perf:", on_log=on_log)
     watch = LossWatch.of(stepper, "the performance run")
     stepper.model.train()
     batches = itertools.islice(endless_batches(loader, sampler), max_steps)
