@@ -295,8 +295,9 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, 
         if stage == "train":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n")
             if nodes * nproc > 1 and cfg.launch.preflight_timeout_s:
-                out.write("  before it, the same torchrun layout runs jobs.preflight on MASTER_PORT + 1: an all-reduce "
-                          f"over all {nodes * nproc} ranks, bounded by {cfg.launch.preflight_timeout_s} s\n")
+                out.write("  each training process first runs the pre-flight (jobs.preflight, asked for through "
+                          f"$JOBS_PREFLIGHT_DIR): an all-reduce over all {nodes * nproc} ranks, bounded by "
+                          f"{cfg.launch.preflight_timeout_s} s\n")
     try:
         check_inputs(stages, cfg, run_dirs)
     except StageInputError as exc:
@@ -358,7 +359,7 @@ def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], executor: str
     for i, (stage, fn) in enumerate(plan):
         sub = submitted[i] if executor == "slurm" else submit(executor, cfg, stage, fn, None, out)
         try:
-            follow(sub, out)
+            follow(sub, out, poll_s=2.0 if executor == "slurm" else 0.25)  # local: no scheduler to spare
         except StageFailed as exc:
             if i == len(plan) - 1:
                 raise

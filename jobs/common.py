@@ -52,11 +52,21 @@ def run_door(door: str, *args: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args)
 
 
-def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: str) -> int:
-    """The ``main`` of ``python -m jobs.<stage>``: parse the flags, validate the config again (the launcher did
-    before submitting; this process may have been started without it), run ``door`` on it."""
+def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: str,
+              before: Callable[[Config], int] | None = None) -> int:
+    """The ``main`` of ``python -m jobs.<stage>``: parse the flags, run ``before`` (the pre-flight; a non-zero
+    status ends the process with it), validate the config again (the launcher did before submitting; this process
+    may have been started without it), run ``door`` on it."""
     args = get_args_parser(description).parse_args(argv)
-    return exit_status(f"jobs.{stage}", lambda: run_door(door, validated(config_from_args(args), stage)))
+
+    def work() -> Any:
+        cfg = config_from_args(args)
+        status = before(cfg) if before else 0
+        if status:
+            raise SystemExit(status)
+        return run_door(door, validated(cfg, stage))
+
+    return exit_status(f"jobs.{stage}", work)
 
 
 def validated(cfg: Config, stage: str) -> Config:

@@ -41,13 +41,6 @@ DIR_ENV, HOSTS_ENV = "JOBS_PREFLIGHT_DIR", "JOBS_PREFLIGHT_HOSTS"  # set by Torc
 FAILED_FILE = "failed.json"  # in the job's pre-flight folder: a failure its restarts repeat without waiting
 
 
-def preflight_args(config_path: str | Path, timeout_s: int, heartbeat_dir: str | Path,
-                   hosts: Sequence[str]) -> list[str]:
-    """Arguments of ``python -m jobs.preflight`` for one job."""
-    return ["--config", str(config_path), "--timeout-s", str(timeout_s), "--heartbeat-dir", str(heartbeat_dir),
-            "--hosts", ",".join(hosts)]
-
-
 def preflight_env(folder: str | Path, hosts: Sequence[str]) -> dict[str, str]:
     """The variables that make each training process run the pre-flight first (see ``before_training``)."""
     return {DIR_ENV: str(folder), HOSTS_ENV: ",".join(hosts)}
@@ -113,25 +106,36 @@ class Watchdog(threading.Thread):
             return self.hosts[node] if node < len(self.hosts) else f"node {node}"
         return ", ".join(f"rank {r} ({host(r)})" for r in ranks)
 
+    def give_up(self, cause: str = "") -> None:
+        """End the process, naming the ranks that never arrived, else those that did not finish."""
+        arrived, done = self.ranks_with("arrived"), self.ranks_with("done")
+        absent = [r for r in range(self.world_size) if r not in arrived]
+        stuck = [r for r in range(self.world_size) if r in arrived and r not in done]
+        if absent:
+            what = f"{self.describe(absent)} never started or cannot write to the shared run dir"
+        else:
+            what = f"{self.describe(stuck)} started but did not finish the all-reduce (network or backend)"
+        message = (f"pre-flight failed after {time.monotonic() - self.start_time:.0f} s: no answer from {what}; "
+                   f"heartbeats in {self.folder}{f' ({cause})' if cause else ''}")
+        log.error("%s", message)
+        record_failure(self.marker, EXIT_NO_ANSWER, message)
+        logging.shutdown()
+        os._exit(EXIT_NO_ANSWER)
+
     def run(self) -> None:
         while not self.finished.wait(self.every_s):
             arrived, done = self.ranks_with("arrived"), self.ranks_with("done")
             elapsed = time.monotonic() - self.start_time
             absent = [r for r in range(self.world_size) if r not in arrived]
-            stuck = [r for r in range(self.world_size) if r in arrived and r not in done]
             if elapsed > self.timeout_s:
-                if absent:
-                    what = f"{self.describe(absent)} never started or cannot write to the shared run dir"
-                else:
-                    what = f"{self.describe(stuck)} started but did not finish the all-reduce (network or backend)"
-                message = f"pre-flight failed after {elapsed:.0f} s: no answer from {what}; heartbeats in {self.folder}"
-                log.error("%s", message)
-                record_failure(self.marker, EXIT_NO_ANSWER, message)
-                logging.shutdown()
-                os._exit(EXIT_NO_ANSWER)
+                self.give_up()
             if self.rank == 0:
                 log.info("pre-flight heartbeat %.0f s: %d/%d ranks arrived, %d done%s", elapsed, len(arrived),
                          self.world_size, len(done), f"; waiting for {self.describe(absent)}" if absent else "")
+
+
+class WrongSum(RuntimeError):
+    """The all-reduce answered, with a wrong value."""
 
 
 def check_all_reduce(device: Any, world_size: int) -> float:
@@ -144,8 +148,25 @@ def check_all_reduce(device: Any, world_size: int) -> float:
     dist.all_reduce(values)
     expected = [world_size, world_size * (world_size - 1) // 2]  # count of ranks, sum of 0..W-1
     if values.tolist() != expected:
-        raise RuntimeError(f"all-reduce returned {values.tolist()}, expected {expected}")
+        raise WrongSum(f"all-reduce returned {values.tolist()}, expected {expected}")
     return time.monotonic() - start
+
+
+def join_own_group(device: Any, env: Any, backend: str, timeout_s: float) -> None:
+    """The process group, its keys under their own prefix in the rendezvous store: the training's group, joined
+    after this one is gone, must not read this one's addresses (gloo would dial listeners that have closed).
+    Under torchrun the store is the agent's; standalone, rank 0 serves it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    serve = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=serve, timeout=timeout,
+                          wait_for_workers=False)
+    kwargs = {"device_id": device} if device.type != "cpu" else {}  # as pipeline.distributed.init binds it
+    dist.init_process_group(backend, store=dist.PrefixStore("preflight", store), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout, **kwargs)
 
 
 def run_preflight(device_name: str, timeout_s: float, folder: Path, hosts: Sequence[str], report_dir: Path,
@@ -169,13 +190,15 @@ def run_preflight(device_name: str, timeout_s: float, folder: Path, hosts: Seque
     watchdog = Watchdog(folder, env.rank, env.world_size, env.local_world_size, hosts, timeout_s,
                         every_s=min(10.0, max(timeout_s / 6, 1.0)), marker=marker)
     watchdog.start()
-    distributed.init(device, env, timeout_s=timeout_s)
     try:
+        join_own_group(device, env, backend, timeout_s)
         seconds = check_all_reduce(device, env.world_size)
-    except RuntimeError as exc:
+    except WrongSum as exc:
         log.error("pre-flight failed: %s", exc)
         record_failure(marker, EXIT_WRONG_SUM, f"pre-flight failed: {exc}")
         return EXIT_WRONG_SUM
+    except RuntimeError as exc:  # the group's own timeout, or a peer gone: the same message as the watchdog's
+        watchdog.give_up(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     atomic_write_text(folder / f"done_{env.rank}.json", json.dumps({"all_reduce_s": seconds}))
     records: list[Any] = [None] * env.world_size
     dist.all_gather_object(records, record)
@@ -185,7 +208,7 @@ def run_preflight(device_name: str, timeout_s: float, folder: Path, hosts: Seque
         hosts_seen = sorted({r["host"] for r in records})
         log.info("pre-flight passed: all-reduce over %d ranks on %d host(s) %s, backend %s, %.3f s",
                  env.world_size, len(hosts_seen), hosts_seen, backend, seconds)
-    distributed.cleanup()  # training joins again with its own timeout (gloo on one host: ~10 ms)
+    distributed.cleanup()  # training joins its own group, with its own timeout (gloo on one host: ~10 ms)
     return 0
 
 

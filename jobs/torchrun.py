@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from jobs.preflight import FAILED_FILE, preflight_env
 from pipeline.config import Config, save_config
 
 log = logging.getLogger("jobs.node")
@@ -50,7 +51,7 @@ class Rendezvous:
     nnodes: int
     node_rank: int
     master_addr: str
-    master_port: int  # the stage's torchrun; master_port + 1 is the pre-flight's
+    master_port: int  # the stage's torchrun (master_port + 1 stays free, as earlier pre-flights used it)
     job_id: str
     restarts: int = 0  # times Slurm requeued the job
 
@@ -104,22 +105,20 @@ def node_hosts(rdzv: Rendezvous) -> list[str]:
 
 def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
                      master_port: int | str, run_id: str, max_restarts: int, log_dir: str | Path, module: str,
-                     args: Sequence[str], rdzv_timeout_s: int = 0) -> list[str]:
+                     args: Sequence[str]) -> list[str]:
     """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
            "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node_rank),
            "--master-addr", master_addr, "--master-port", str(master_port), "--rdzv-id", run_id,
            "--max-restarts", str(max_restarts), "--log-dir", str(log_dir), "--tee", "3",
            "--log-line-prefix-template", "[rank${rank}]: "]
-    if rdzv_timeout_s:
-        cmd += ["--rdzv-conf", f"timeout={rdzv_timeout_s}"]
     return cmd + ["-m", module, *args]
 
 
-def node_command(rdzv: Rendezvous, *, port_offset: int = 0, **kwargs: Any) -> list[str]:
+def node_command(rdzv: Rendezvous, **kwargs: Any) -> list[str]:
     """torchrun_command for this node's place in the job."""
     return torchrun_command(nnodes=rdzv.nnodes, node_rank=rdzv.node_rank, master_addr=rdzv.master_addr,
-                            master_port=rdzv.master_port + port_offset, run_id=rdzv.run_id, **kwargs)
+                            master_port=rdzv.master_port, run_id=rdzv.run_id, **kwargs)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -285,8 +284,11 @@ class TorchrunJob:
         log.info("%s: node %d of %d, %d processes here, world size %d, master %s:%d, config %s",
                  self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master_addr, rdzv.master_port,
                  config_path)
+        preflight_dir = job_dir / f"preflight-{rdzv.master_port}"
         if world > 1 and self.graceful_stop and launch.preflight_timeout_s > 0:
-            self.preflight(rdzv, job_dir, config_path, env)
+            env.update(preflight_env(preflight_dir, node_hosts(rdzv)))
+            log.info("each training process first runs the pre-flight: an all-reduce over %d ranks, bounded by %d s",
+                     world, launch.preflight_timeout_s)
         log_dir = job_dir / f"node{rdzv.node_rank}"
         cmd = node_command(rdzv, nproc_per_node=nproc, max_restarts=launch.max_restarts, log_dir=log_dir,
                            module=self.module, args=["--config", str(config_path)])
@@ -294,32 +296,11 @@ class TorchrunJob:
         returncode = self.run(cmd, env)
         if returncode != 0:
             assert self._running is not None
-            raise WorkerFailedError(failure_report(self.stage, returncode, list(self._running.tail), log_dir,
+            what = "pre-flight" if (preflight_dir / FAILED_FILE).exists() else self.stage
+            raise WorkerFailedError(failure_report(what, returncode, list(self._running.tail), log_dir,
                                                    rdzv, launch.max_restarts))
         return {"stage": self.stage, "node": rdzv.node_rank, "host": socket.gethostname(), "world_size": world,
                 "log_dir": str(log_dir)}
-
-    def preflight(self, rdzv: Rendezvous, job_dir: Path, config_path: Path, env: dict[str, str]) -> None:
-        """A short all-reduce over every rank, with the same layout, before the training starts."""
-        from jobs.preflight import preflight_args
-
-        timeout_s = self.cfg.launch.preflight_timeout_s
-        nproc = self.cfg.launch.gpus_per_node
-        log_dir = job_dir / f"preflight-node{rdzv.node_rank}"
-        hosts = node_hosts(rdzv)
-        args = preflight_args(config_path, timeout_s, job_dir / f"preflight-{rdzv.master_port}", hosts)
-        cmd = node_command(rdzv, port_offset=1, nproc_per_node=nproc, max_restarts=0, log_dir=log_dir,
-                           module="jobs.preflight", args=args, rdzv_timeout_s=timeout_s)
-        bound_s = 2 * timeout_s + 60  # rendezvous, then the all-reduce, then start-up and teardown
-        returncode = self.run(cmd, env, timeout_s=bound_s)
-        if returncode is None:
-            raise WorkerFailedError(f"pre-flight on node {rdzv.node_rank} did not finish within {bound_s} s "
-                                    f"(master {rdzv.master_addr}:{rdzv.master_port + 1}); see {log_dir}")
-        if returncode != 0:
-            assert self._running is not None
-            raise WorkerFailedError(failure_report("pre-flight", returncode, list(self._running.tail), log_dir,
-                                                   rdzv, 0))
-        log.info("pre-flight passed on node %d", rdzv.node_rank)
 
     def run(self, cmd: list[str], env: dict[str, str], timeout_s: float | None = None) -> int | None:
         """Run one torchrun to its end (None if ``timeout_s`` passed and it was killed)."""

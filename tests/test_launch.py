@@ -317,6 +317,50 @@ def test_preflight_names_the_rank_that_never_answers(tmp_path):
     assert (beats / "arrived_0.json").exists() and not (beats / "arrived_1.json").exists()
 
 
+PREFLIGHT_THEN_WORK = """\
+    import os, sys, time
+    from jobs.common import get_args_parser
+    from jobs.preflight import before_training
+    from pipeline.config import config_from_args
+    if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and {hang}:
+        time.sleep(300)  # a hung rank: never reaches the process group
+    status = before_training(config_from_args(get_args_parser("test").parse_args()))
+    if status == 0:
+        print(f"rank {{os.environ['RANK']}} would train now", file=sys.stderr, flush=True)
+    sys.exit(status)
+"""
+
+
+def test_preflight_runs_inside_the_training_processes(tmp_path, monkeypatch):
+    """One torchrun: the same processes check the group, report their hosts, then go on to train."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    module = write_module(tmp_path, "checked_worker", PREFLIGHT_THEN_WORK.format(hang=False))
+    sub = local_torchrun_job(tmp_path, module, nproc=2, preflight_timeout_s=30)
+    out = io.StringIO()
+    follow(sub, out, poll_s=0.5)
+    text = out.getvalue()
+    assert "pre-flight passed: all-reduce over 2 ranks" in text and "rank 1 would train now" in text
+    assert text.count("torch.distributed.run") == 1
+    (folder,) = (tmp_path / "run" / "logs" / sub.job.job_id).glob("preflight-*")
+    assert [r["rank"] for r in json.loads((folder / "ranks.json").read_text())] == ["0", "1"]
+    assert sorted(p.name for p in (folder / "attempt0").iterdir()) == ["arrived_0.json", "arrived_1.json",
+                                                                     "done_0.json", "done_1.json"]
+
+
+def test_preflight_inside_training_names_a_hung_rank_and_restarts_do_not_wait_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    module = write_module(tmp_path, "hung_worker", PREFLIGHT_THEN_WORK.format(hang=True))
+    start = time.monotonic()
+    sub = local_torchrun_job(tmp_path, module, nproc=2, preflight_timeout_s=4, max_restarts=2)
+    with pytest.raises(StageFailed) as failure:
+        follow(sub, io.StringIO(), poll_s=0.5)
+    message = str(failure.value)
+    assert time.monotonic() - start < 90  # one timeout (4 s), then restarts that stop at once
+    assert "pre-flight failed on node 0" in message and "after 2 restart(s)" in message
+    assert "no answer from rank 1 (" in message and "never started" in message
+    assert "not tried again" in message and "would train now" not in message
+
+
 def job_tasks(pid: int) -> list[int]:
     """Processes below ``pid`` that run submitit's task entry point (what Slurm would signal)."""
     found = []
