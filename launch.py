@@ -1,4 +1,4 @@
-"""The one command line: prep, train, eval and report as submitit jobs, on Slurm, on this machine, or in-process.
+"""The one command line: download, prep, train, eval and report as submitit jobs, on Slurm, here, or in-process.
 
     python launch.py --stage all --config configs/demo.toml --executor local \\
         --archive-dir A --data-dir D --run-dir R
@@ -55,7 +55,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_config_arguments(parser)
     stage = parser.add_mutually_exclusive_group(required=True)
     stage.add_argument("--stage", choices=[*STAGES, "all"],
-                       help="what to run; all = prep, train, eval, report as a chain of jobs")
+                       help="what to run; all = prep, train, eval, report as a chain of jobs, from download when "
+                            "--url or --url-file gives links")
     stage.add_argument("--test-only", dest="stage", action="store_const", const="eval",
                        help="--stage eval (torchvision's reference spelling)")
     parser.add_argument("--run-dir", dest="run_dirs", nargs="+", metavar="RUN_DIR", default=argparse.SUPPRESS,
@@ -182,9 +183,10 @@ def npu_gres_request(cfg: Config, stage: str) -> dict[str, str]:
 
 def default_cpus(cfg: Config, stage: str) -> int | None:
     """CPUs a node task needs: one per process and per loader worker (train, eval: processes per node x
-    (workers + 1)), or per prep writer thread (--workers) and the reading thread; report: Slurm's default."""
+    (workers + 1)), or per prep writer thread (--workers) and the reading thread; download, report: Slurm's
+    default."""
     _, nproc, _ = stage_resources(cfg, stage)  # prep: one process
-    return None if stage == "report" else nproc * (cfg.data.workers + 1)
+    return None if stage in ("download", "report") else nproc * (cfg.data.workers + 1)
 
 
 def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None,
@@ -286,7 +288,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, 
         else:
             out.write(f"===== {stage}: {executor} executor on this machine, parameters {params} =====\n")
         if stage not in TORCHRUN_STAGES:
-            door = "prep.prepare(cfg)" if stage == "prep" else "report.report(run_dirs)"
+            door = {"download": "download.fetch(cfg)", "prep": "prep.prepare(cfg)"}.get(stage,
+                                                                                      "report.report(run_dirs)")
             out.write(f"===== {stage}: the job's one process runs pipeline.{door} =====\n")
             continue
         nodes, nproc, _ = stage_resources(cfg, stage)
@@ -377,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         cfg, run_dirs = resolve_config(args)
-        stages = stage_chain(args.stage)
+        stages = stage_chain(args.stage, cfg)
         validate(cfg, stages)
         for run_dir in run_dirs:
             check_text("--run-dir", run_dir)

@@ -1,6 +1,6 @@
 """The pipeline's stages as submitit callables, and the checks a chain must pass before anything is submitted.
 
-prep and report run in one process (the job's single task); train and eval run one torchrun per node
+download, prep and report run in one process (the job's single task); train and eval run one torchrun per node
 (jobs.torchrun.TorchrunJob). Each callable imports the stage's door from pipeline/ when it runs, so the
 pickle stays small and the launcher does not import training code.
 """
@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs import download as download_entry
 from jobs import prep as prep_entry
 from jobs import report as report_entry
 from jobs.common import run_door
@@ -17,7 +18,7 @@ from jobs.torchrun import TorchrunJob
 from pipeline.config import Config
 from pipeline.records import CHECKPOINT_DIR
 
-STAGES = ("prep", "train", "eval", "report")
+STAGES = ("download", "prep", "train", "eval", "report")
 TORCHRUN_STAGES = ("train", "eval")
 
 
@@ -25,10 +26,12 @@ class StageInputError(ValueError):
     """A stage's input is missing; the message says what to run or pass instead."""
 
 
-def stage_chain(stage: str) -> list[str]:
-    """The stages one ``--stage`` value runs, in order; 'all' is the whole pipeline."""
+def stage_chain(stage: str, cfg: Config | None = None) -> list[str]:
+    """The stages one ``--stage`` value runs, in order; 'all' is the whole pipeline, from download when ``cfg``
+    has links (--url, --url-file)."""
     if stage == "all":
-        return list(STAGES)
+        links = cfg is not None and bool(cfg.download.url or cfg.download.url_file)
+        return [s for s in STAGES if s != "download" or links]
     if stage not in STAGES:
         raise StageInputError(f"unknown stage {stage!r}; choose one of {[*STAGES, 'all']}")
     return [stage]
@@ -49,6 +52,13 @@ class PrepJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
+class DownloadJob(PrepJob):
+    """download in one process; requeued after a time limit it resumes each file from its .part (HTTP Range)."""
+
+    def __call__(self) -> dict[str, Any]:
+        return run_door(download_entry.DOOR, self.cfg)
+
+
 class ReportJob:
     """report over one or more run dirs, in one process."""
 
@@ -62,6 +72,8 @@ class ReportJob:
 
 def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]:
     """The callable a stage's job runs; training always resumes from the newest valid checkpoint."""
+    if stage == "download":
+        return DownloadJob(cfg)
     if stage == "prep":
         return PrepJob(cfg)
     if stage == "report":
@@ -75,9 +87,10 @@ def check_inputs(stages: list[str], cfg: Config, run_dirs: list[str]) -> None:
     """Fail before submitting when a stage's input is neither on disk nor made by an earlier stage."""
     made = set()
     for stage in stages:
-        if stage == "prep" and not Path(cfg.prep.archive_dir).is_dir():
+        if stage == "prep" and "download" not in made and not Path(cfg.prep.archive_dir).is_dir():
             raise StageInputError(f"archive dir {cfg.prep.archive_dir} does not exist; pass --archive-dir with the "
-                                  "official archives (or make synthetic ones: python -m pipeline.synthetic)")
+                                  "official archives, give their links (--url, --url-file) to download them first, or "
+                                  "make synthetic ones: python -m pipeline.synthetic")
         if stage in TORCHRUN_STAGES and "prep" not in made and not Path(cfg.data.data_dir).is_dir():
             raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
                                   "or pass --data-dir with a prepared dataset")

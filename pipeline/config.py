@@ -37,10 +37,10 @@ class ConfigError(ValueError):
     """A config file or flag that cannot be used; the message says what to change."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A field with its default and the one-line help shown by ``--help``."""
+def opt(default: Any, help: str, metavar: str = "KEY=VALUE") -> Any:
+    """A field with its default and the one-line help shown by ``--help`` (``metavar``: a list's item there)."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata={"help": help, "metavar": metavar})
     return field(default=default, metadata={"help": help})
 
 
@@ -70,6 +70,20 @@ class PrepConfig:
     archive_dir: str = opt("archives", "folder holding the official ILSVRC2012 (or CIFAR-10) archives")
     skip_checksum: bool = opt(False, "do not check the official MD5s (for mirrors and subsets)")
     delete_archives: bool = opt(False, "delete each archive once its split is extracted and verified")
+
+
+@dataclass
+class DownloadConfig:
+    url: list[str] = opt([], "link of an archive to download into --archive-dir, repeatable; shown and saved "
+                             "redacted (host and file name)", metavar="URL")
+    url_file: str = opt("", "file of links, one per line (# comments): keeps personal links off the command line")
+    header: list[str] = opt([], "request header sent with every link, repeatable, e.g. 'Authorization: Bearer "
+                                "TOKEN'; saved without its value", metavar="'NAME: VALUE'")
+    cookie_file: str = opt("", "cookies.txt (Netscape format, a browser's export) for sites that need a login")
+    download_workers: int = opt(4, "files downloaded at once")
+    download_retries: int = opt(10, "retries of a file after a timeout, reset or 5xx (backoff 2, 4, ... 60 s); "
+                                    "a retry that got bytes resets the count")
+    download_timeout_s: int = opt(60, "seconds without data before a connection is dropped and retried")
 
 
 @dataclass
@@ -169,6 +183,7 @@ class LaunchConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -244,7 +259,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                    type=tv_flags.choice_type(name, typing.get_args(kind)), help=help_text, **bare)
             elif origin is list:
                 group.add_argument(*flags, dest=name, action="append", default=argparse.SUPPRESS,
-                                   metavar="KEY=VALUE", help=help_text)
+                                   metavar=f.metadata["metavar"], help=help_text)
             else:
                 group.add_argument(*flags, dest=name, type=tv_flags.TYPES.get(name, kind), default=argparse.SUPPRESS,
                                    help=help_text)
@@ -305,8 +320,11 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def dumps(cfg: Config) -> str:
     """TOML text of the whole resolved config, every field written out; a library writes it, so any legal value
-    (quotes, backslashes, unicode) reads back equal."""
-    return tomli_w.dumps(to_dict(cfg))
+    (quotes, backslashes, unicode) reads back equal; links and header values are written redacted."""
+    from pipeline.links import redacted_download  # a saved config never holds a link's token
+
+    tables = to_dict(cfg)
+    return tomli_w.dumps({**tables, "download": redacted_download(tables["download"])})
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

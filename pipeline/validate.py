@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.config import Config, ConfigError
+from pipeline.links import check_links, load_cookies, parse_headers, read_links, redact_header, redact_url
 
 LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators: they break TOML and shells
 NOMINAL_CLASSES = {"imagenet": 1000, "cifar10": 10}  # a model is test-built for this many classes
@@ -31,7 +32,10 @@ AT_LEAST = {
     "signal_delay_s": (0, "seconds"), "max_requeues": (0, "requeues"), "preflight_timeout_s": (0, "0 is off"),
     "momentum": (0.0, ""), "weight_decay": (0.0, ""), "clip_grad_norm": (0.0, "0 is off"), "min_lr": (0.0, ""),
     "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
+    "download_workers": (1, "files at once"), "download_retries": (0, "retries"),
+    "download_timeout_s": (1, "seconds"),
 }
+SHOWN_REDACTED = {"url": redact_url, "header": redact_header}  # may hold a token: never echoed in full
 UNIT_INTERVAL = {"random_erase": "a probability", "warmup_decay": "a fraction of lr",
                  "ema_decay": "a decay per update", "ema_decay_per_image": "a decay before the adjustment for scale"}
 BELOW_ONE = {"label_smoothing": "1 would make every target uniform"}
@@ -47,13 +51,17 @@ def validate(cfg: Config, stages: Iterable[str] = ("prep", "train", "eval", "rep
         check_model(cfg, pretrained="train" in stages)
     if "train" in stages:
         check_batch_fits(cfg)
+    if "download" in stages:
+        check_download(cfg)
 
 
-def check_text(where: str, text: str) -> None:
-    """Refuse control characters (newline, tab, NUL, escape) and line separators in a string value."""
+def check_text(where: str, text: str, shown: str | None = None) -> None:
+    """Refuse control characters (newline, tab, NUL, escape) and line separators in a string value (named in the
+    error as ``shown`` where the text itself may not be, e.g. a link with a token)."""
     bad = sorted({c for c in text if unicodedata.category(c) in LINE_BREAKING})
     if bad:
-        raise ConfigError(f"{where} = {text!r} holds control character(s) {', '.join(map(repr, bad))}; "
+        raise ConfigError(f"{where} = {shown or repr(text)} holds control character(s) "
+                          f"{', '.join(map(repr, bad))}; "
                           "strings may not contain newlines or other control characters")
 
 
@@ -70,7 +78,7 @@ def _check_field(section: str, name: str, value: Any) -> None:
         check_text(where, value)
     elif isinstance(value, list):
         for item in value:
-            check_text(where, item)
+            check_text(where, item, SHOWN_REDACTED[name](item) if name in SHOWN_REDACTED else None)
     elif isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} = {value}: must be a finite number")
     if name in AT_LEAST and value < AT_LEAST[name][0]:
@@ -165,3 +173,17 @@ def check_batch_fits(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size (--batch-size) = {cfg.train.batch_size} per process is larger than the "
                           f"{images // world} training images each of the {world} processes gets ({images} in "
                           f"{cfg.data.data_dir}); lower --batch-size or use fewer processes")
+
+
+def check_download(cfg: Config) -> None:
+    """The links (--url, then --url-file) are http(s) links to distinct plain file names; the headers parse and the
+    cookie file reads."""
+    dl = cfg.download
+    found = read_links(dl.url, dl.url_file)
+    if not found:
+        raise ConfigError("the download stage has no links: pass --url URL (repeatable) or --url-file FILE")
+    for url in found:
+        check_text(f"a link of download.url_file (--url-file) {dl.url_file}", url, redact_url(url))
+    check_links(found)
+    parse_headers(dl.header)
+    load_cookies(dl.cookie_file)

@@ -1,0 +1,120 @@
+"""Download speed against plain copies, from the same loopback server, same files, in one run.
+
+    python -m benchmarks.bench_download [--out bench-out/download] [--classes 100 --train-per-class 32]
+                                        [--size 400 350] [--workers 4] [--repeats 3]
+
+The server is the tests' Range-capable one (``python -m tests.download_helpers``) in a separate
+process, serving synthetic archives in the official shapes (about 270 MB by default, written once and
+reused). Variants, interleaved, each into an empty folder: a plain single-stream urllib copy of each file in
+turn, ``wget -c`` and ``curl -C -`` per file when they are on PATH (none of them checks a checksum), ours
+(``pipeline.download.download``: the files in parallel, each one's MD5 computed as it arrives and checked,
+renamed after), and ours resuming from ``.part`` files holding the first half of each archive (what a cut or a
+requeue leaves, written before the clock starts): it fetches only the missing half, after hashing the half on
+disk. MB/s = bytes of the archives / wall seconds (for the resume: the bytes fetched).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from pipeline.download import PART_SUFFIX, download
+from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_imagenet_archives
+
+NAMES = (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """The server process and its base URL (it prints it once listening)."""
+    server = subprocess.Popen([sys.executable, "-m", "tests.download_helpers", str(root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    assert server.stdout is not None
+    return server, server.stdout.readline().strip()
+
+
+def urllib_copy(links: list[str], out: Path) -> None:
+    for link in links:
+        with urllib.request.urlopen(link) as response, open(out / link.rsplit("/", 1)[1], "wb") as fh:
+            shutil.copyfileobj(response, fh, 1 << 20)
+
+
+def tool_copy(command: list[str]) -> Callable[[list[str], Path], None]:
+    def run(links: list[str], out: Path) -> None:
+        for link in links:
+            subprocess.run([*command, str(out / link.rsplit("/", 1)[1]), link], check=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out/download"))
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--train-per-class", type=int, default=32)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--size", type=int, nargs=2, default=[400, 350], metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--workers", type=int, default=4, help="files at once (the config default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    synthetic = make_imagenet_archives(args.out / "served", num_classes=args.classes,
+                                       train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                       size=tuple(args.size))
+    sizes = {name: (synthetic.archive_dir / name).stat().st_size for name in NAMES}
+    total = sum(sizes.values())
+
+    def ours(links: list[str], out: Path) -> None:
+        download(links, out, expected_md5=synthetic.md5, workers=args.workers)
+
+    def half_done(out: Path) -> None:
+        """What a cut or a requeue leaves: the first half of each archive in its part file (before the clock)."""
+        for name in NAMES:
+            with open(synthetic.archive_dir / name, "rb") as src:
+                (out / (name + PART_SUFFIX)).write_bytes(src.read(sizes[name] // 2))
+
+    variants: dict[str, tuple[Callable[[list[str], Path], None], int]] = {
+        "urllib, one stream, file by file (no checksum)": (urllib_copy, total)}
+    if shutil.which("wget"):
+        variants["wget -c, file by file (no checksum)"] = (tool_copy(["wget", "-q", "-c", "-O"]), total)
+    if shutil.which("curl"):
+        variants["curl -C -, file by file (no checksum)"] = (tool_copy(["curl", "-sS", "-f", "-C", "-", "-o"]), total)
+    variants[f"ours, {args.workers} files at once, MD5 checked"] = (ours, total)
+    resumed = "ours, resuming from half-done .part files"
+    variants[resumed] = (ours, total - sum(s // 2 for s in sizes.values()))
+    server, base = start_server(synthetic.archive_dir)
+    links = [f"{base}/files/{name}" for name in NAMES]
+    seconds: dict[str, list[float]] = {label: [] for label in variants}
+    try:
+        for _ in range(args.repeats):
+            for label, (run, _) in variants.items():
+                out = args.out / "into"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                if label == resumed:
+                    half_done(out)
+                start = time.perf_counter()
+                run(links, out)
+                seconds[label].append(time.perf_counter() - start)
+                assert all((out / name).stat().st_size == sizes[name] for name in NAMES), label
+    finally:
+        server.kill()
+    print(f"{total / 1e6:.0f} MB in {len(NAMES)} archives from a server process on 127.0.0.1, "
+          f"{args.repeats} run(s) each\n")
+    print("| variant | best | median | MB/s (best) | ratio to urllib (best) |\n|---|---|---|---|---|")
+    base_rate = None
+    for label, (_, nbytes) in variants.items():
+        best, median = min(seconds[label]), statistics.median(seconds[label])
+        rate = nbytes / 1e6 / best
+        base_rate = base_rate or rate
+        print(f"| {label} | {best:.2f} s | {median:.2f} s | {rate:.0f} | {rate / base_rate:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""A real HTTP server on 127.0.0.1 for the download tests: files of a folder, with Range support that can be
+turned off, and the failures a real download meets (a cut connection, 503s, a refusal) made on demand."""
+from __future__ import annotations
+
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+
+class ArchiveServer:
+    """Serves ``root``; every request is recorded in ``requests`` (name, query, Range header, all headers, status,
+    body bytes sent). ``cut_at[name] = n``: the next answer for ``name`` closes the connection once byte
+    ``n`` of the file is sent. ``status[name]``: answer that status instead. ``fail_first[name] = k``: the next k
+    answers are 503. ``announce[name]``: the Content-Length sent, whatever the file holds."""
+
+    def __init__(self, root: Path, *, ranges: bool = True):
+        self.root, self.ranges = Path(root), ranges
+        self.cut_at: dict[str, int] = {}
+        self.status: dict[str, int] = {}
+        self.fail_first: dict[str, int] = {}
+        self.announce: dict[str, int] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.archive_server = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str, *, query: str = "", userinfo: str = "", folder: str = "files") -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{userinfo + '@' if userinfo else ''}{host}:{port}/{folder}/{name}{'?' + query if query else ''}"
+
+    def sent(self, name: str) -> int:
+        """Body bytes of ``name`` sent in all answers."""
+        return sum(r["sent"] for r in self.requests if r["name"] == name)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "ArchiveServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
+        pass
+
+    def do_GET(self) -> None:
+        server: ArchiveServer = self.server.archive_server  # type: ignore[attr-defined]
+        parts = urlsplit(self.path)
+        name = unquote(parts.path.rsplit("/", 1)[-1])
+        record = {"name": name, "query": parts.query, "range": self.headers.get("Range"),
+                  "headers": dict(self.headers), "status": 200, "sent": 0}
+        server.requests.append(record)
+        path = server.root / name
+        if name in server.status or not path.is_file() or server.fail_first.get(name, 0) > 0:
+            if server.fail_first.get(name, 0) > 0:
+                server.fail_first[name] -= 1
+            record["status"] = server.status.get(name, 503 if path.is_file() else 404)
+            self.send_error(record["status"])
+            return
+        data = path.read_bytes()
+        start = 0
+        wanted = re.fullmatch(r"bytes=(\d+)-", record["range"] or "")
+        if wanted and server.ranges:
+            start = int(wanted.group(1))
+            if start >= len(data):
+                record["status"] = 416
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            record["status"] = 206
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(server.announce.get(name, len(data) - start)))
+        self.send_header("Accept-Ranges", "bytes" if server.ranges else "none")
+        self.end_headers()
+        body = data[start:server.cut_at.pop(name, len(data))]
+        self.wfile.write(body)
+        record["sent"] = len(body)
+        self.close_connection = True
+
+
+def main() -> None:
+    """``python -m tests.download_helpers ROOT``: serve ROOT (benchmarks use it from another process), print the
+    base URL, serve until killed."""
+    import sys
+    import time
+
+    server = ArchiveServer(Path(sys.argv[1]))
+    print(server.url("").rsplit("/", 2)[0], flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

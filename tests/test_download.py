@@ -1,0 +1,142 @@
+"""The download engine against a real HTTP server on 127.0.0.1 serving synthetic archives in the official shapes."""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+
+import pytest
+
+from download_helpers import ArchiveServer
+from pipeline.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from pipeline.download import PART_SUFFIX, REPORT_FILE, DownloadError, download
+from pipeline.synthetic import file_md5, make_imagenet_archives
+
+NAMES = (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Synthetic archives (about 60 KB in all) and their MD5s: the table the tests pass as the expected one."""
+    synthetic = make_imagenet_archives(tmp_path_factory.mktemp("served"), num_classes=2, train_per_class=6,
+                                       val_per_class=3, size=(32, 28))
+    return synthetic.archive_dir, synthetic.md5
+
+
+@pytest.fixture
+def server(served):
+    with ArchiveServer(served[0]) as running:
+        yield running
+
+
+def fetch(server, out, names=NAMES, md5=None, **kwargs):
+    kwargs.setdefault("backoff_s", 0.05)
+    return download([server.url(n) for n in names], out, expected_md5=md5, **kwargs)
+
+
+def test_complete_download_is_verified_and_a_second_run_fetches_nothing(served, server, tmp_path, caplog):
+    root, md5 = served
+    report = fetch(server, tmp_path, md5=md5, workers=3)
+    for name in NAMES:
+        assert file_md5(tmp_path / name) == md5[name] and not (tmp_path / (name + PART_SUFFIX)).exists()
+        assert report["files"][name]["checksum"] == "ok"
+        assert report["files"][name]["bytes"] == (root / name).stat().st_size
+    assert json.loads((tmp_path / REPORT_FILE).read_text()) == report
+    assert len(server.requests) == 3 and all(r["range"] is None for r in server.requests)
+    server.requests.clear()
+    caplog.set_level(logging.INFO, "pipeline.download")
+    again = fetch(server, tmp_path, md5=md5)
+    assert server.requests == [] and "already downloaded and verified" in caplog.text
+    assert not any(f["fetched_in_this_run"] for f in again["files"].values())
+
+
+def test_a_cut_connection_resumes_from_the_next_byte(served, server, tmp_path):
+    root, md5 = served
+    size = (root / TRAIN_TAR).stat().st_size
+    server.cut_at[TRAIN_TAR] = cut = size // 3
+    report = fetch(server, tmp_path, [TRAIN_TAR], md5)
+    assert [(r["range"], r["status"]) for r in server.requests] == [(None, 200), (f"bytes={cut}-", 206)]
+    assert server.sent(TRAIN_TAR) == size  # the resume fetched only the bytes not yet there
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["retries"] == 1
+
+
+def test_a_part_left_by_a_killed_job_is_continued(served, server, tmp_path):
+    root, md5 = served
+    data = (root / VAL_TAR).read_bytes()
+    (tmp_path / (VAL_TAR + PART_SUFFIX)).write_bytes(data[:1000])
+    report = fetch(server, tmp_path, [VAL_TAR], md5)
+    assert [r["range"] for r in server.requests] == ["bytes=1000-"] and server.sent(VAL_TAR) == len(data) - 1000
+    assert (tmp_path / VAL_TAR).read_bytes() == data and report["files"][VAL_TAR]["resumed_from"] == 1000
+
+
+def test_a_server_without_range_support_restarts_the_file(served, tmp_path, caplog):
+    root, md5 = served
+    size = (root / TRAIN_TAR).stat().st_size
+    with ArchiveServer(root, ranges=False) as server:
+        server.cut_at[TRAIN_TAR] = size // 2
+        report = fetch(server, tmp_path, [TRAIN_TAR], md5)
+    assert [r["status"] for r in server.requests] == [200, 200] and server.requests[1]["range"] == f"bytes={size // 2}-"
+    assert "the server ignores Range requests" in caplog.text and "restarting it from byte 0" in caplog.text
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["restarts"] == 1
+
+
+@pytest.mark.parametrize("status, hint", [(403, "403 Forbidden from http://127.0.0.1:"),
+                                          (404, "404 Not Found from http://127.0.0.1:")])
+def test_refused_links_stop_at_once_with_status_and_name(served, server, tmp_path, status, hint):
+    server.status[VAL_TAR] = status
+    with pytest.raises(DownloadError) as failure:
+        fetch(server, tmp_path, [VAL_TAR], served[1], retries=5)
+    message = str(failure.value)
+    assert message.startswith(f"{VAL_TAR}: HTTP {status}") and hint in message
+    assert ("expired" if status == 403 else "no such file") in message
+    assert len(server.requests) == 1 and not (tmp_path / VAL_TAR).exists()
+
+
+def test_server_errors_are_retried_with_backoff_then_given_up(served, server, tmp_path, caplog):
+    server.fail_first[DEVKIT_TAR] = 2
+    fetch(server, tmp_path, [DEVKIT_TAR], served[1], retries=2)
+    assert [r["status"] for r in server.requests] == [503, 503, 200]
+    assert "HTTP 503 Service Unavailable; retry 2 of 2 in 0.1 s" in caplog.text  # 0.05 s, then twice that
+    server.fail_first[VAL_TAR] = 3
+    with pytest.raises(DownloadError, match=f"{VAL_TAR}: gave up after 2 retries: HTTP 503"):
+        fetch(server, tmp_path, [VAL_TAR], served[1], retries=2)
+
+
+def test_a_corrupted_byte_fails_the_md5_and_keeps_nothing(served, tmp_path):
+    root, md5 = served
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    data = bytearray((root / VAL_TAR).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (damaged / VAL_TAR).write_bytes(data)
+    out = tmp_path / "out"
+    with ArchiveServer(damaged) as server, pytest.raises(DownloadError) as failure:
+        fetch(server, out, [VAL_TAR], md5)
+    assert f"checksum mismatch for {VAL_TAR}" in str(failure.value) and md5[VAL_TAR] in str(failure.value)
+    assert "--skip-checksum" in str(failure.value)
+    assert sorted(p.name for p in out.iterdir()) == []  # neither the official name nor the part
+
+
+def test_no_room_on_disk_stops_before_the_body(served, server, tmp_path):
+    server.announce[VAL_TAR] = 10 ** 18  # one exabyte
+    with pytest.raises(DownloadError, match=f"{VAL_TAR} needs 1000000.0 TB more .* free; free some space"):
+        fetch(server, tmp_path, [VAL_TAR], served[1])
+    assert not (tmp_path / VAL_TAR).exists()
+
+
+def test_unofficial_name_unchecked_with_a_warning_and_credentials_sent(served, tmp_path, caplog):
+    root, _ = served
+    folder = tmp_path / "site"
+    folder.mkdir()
+    shutil.copy(root / VAL_TAR, folder / "val-subset.tar")
+    cookies = tmp_path / "cookies.txt"
+    cookies.write_text("# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tsession\tabc123\n")
+    with ArchiveServer(folder) as server:
+        link = server.url("val-subset.tar", userinfo="me:p%40ss")
+        report = download([link], tmp_path / "out", headers=["X-Api-Key: k1"], cookie_file=str(cookies))
+    sent = server.requests[0]["headers"]
+    assert sent["Authorization"] == "Basic " + base64.b64encode(b"me:p@ss").decode()
+    assert sent["X-Api-Key"] == "k1" and sent["Cookie"] == "session=abc123"
+    assert "val-subset.tar is not an official archive name" in caplog.text
+    assert report["files"]["val-subset.tar"]["checksum"] == "skipped"
