@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # The whole pipeline (prep, train, eval, report) on synthetic archives in the official shapes.
 demo: venv
-	$(PY) -m pipeline.synthetic imagenet $(DEMO_DIR)/archives
+	$(PY) -m pipeline.prep.synthetic imagenet $(DEMO_DIR)/archives
 	$(PY) launch.py --stage all --executor local --config configs/demo.toml \
 		--archive-dir $(DEMO_DIR)/archives --data-dir $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run
 

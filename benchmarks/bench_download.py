@@ -7,7 +7,7 @@ The server is the tests' Range-capable one (``python -m tests.download_helpers``
 process, serving synthetic archives in the official shapes (about 270 MB by default, written once and
 reused). Variants, interleaved, each into an empty folder: a plain single-stream urllib copy of each file in
 turn, ``wget -c`` and ``curl -C -`` per file when they are on PATH (none of them checks a checksum), ours
-(``pipeline.download.download``: the files in parallel, each one's MD5 computed as it arrives and checked,
+(``pipeline.prep.download.download``: the files in parallel, each one's MD5 computed as it arrives and checked,
 renamed after), and ours resuming from ``.part`` files holding the first half of each archive (what a cut or a
 requeue leaves, written before the clock starts): it fetches only the missing half, after hashing the half on
 disk. MB/s = bytes of the archives / wall seconds (for the resume: the bytes fetched).
@@ -25,8 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from pipeline.download import PART_SUFFIX, download
-from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_imagenet_archives
+from pipeline.prep.download import PART_SUFFIX, download
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_imagenet_archives
 
 NAMES = (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)
 

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.devkit import parse_meta_mat
-from pipeline.prep import prepare_imagenet
-from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, SyntheticImageNet, make_imagenet_archives
+from pipeline.prep.devkit import parse_meta_mat
+from pipeline.prep.prepare import prepare_imagenet
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, SyntheticImageNet, make_imagenet_archives
 
 CLASS_LOOP = """set -e
 cd "$1"

@@ -7,7 +7,7 @@ Each variant is one command, timed from its start to its exit (python start-up a
 torchrun, the pre-flight, loader workers, the epoch's training, validation, checkpoint writes, teardown), repeated
 ``--repeats`` times interleaved so a busy machine slows all alike. ResNet-18, batch 32 (all processes), bf16
 autocast, channels_last, one epoch of train + val on 480 train and 160 val synthetic 500x375 JPEGs (page cache
-warm). Start-up: from the command's start to its line announcing the training loop (ours: ``pipeline.train:
+warm). Start-up: from the command's start to its line announcing the training loop (ours: ``pipeline.train.trainer:
 training ...``, after the pre-flight, the imports and the process group; timm: the same line before its loop).
 Outside the loop: wall clock less the epoch's training part (epochs.csv ``epoch_time_s``; timm's own figure).
 timm's side is benchmarks/timm_epoch.py (its train.py is not in the wheel): ``pip install -e '.[bench]'``.
@@ -75,7 +75,7 @@ def timed_run(cmd: list[str], run_dir: Path) -> dict[str, float]:
 
 def make_data(root: Path) -> Path:
     from benchmarks.bench_train import add_odd_files, warm_page_cache
-    from pipeline.synthetic import make_image_folder
+    from pipeline.prep.synthetic import make_image_folder
 
     data_dir = make_image_folder(root, num_classes=10, train_per_class=48, val_per_class=16, size=(500, 375), seed=0)
     add_odd_files(data_dir, 50)

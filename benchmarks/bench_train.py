@@ -11,8 +11,8 @@ NCHW, no channels_last, SGD, float32 images normalized per sample in the loader 
 the workers, normalized on the device; channels_last and bf16 autocast, fp16 on GPUs without bf16),
 and our val loader with the same precision and device-side normalization for eval; each of our runs once per
 ``--decode`` path (cpu: PIL in the workers; device: decode_jpeg and the augmentation on the device, see
-pipeline/device_decode.py). All are timed alike
-(pipeline.metrics.ThroughputTimer): wall clock including the wait for data, after device synchronization,
+pipeline/data/device_decode.py). All are timed alike
+(pipeline.core.metrics.ThroughputTimer): wall clock including the wait for data, after device synchronization,
 the first steps left out. The data is a synthetic ImageFolder of ImageNet-sized JPEGs (500x375, quality 90,
 one in 50 rewritten as CMYK or grayscale; ``--data-dir`` takes a prepared one instead), read once before the timings so both runs find the page cache warm. Results go to
 ``<out>/bench_train.{json,md}``.
@@ -34,17 +34,17 @@ from PIL import Image
 from tabulate import tabulate
 from torchvision.transforms import v2
 
-from pipeline.accelerator import Accelerator
-from pipeline.config import Config
-from pipeline.data import build_val_loader, device_batcher
-from pipeline.distributed import DistEnv
-from pipeline.metrics import Throughput, ThroughputTimer, warmup_steps_for
-from pipeline.models import build_model
-from pipeline.precision import Precision, setup_precision
-from pipeline.records import PERF_FILE
-from pipeline.synthetic import make_image_folder
-from pipeline.train import train
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.core.accelerator import Accelerator
+from pipeline.core.config import Config
+from pipeline.core.distributed import DistEnv
+from pipeline.core.metrics import Throughput, ThroughputTimer, warmup_steps_for
+from pipeline.core.precision import Precision, setup_precision
+from pipeline.core.records import PERF_FILE
+from pipeline.data.loaders import build_val_loader, device_batcher
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.registry import build_model
+from pipeline.prep.synthetic import make_image_folder
+from pipeline.train.trainer import train
 
 log = logging.getLogger("bench_train")
 CROP, RESIZE = 224, 256  # the reference's train crop, eval resize and center crop (pixels)

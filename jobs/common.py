@@ -6,7 +6,8 @@ import importlib
 import sys
 from typing import Any, Callable, Sequence
 
-from pipeline.config import Config, ConfigError, add_config_arguments, config_from_args
+from pipeline.core.config import Config, add_config_arguments, config_from_args
+from pipeline.core.errors import UserError
 
 
 def get_args_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
@@ -15,29 +16,13 @@ def get_args_parser(description: str, add_help: bool = True) -> argparse.Argumen
     return parser
 
 
-def bad_input_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says all (what is wrong, what to do): shown without a traceback."""
-    from pipeline.archives import PrepError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.data import DataDirError
-    from pipeline.distributed import DistributedSetupError
-    from pipeline.models import PretrainedWeightsError, UnknownModelError
-    from pipeline.precision import PrecisionError
-    from pipeline.report_inputs import ReportError
-
-    return (ConfigError, CheckpointError, DataDirError, DistributedSetupError, PretrainedWeightsError,
-            UnknownModelError, PrecisionError, PrepError, ReportError)
-
-
 def exit_status(prog: str, work: Callable[[], Any]) -> int:
     """0 when ``work`` succeeds. Bad input (config, archives, data dir, model, device, checkpoint, run dir) is
     one ``prog: error:`` line on stderr and SystemExit(2), as argparse does for a bad flag, without a traceback;
     any other error propagates."""
     try:
         work()
-    except Exception as exc:
-        if not isinstance(exc, bad_input_errors()):
-            raise
+    except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     return 0
@@ -45,7 +30,7 @@ def exit_status(prog: str, work: Callable[[], Any]) -> int:
 
 def run_door(door: str, *args: Any) -> Any:
     """Set up logging and call a stage's door (``module:function``), imported only now so --help stays fast."""
-    from pipeline.logs import setup_logging
+    from pipeline.core.logs import setup_logging
 
     module, _, name = door.partition(":")
     setup_logging()
@@ -70,7 +55,7 @@ def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: st
 
 
 def validated(cfg: Config, stage: str) -> Config:
-    from pipeline.validate import validate
+    from pipeline.core.validate import validate
 
     validate(cfg, [stage])
     return cfg

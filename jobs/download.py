@@ -11,7 +11,7 @@ from typing import Sequence
 
 from jobs.common import run_stage
 
-DOOR = "pipeline.download:fetch"
+DOOR = "pipeline.prep.download:fetch"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

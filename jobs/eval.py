@@ -9,7 +9,7 @@ from jobs.common import run_stage
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(argv, "eval", "Evaluate a checkpoint on the val set (exact counts under DDP).",
-                     "pipeline.evaluate:evaluate")
+                     "pipeline.eval.evaluate:evaluate")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jobs.common import get_args_parser
-from pipeline.config import ConfigError, config_from_args
+from pipeline.core.config import ConfigError, config_from_args
 
 log = logging.getLogger("jobs.preflight")
 
@@ -48,7 +48,7 @@ def preflight_env(folder: str | Path, hosts: Sequence[str]) -> dict[str, str]:
 
 def record_failure(marker: Path | None, code: int, message: str) -> None:
     if marker is not None:
-        from pipeline.atomic import atomic_write_text
+        from pipeline.core.atomic import atomic_write_text
 
         atomic_write_text(marker, json.dumps({"code": code, "message": message}))
 
@@ -66,7 +66,7 @@ def environment_record(backend: str, device: Any) -> dict[str, Any]:
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
     }
     if device.type != "cpu":
-        from pipeline.accelerator import Accelerator
+        from pipeline.core.accelerator import Accelerator
 
         accelerator = Accelerator.of(device)
         record.update(device_name=accelerator.name(), **accelerator.versions())
@@ -164,7 +164,7 @@ def join_own_group(device: Any, env: Any, backend: str, timeout_s: float) -> Non
     serve = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=serve, timeout=timeout,
                           wait_for_workers=False)
-    kwargs = {"device_id": device} if device.type != "cpu" else {}  # as pipeline.distributed.init binds it
+    kwargs = {"device_id": device} if device.type != "cpu" else {}  # as pipeline.core.distributed.init binds it
     dist.init_process_group(backend, store=dist.PrefixStore("preflight", store), rank=env.rank,
                             world_size=env.world_size, timeout=timeout, **kwargs)
 
@@ -175,9 +175,9 @@ def run_preflight(device_name: str, timeout_s: float, folder: Path, hosts: Seque
     Returns 0, or the exit status of a failure (``marker`` records it for the restarts)."""
     import torch.distributed as dist
 
-    from pipeline import distributed
-    from pipeline.atomic import atomic_write_text
-    from pipeline.logs import setup_logging
+    from pipeline.core import distributed
+    from pipeline.core.atomic import atomic_write_text
+    from pipeline.core.logs import setup_logging
 
     env = distributed.read_env()
     setup_logging(env.rank)

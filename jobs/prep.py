@@ -11,7 +11,7 @@ from typing import Sequence
 
 from jobs.common import run_stage
 
-DOOR = "pipeline.prep:prepare"
+DOOR = "pipeline.prep.prepare:prepare"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

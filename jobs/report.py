@@ -14,7 +14,7 @@ from typing import Sequence
 
 from jobs.common import exit_status, run_door
 
-DOOR = "pipeline.report:report"
+DOOR = "pipeline.report.build:report"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

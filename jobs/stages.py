@@ -15,14 +15,15 @@ from jobs import prep as prep_entry
 from jobs import report as report_entry
 from jobs.common import run_door
 from jobs.torchrun import TorchrunJob
-from pipeline.config import Config
-from pipeline.records import CHECKPOINT_DIR
+from pipeline.core.config import Config
+from pipeline.core.errors import UserError
+from pipeline.core.records import CHECKPOINT_DIR
 
 STAGES = ("download", "prep", "train", "eval", "report")
 TORCHRUN_STAGES = ("train", "eval")
 
 
-class StageInputError(ValueError):
+class StageInputError(UserError, ValueError):
     """A stage's input is missing; the message says what to run or pass instead."""
 
 
@@ -90,7 +91,7 @@ def check_inputs(stages: list[str], cfg: Config, run_dirs: list[str]) -> None:
         if stage == "prep" and "download" not in made and not Path(cfg.prep.archive_dir).is_dir():
             raise StageInputError(f"archive dir {cfg.prep.archive_dir} does not exist; pass --archive-dir with the "
                                   "official archives, give their links (--url, --url-file) to download them first, or "
-                                  "make synthetic ones: python -m pipeline.synthetic")
+                                  "make synthetic ones: python -m pipeline.prep.synthetic")
         if stage in TORCHRUN_STAGES and "prep" not in made and not Path(cfg.data.data_dir).is_dir():
             raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
                                   "or pass --data-dir with a prepared dataset")

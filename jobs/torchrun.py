@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jobs.preflight import FAILED_FILE, preflight_env
-from pipeline.config import Config, save_config
+from pipeline.core.config import Config, save_config
 
 log = logging.getLogger("jobs.node")
 

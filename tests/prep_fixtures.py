@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, SyntheticImageNet, make_imagenet_archives
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, SyntheticImageNet, make_imagenet_archives
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.accelerator import Accelerator
+from pipeline.core.accelerator import Accelerator
 
 
 def npu_stand_in(*, bf16: bool) -> Accelerator:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from jobs.train import main as train_main
-from pipeline import atomic
-from pipeline.checkpoint import CheckpointError, CorruptCheckpointError, load_checkpoint
-from pipeline.evaluate import evaluate
-from pipeline.models import build_model
-from pipeline.train import train
+from pipeline.core import atomic
+from pipeline.eval.evaluate import evaluate
+from pipeline.models.registry import build_model
+from pipeline.train.checkpoint import CheckpointError, CorruptCheckpointError, load_checkpoint
+from pipeline.train.trainer import train
 from train_helpers import read_rows, tiny_argv, tiny_config, tiny_data
 
 

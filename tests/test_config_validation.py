@@ -1,4 +1,4 @@
-"""The one validation of a resolved config (pipeline.validate): the recipes pass it, and the jobs run it again."""
+"""The one validation of a resolved config (pipeline.core.validate): the recipes pass it, and the jobs run it again."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 
 from jobs import eval as eval_entry
 from jobs import train as train_entry
-from pipeline.config import load_config
-from pipeline.validate import validate
+from pipeline.core.config import load_config
+from pipeline.core.validate import validate
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 

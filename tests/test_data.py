@@ -11,13 +11,13 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from pipeline.config import Config, ConfigError
-from pipeline.data import (DataDirError, EpochSampler, RepeatedAugmentationSampler, ShardSampler, build_train_loader,
+from pipeline.core.config import Config, ConfigError
+from pipeline.data.loaders import (DataDirError, EpochSampler, RepeatedAugmentationSampler, ShardSampler, build_train_loader,
                            build_val_loader, dataset_info, device_batcher, skipped_images)
-from pipeline.distributed import DistEnv
-from pipeline.synthetic import make_cifar10_archive, make_image_folder
-from pipeline.precision import setup_precision
-from pipeline.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.core.distributed import DistEnv
+from pipeline.core.precision import setup_precision
+from pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.prep.synthetic import make_cifar10_archive, make_image_folder
 
 CPU = torch.device("cpu")
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 10, 5  # 40 train and 20 val images

@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.config import Config
-from pipeline.data import build_train_loader, build_val_loader, device_batcher, skipped_images
-from pipeline.datasets import seeded_cpu_rng
-from pipeline.device_decode import DrawCrop, EncodedFiles, EncodedImage
-from pipeline.distributed import DistEnv
-from pipeline.evaluate import validate
-from pipeline.models import build_model
-from pipeline.precision import setup_precision
-from pipeline.synthetic import make_image_folder
+from pipeline.core.config import Config
+from pipeline.core.distributed import DistEnv
+from pipeline.core.precision import setup_precision
+from pipeline.data.datasets import seeded_cpu_rng
+from pipeline.data.device_decode import DrawCrop, EncodedFiles, EncodedImage
+from pipeline.data.loaders import build_train_loader, build_val_loader, device_batcher, skipped_images
+from pipeline.eval.evaluate import validate
+from pipeline.models.registry import build_model
+from pipeline.prep.synthetic import make_image_folder
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module, tiny_argv,
                            tiny_data, wait_for_line)
 

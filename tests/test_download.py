@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from download_helpers import ArchiveServer
-from pipeline.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
-from pipeline.download import PART_SUFFIX, REPORT_FILE, DownloadError, download
-from pipeline.synthetic import file_md5, make_imagenet_archives
+from pipeline.prep.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from pipeline.prep.download import PART_SUFFIX, REPORT_FILE, DownloadError, download
+from pipeline.prep.synthetic import file_md5, make_imagenet_archives
 
 NAMES = (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)
 
@@ -45,7 +45,7 @@ def test_complete_download_is_verified_and_a_second_run_fetches_nothing(served, 
     assert json.loads((tmp_path / REPORT_FILE).read_text()) == report
     assert len(server.requests) == 3 and all(r["range"] is None for r in server.requests)
     server.requests.clear()
-    caplog.set_level(logging.INFO, "pipeline.download")
+    caplog.set_level(logging.INFO, "pipeline.prep.download")
     again = fetch(server, tmp_path, md5=md5)
     assert server.requests == [] and "already downloaded and verified" in caplog.text
     assert not any(f["fetched_in_this_run"] for f in again["files"].values())

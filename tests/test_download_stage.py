@@ -9,9 +9,9 @@ import pytest
 
 import launch
 from download_helpers import ArchiveServer
-from pipeline.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
-from pipeline.config import build_config, dumps
-from pipeline.synthetic import make_imagenet_archives
+from pipeline.core.config import build_config, dumps
+from pipeline.prep.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from pipeline.prep.synthetic import make_imagenet_archives
 from train_helpers import TINY_FLAGS, run_module
 
 SECRETS = ("SECRET-TOKEN-42", "PASSWORD-17", "BEARER-99")
@@ -95,7 +95,7 @@ def test_all_with_links_starts_with_download_and_prep_waits_for_it(server, tmp_p
                               secret_links(server)[0], "--archive-dir", tmp_path / "new", "--run-dir", tmp_path)
     stages = re.findall(r"^===== (\w+): sbatch script", out, re.M)
     assert code == 0 and stages == ["download", "prep", "train", "eval", "report"]
-    assert "#SBATCH --dependency='afterok:<download job id>'" in out and "pipeline.download.fetch(cfg)" in out
+    assert "#SBATCH --dependency='afterok:<download job id>'" in out and "pipeline.prep.download.fetch(cfg)" in out
     assert "would stop here" not in out  # the archive dir is made by the download
     assert not any(secret in out for secret in SECRETS)
 

@@ -12,14 +12,14 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
 from jobs.eval import main as eval_main
-from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.data import build_val_loader, device_batcher
-from pipeline.distributed import DistEnv
-from pipeline.evaluate import EvalCountError, evaluate, validate
-from pipeline.models import build_model
-from pipeline.precision import setup_precision
-from pipeline.records import EVAL_KEYS
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from pipeline.core.distributed import DistEnv
+from pipeline.core.precision import setup_precision
+from pipeline.core.records import EVAL_KEYS
+from pipeline.data.loaders import build_val_loader, device_batcher
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from pipeline.eval.evaluate import EvalCountError, evaluate, validate
+from pipeline.models.registry import build_model
+from pipeline.train.checkpoint import CheckpointError, save_checkpoint
 from train_helpers import tiny_config, tiny_data
 
 CPU = torch.device("cpu")

@@ -7,9 +7,9 @@ import argparse
 import pytest
 
 import launch
-from pipeline.config import (ConfigError, add_config_arguments, build_config, config_from_args, ema_update_decay,
+from pipeline.core.config import (ConfigError, add_config_arguments, build_config, config_from_args, ema_update_decay,
                              load_config)
-from pipeline.validate import validate
+from pipeline.core.validate import validate
 
 
 def parse(*argv: str):

@@ -6,10 +6,10 @@ import stat
 
 import pytest
 
-from pipeline.atomic import _UMASK, atomic_path, atomic_write_text
-from pipeline.config import ConfigError, add_config_arguments, build_config, config_from_args, dumps, load_config
-from pipeline.distributed import DistributedSetupError, read_env
-from pipeline.records import append_row
+from pipeline.core.atomic import _UMASK, atomic_path, atomic_write_text
+from pipeline.core.config import ConfigError, add_config_arguments, build_config, config_from_args, dumps, load_config
+from pipeline.core.distributed import DistributedSetupError, read_env
+from pipeline.core.records import append_row
 
 
 def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-import launch
-from jobs.follow import HEARTBEAT_POLL_S, HangReporter, StageFailed, Submitted, follow
 from jobs.torchrun import TorchrunJob, child_pids
-from pipeline.tracking import TENSORBOARD_DIR
-from pipeline.watchdog import HANG_MARKER, HEARTBEAT_DIR, HangWatch, diagnose, read_heartbeats
+from launcher import executors
+from launcher.follow import HEARTBEAT_POLL_S, HangReporter, StageFailed, Submitted, follow
+from pipeline.train.tracking import TENSORBOARD_DIR
+from pipeline.train.watchdog import HANG_MARKER, HEARTBEAT_DIR, HangWatch, diagnose, read_heartbeats
 from test_torchrun import worker_with_rank
 from train_helpers import start_module, tiny_argv, tiny_config, tiny_data
 
@@ -47,7 +47,7 @@ def test_diagnose_names_stopped_ranks_first_then_ranks_behind_then_none():
 
 def test_a_watched_process_dumps_every_thread_only_when_it_stops_making_progress(tmp_path, caplog):
     log_file = tmp_path / "rank0.log"
-    with open(log_file, "w+") as stream, caplog.at_level(logging.ERROR, logger="pipeline.watchdog"):
+    with open(log_file, "w+") as stream, caplog.at_level(logging.ERROR, logger="pipeline.train.watchdog"):
         watch = HangWatch(1.0, tmp_path / "beats", rank=0, world_size=1, stream=stream)
         watch.start()
         try:
@@ -101,7 +101,7 @@ def test_a_stopped_rank_makes_the_other_dump_its_stacks_and_follow_names_it(tmp_
         assert f"[{HOST} rank 0] ERROR" in marker and f"silent: rank 1 on {HOST} (pid {stopped}" in marker
         assert TIMEOUT_S - 1 <= waited_s <= TIMEOUT_S + 10
         out.wait_for("most recent call first", 10, after=at)
-        out.wait_for("pipeline/train_loop.py", 10, after=at)  # rank 0's main thread, inside a training step
+        out.wait_for("pipeline/train/loop.py", 10, after=at)  # rank 0's main thread, inside a training step
         reporter = HangReporter(run_dir / "logs" / HEARTBEAT_DIR, "", "[train 1] ", io.StringIO(), every_s=0)
         reporter.poll()
         told = reporter.out.getvalue()
@@ -160,7 +160,7 @@ def test_the_launchers_follow_output_names_the_stopped_rank_and_its_host(tmp_pat
     data_dir = tiny_data(tmp_path / "data", num_classes=4, train_per_class=32, val_per_class=2)
     cfg = tiny_config(data_dir, tmp_path / "run", "--epochs", "50", "--hang-timeout-s", str(TIMEOUT_S))
     cfg.launch.gpus_per_node, cfg.launch.preflight_timeout_s = 2, 0
-    executor = launch.make_executor("local", cfg, launch.executor_parameters("local", cfg, "train"))
+    executor = executors.make_executor("local", cfg, executors.executor_parameters("local", cfg, "train"))
     sub = Submitted("train", executor.submit(TorchrunJob("train", cfg)), "local")
     out = io.StringIO()
     following = threading.Thread(target=follow_until_cancelled, args=(sub, out), daemon=True)

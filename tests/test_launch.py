@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 import launch
-from jobs.follow import LogFollower, StageFailed, Submitted, failure_text, follow
 from jobs.preflight import EXIT_NO_ANSWER
 from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port, torchrun_command
-from pipeline.config import Config
+from launcher import executors
+from launcher.follow import LogFollower, StageFailed, Submitted, failure_text, follow
+from pipeline.core.config import Config
 from train_helpers import TINY_FLAGS  # resnet18 on 32 px crops: the smallest real training
 
 REPO = Path(launch.__file__).resolve().parent
@@ -205,7 +206,7 @@ def test_dry_run_torchrun_line_pastes_into_a_shell(no_slurm_path, tmp_path, caps
     (["--data-dir", "{tmp}/d\x1b[2J"], "holds control character(s) '\\x1b'"),
 ])
 def test_bad_value_is_one_line_before_anything_is_submitted(flags, message, no_slurm_path, tmp_path, capsys):
-    """Every value a launcher can judge is refused by the validation of the resolved config (pipeline.validate)."""
+    """Every value a launcher can judge is refused by the validation of the resolved config (pipeline.core.validate)."""
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     code, out, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", *flags)
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err
@@ -280,7 +281,7 @@ def local_torchrun_job(tmp_path, module: str, nproc: int, **launch_fields) -> Su
     cfg.launch.gpus_per_node = nproc
     for key, value in launch_fields.items():
         setattr(cfg.launch, key, value)
-    executor = launch.make_executor("local", cfg, launch.executor_parameters("local", cfg, "train"))
+    executor = executors.make_executor("local", cfg, executors.executor_parameters("local", cfg, "train"))
     return Submitted("train", executor.submit(TorchrunJob("train", cfg, module=module)), "local")
 
 
@@ -321,7 +322,7 @@ PREFLIGHT_THEN_WORK = """\
     import os, sys, time
     from jobs.common import get_args_parser
     from jobs.preflight import before_training
-    from pipeline.config import config_from_args
+    from pipeline.core.config import config_from_args
     if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and {hang}:
         time.sleep(300)  # a hung rank: never reaches the process group
     status = before_training(config_from_args(get_args_parser("test").parse_args()))
@@ -420,7 +421,7 @@ def test_preemption_signal_saves_and_requeues_the_job(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_local_executor_runs_the_whole_chain_with_two_processes(tmp_path, capsys):
-    from pipeline.synthetic import make_imagenet_archives
+    from pipeline.prep.synthetic import make_imagenet_archives
 
     archives = tmp_path / "archives"
     make_imagenet_archives(archives, num_classes=2, train_per_class=8, val_per_class=4, missing_val=[3])
@@ -445,7 +446,7 @@ def test_local_executor_runs_the_whole_chain_with_two_processes(tmp_path, capsys
 
 def run_dir_with_config(tmp_path) -> Path:
     """A run dir whose resolved config.toml says where its data is, its crops, precision and launch options."""
-    from pipeline.config import build_config, save_config
+    from pipeline.core.config import build_config, save_config
 
     run_dir, data_dir = tmp_path / "run", tmp_path / "its-data"
     run_dir.mkdir()
@@ -501,9 +502,9 @@ def test_torchrun_child_inherits_an_ignored_usr2_and_the_parent_keeps_its_handle
 
 
 def test_batch_larger_than_a_prepared_data_dir_is_refused_at_submission(no_slurm_path, tmp_path, capsys):
-    from pipeline.config import build_config
-    from pipeline.prep import prepare
-    from pipeline.synthetic import make_imagenet_archives
+    from pipeline.core.config import build_config
+    from pipeline.prep.prepare import prepare
+    from pipeline.prep.synthetic import make_imagenet_archives
 
     make_imagenet_archives(tmp_path / "archives", num_classes=2, train_per_class=8, val_per_class=2)
     data = tmp_path / "data"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import metrics
-from pipeline.metrics import ThroughputTimer, Totals, batch_sums, topk_correct, warmup_steps_for
+from pipeline.core import metrics
+from pipeline.core.metrics import ThroughputTimer, Totals, batch_sums, topk_correct, warmup_steps_for
 
 CPU = torch.device("cpu")
 
@@ -39,7 +39,7 @@ def test_warmup_leaves_at_least_half_of_a_short_epoch(steps, warmup):
 
 
 class FakeClock:
-    """Stands in for the time module of pipeline.metrics: perf_counter moves only when told."""
+    """Stands in for the time module of pipeline.core.metrics: perf_counter moves only when told."""
 
     def __init__(self):
         self.now_s = 100.0

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from pipeline import models
-from pipeline.models import PretrainedWeightsError, UnknownModelError, build_model, list_models, register_model
+from pipeline.models import registry as models
+from pipeline.models.registry import PretrainedWeightsError, UnknownModelError, build_model, list_models, register_model
 
 
 def n_params(model: nn.Module) -> int:

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torchvision
 
-from pipeline import models
-from pipeline.evaluate import evaluate
-from pipeline.models import UnknownModelError, build_model
-from pipeline.train import train
+from pipeline.eval.evaluate import evaluate
+from pipeline.models import registry as models
+from pipeline.models.registry import UnknownModelError, build_model
+from pipeline.train.trainer import train
 from train_helpers import read_rows, tiny_config, tiny_data
 
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)

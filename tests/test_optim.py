@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.config import OptimConfig
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.core.config import OptimConfig
+from pipeline.train.optim import build_optimizer, build_scheduler
 
 STEPS_PER_EPOCH = 10
 

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.records import RUN_STATE_FILE
+from pipeline.core.records import RUN_STATE_FILE
+from pipeline.train.checkpoint import load_checkpoint
 from train_helpers import REPO_ROOT, module_command, subprocess_env, tiny_argv, tiny_data
 
 

@@ -7,11 +7,11 @@ import os
 import pytest
 from torchvision.datasets import ImageFolder
 
-from pipeline.classes import read_classes
-from pipeline.config import Config
-from pipeline.datadir import DataDirError
-from pipeline.prep import TEST_TAR, prepare, prepare_imagenet
-from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
+from pipeline.core.config import Config
+from pipeline.prep.classes import read_classes
+from pipeline.prep.datadir import DataDirError
+from pipeline.prep.prepare import TEST_TAR, prepare, prepare_imagenet
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 from prep_fixtures import assert_prepared, file_member, run_prep_cli, small_archives, tar_members, write_tar
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from torchvision.datasets import CIFAR10
 
-from pipeline.archives import ArchiveError, ChecksumError
-from pipeline.cifar import prepare_cifar10
-from pipeline.classes import read_classes
-from pipeline.config import Config
-from pipeline.datadir import DataDirError
-from pipeline.prep import prepare
-from pipeline.synthetic import CIFAR10_LABEL_NAMES, CIFAR10_TAR, make_cifar10_archive
+from pipeline.core.config import Config
+from pipeline.prep.archives import ArchiveError, ChecksumError
+from pipeline.prep.cifar import prepare_cifar10
+from pipeline.prep.classes import read_classes
+from pipeline.prep.datadir import DataDirError
+from pipeline.prep.prepare import prepare
+from pipeline.prep.synthetic import CIFAR10_LABEL_NAMES, CIFAR10_TAR, make_cifar10_archive
 from prep_fixtures import file_member, tar_members, write_tar
 
 

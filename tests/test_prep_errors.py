@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archives import ArchiveError, ChecksumError, UnsafeMemberError
-from pipeline.classes import write_classes
-from pipeline.datadir import DataDirError
-from pipeline.devkit import DevkitError
-from pipeline.prep import prepare_imagenet
-from pipeline.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_cifar10_archive
+from pipeline.prep.archives import ArchiveError, ChecksumError, UnsafeMemberError
+from pipeline.prep.classes import write_classes
+from pipeline.prep.datadir import DataDirError
+from pipeline.prep.devkit import DevkitError
+from pipeline.prep.prepare import prepare_imagenet
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_cifar10_archive
 from prep_fixtures import archive_dir, archives  # noqa: F401 (fixtures)
 from prep_fixtures import REPO, file_member, replace_class_tar, tar_bytes, tar_members, write_tar
 
@@ -76,7 +76,7 @@ def test_checksum_mismatch_names_the_archive_and_keeps_no_files_from_it(archives
 
 
 def test_data_dir_with_another_prepared_dataset_is_refused(archives, tmp_path):
-    from pipeline.cifar import prepare_cifar10
+    from pipeline.prep.cifar import prepare_cifar10
 
     prepare_cifar10(make_cifar10_archive(tmp_path / "cifar", per_class=2, test_per_class=1).parent, tmp_path / "d")
     with pytest.raises(DataDirError, match="already holds the prepared cifar10 dataset"):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.archives import TEST_TAR, ArchiveError, UnsafeMemberError
-from pipeline.devkit import DevkitError
-from pipeline.prep import prepare_imagenet
-from pipeline.synthetic import TRAIN_TAR, VAL_TAR
+from pipeline.prep.archives import TEST_TAR, ArchiveError, UnsafeMemberError
+from pipeline.prep.devkit import DevkitError
+from pipeline.prep.prepare import prepare_imagenet
+from pipeline.prep.synthetic import TRAIN_TAR, VAL_TAR
 from prep_fixtures import archive_dir, archives  # noqa: F401 (fixtures)
 from prep_fixtures import file_member, replace_class_tar, rewrite_meta_mat, tar_bytes, tar_members, write_tar
 

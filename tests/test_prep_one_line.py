@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.synthetic import TRAIN_TAR
+from pipeline.prep.synthetic import TRAIN_TAR
 from prep_fixtures import archive_dir, archives  # noqa: F401 (fixtures)
 from prep_fixtures import (assert_one_line_error, replace_class_tar, rewrite_meta_mat, run_prep_cli, tar_bytes,
                            tar_members)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline.prep import prepare_imagenet
+from pipeline.prep.prepare import prepare_imagenet
 from prep_fixtures import REPO, assert_prepared, small_archives, train_class_bytes
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archives import TEST_TAR, ArchiveError
-from pipeline.datadir import DataDirError
-from pipeline.prep import prepare_imagenet
-from pipeline.synthetic import TRAIN_TAR, VAL_TAR
+from pipeline.prep.archives import TEST_TAR, ArchiveError
+from pipeline.prep.datadir import DataDirError
+from pipeline.prep.prepare import prepare_imagenet
+from pipeline.prep.synthetic import TRAIN_TAR, VAL_TAR
 from prep_fixtures import archive_dir, archives  # noqa: F401 (fixtures)
 from prep_fixtures import (assert_one_line_error, assert_prepared, file_member, replace_class_tar, run_prep_cli,
                            tar_bytes, tar_members, write_tar)

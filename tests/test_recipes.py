@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from pipeline.cifar import prepare_cifar10
-from pipeline.config import load_config
-from pipeline.evaluate import evaluate
-from pipeline.models import list_models
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.synthetic import make_cifar10_archive
-from pipeline.train import train
+from pipeline.core.config import load_config
+from pipeline.eval.evaluate import evaluate
+from pipeline.models.registry import list_models
+from pipeline.prep.cifar import prepare_cifar10
+from pipeline.prep.synthetic import make_cifar10_archive
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.trainer import train
 from train_helpers import read_rows, tiny_config, tiny_data
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))

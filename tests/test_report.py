@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import Config, build_config, save_config
-from pipeline.records import EPOCH_COLUMNS, PERF_COLUMNS, append_row, write_json
-from pipeline.report import ReportError, parquet_available, report
-from pipeline.report_markdown import TITLES
-from pipeline.report_tables import PROVENANCE_COLUMNS, SUMMARY_COLUMNS
-from pipeline.synthetic import make_image_folder
-from pipeline.train import train
+from pipeline.core.config import Config, build_config, save_config
+from pipeline.core.records import EPOCH_COLUMNS, PERF_COLUMNS, append_row, write_json
+from pipeline.prep.synthetic import make_image_folder
+from pipeline.report.build import ReportError, parquet_available, report
+from pipeline.report.markdown import TITLES
+from pipeline.report.tables import PROVENANCE_COLUMNS, SUMMARY_COLUMNS
+from pipeline.train.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -167,7 +167,7 @@ TINY = (*TINY_FLAGS, "--time", "10")  # resnet18 on 32 px crops, a 10-minute lim
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    from pipeline.synthetic import make_image_folder
+    from pipeline.prep.synthetic import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("slurm") / "data", num_classes=2, train_per_class=16,
                              val_per_class=4, size=(36, 36))
@@ -230,7 +230,7 @@ def test_signalled_job_saves_requeues_and_finishes(launcher, tiny_data, tmp_path
 
 @pytest.mark.slow
 def test_whole_pipeline_runs_as_a_chain_of_dependent_jobs(launcher, tmp_path):
-    from pipeline.synthetic import make_imagenet_archives
+    from pipeline.prep.synthetic import make_imagenet_archives
 
     archives = tmp_path / "archives"
     make_imagenet_archives(archives, num_classes=2, train_per_class=8, val_per_class=4)

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.precision import setup_precision
-from pipeline.train_loop import LossWatch, NonFiniteLossError, Stepper
+from pipeline.core.precision import setup_precision
+from pipeline.train.loop import LossWatch, NonFiniteLossError, Stepper
 
 DECAY = 0.5
 

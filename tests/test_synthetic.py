@@ -16,8 +16,8 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 from torchvision.datasets import imagenet as tv_imagenet
 
-from pipeline.classes import read_classes
-from pipeline.synthetic import (CIFAR10_LABEL_NAMES, CIFAR10_TAR, DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_cifar10_archive,
+from pipeline.prep.classes import read_classes
+from pipeline.prep.synthetic import (CIFAR10_LABEL_NAMES, CIFAR10_TAR, DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_cifar10_archive,
                                 make_image_folder, make_imagenet_archives)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_cifar10_archive_reads_like_the_official_one(tmp_path):
 
 
 def test_cli_writes_the_demo_archives_with_one_val_file_missing(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline.synthetic", "imagenet", str(tmp_path), "--classes", "3",
+    result = subprocess.run([sys.executable, "-m", "pipeline.prep.synthetic", "imagenet", str(tmp_path), "--classes", "3",
                              "--train-per-class", "2", "--val-per-class", "3"], cwd=REPO, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from jobs.torchrun import child_pids
-from pipeline.checkpoint import load_checkpoint
-from pipeline.evaluate import evaluate
+from pipeline.eval.evaluate import evaluate
+from pipeline.train.checkpoint import load_checkpoint
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
                            tiny_argv, tiny_config, tiny_data, wait_for_line)
 
@@ -43,7 +43,7 @@ def test_two_processes_train_and_record_with_world_size_2(two_process_run):
         [("0", "3", "2", str(VAL_SIZE)), ("1", "6", "2", str(VAL_SIZE))]
     for row in rows:
         assert float(row["img_per_s_all_ranks"]) == pytest.approx(2 * float(row["img_per_s_per_rank"]), rel=1e-3)
-    assert "rank 1] INFO pipeline.distributed: joined process group: backend=gloo rank=1/2" in log
+    assert "rank 1] INFO pipeline.core.distributed: joined process group: backend=gloo rank=1/2" in log
     assert "Epoch: [1] [3/3]" in log and "Traceback" not in log
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["world_size"] == 2
@@ -90,7 +90,7 @@ def test_sigusr1_to_one_rank_stops_both_and_the_resume_matches_the_uninterrupted
     os.kill(rank1, signal.SIGUSR1)
     rest = proc.communicate(timeout=120)[1]
     assert proc.returncode == 0, rest[-4000:]
-    assert "rank 1] WARNING pipeline.preemption: received SIGUSR1" in rest
+    assert "rank 1] WARNING pipeline.train.preemption: received SIGUSR1" in rest
     stopped = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert stopped["epoch"] == 1 and 1 <= stopped["step_in_epoch"] <= 3 and len(stopped["rng"]) == 2
     assert len(read_rows(run_dir / "epochs.csv")) == 1

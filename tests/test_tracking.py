@@ -10,9 +10,9 @@ import types
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.config import ConfigError
-from pipeline.tracking import TENSORBOARD_DIR
-from pipeline.train import train
+from pipeline.core.config import ConfigError
+from pipeline.train.tracking import TENSORBOARD_DIR
+from pipeline.train.trainer import train
 from train_helpers import read_rows, tiny_config, tiny_data
 
 STEPS_PER_EPOCH = 2  # 2 classes x 8 train images, batches of 8

@@ -7,9 +7,9 @@ import signal
 import pytest
 
 from jobs.train import main as train_main
-from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.records import EPOCH_COLUMNS, PERF_COLUMNS, PROVENANCE_FILE, RUN_STATE_FILE
-from pipeline.train import train
+from pipeline.core.records import EPOCH_COLUMNS, PERF_COLUMNS, PROVENANCE_FILE, RUN_STATE_FILE
+from pipeline.train.checkpoint import CheckpointError, load_checkpoint
+from pipeline.train.trainer import train
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
                            tiny_argv, tiny_config, tiny_data)
 
@@ -161,7 +161,7 @@ def test_a_failing_run_records_its_error_before_it_raises(data_dir, tmp_path, mo
     def broken_validation(*args, **kwargs):
         raise RuntimeError("the val disk went away")
 
-    monkeypatch.setattr("pipeline.train.validate", broken_validation)
+    monkeypatch.setattr("pipeline.train.trainer.validate", broken_validation)
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="the val disk went away"):
         train(tiny_config(data_dir, run_dir, "--epochs", "2"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pipeline.precision import setup_precision
-from pipeline.train_loop import STOP_CHECK_EVERY, Stepper, run_epoch
+from pipeline.core.precision import setup_precision
+from pipeline.train.loop import STOP_CHECK_EVERY, Stepper, run_epoch
 
 
 def linear_stepper() -> Stepper:

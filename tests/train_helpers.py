@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 
 from jobs.common import get_args_parser
-from pipeline.config import Config, config_from_args
-from pipeline.synthetic import make_image_folder
+from pipeline.core.config import Config, config_from_args
+from pipeline.prep.synthetic import make_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

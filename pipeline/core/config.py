@@ -1,0 +1,349 @@
+"""Typed configuration: one dataclass per concern, TOML files and command-line flags.
+
+Precedence, written once here and nowhere else: command line > config file > defaults.
+
+Every field of every section is also a flag of the same name in kebab case (``lr`` is ``--lr``,
+``data_dir`` is ``--data-dir``), so field names are unique across sections. A config file is a
+small TOML override of the defaults, with one table per section::
+
+    [model]
+    model = "resnet50"
+    [optim]
+    lr = 0.1
+
+Unknown sections, unknown keys and values of the wrong type are errors, never ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+import tomli_w
+
+from pipeline.core import flags as tv_flags
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or flag that cannot be used; the message says what to change."""
+
+
+def opt(default: Any, help: str, metavar: str = "KEY=VALUE") -> Any:
+    """A field with its default and the one-line help shown by ``--help`` (``metavar``: a list's item there)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "metavar": metavar})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = opt("data", "prepared data dir: train/<wnid>/, val/<wnid>/ (ImageNet) or cifar-10-batches-py/")
+    dataset: Literal["imagenet", "cifar10"] = opt("imagenet", "which dataset the data dir holds")
+    workers: int = opt(4, "worker processes: data loading per training process, or class extraction in prep")
+    train_crop_size: int = opt(224, "RandomResizedCrop output size, pixels (CIFAR recipes use 32)")
+    val_resize_size: int = opt(256, "eval resize of the shorter side, pixels")
+    val_crop_size: int = opt(224, "eval center crop, pixels")
+    auto_augment: Literal["none", "ta_wide", "randaugment", "autoaugment"] = opt("none",
+                                                                                 "torchvision auto-augment policy")
+    color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation; 0 turns it off")
+    random_erase: float = opt(0.0, "RandomErasing probability")
+    mixup_alpha: float = opt(0.0, "MixUp alpha; 0 turns it off")
+    cutmix_alpha: float = opt(0.0, "CutMix alpha; 0 turns it off")
+    ra_reps: int = opt(1, "repeated augmentation: each drawn image appears this many times per epoch, on different "
+                          "processes, each copy augmented anew (torchvision's --ra-sampler --ra-reps); 1 is off")
+    prefetch_factor: int = opt(4, "batches each loader worker prepares ahead")
+    decode: Literal["cpu", "device"] = opt("cpu", "where ImageNet JPEGs are decoded and augmented: in the loader "
+                                                  "workers (PIL), or on the training device, batched (nvJPEG on CUDA)")
+
+
+@dataclass
+class PrepConfig:
+    archive_dir: str = opt("archives", "folder holding the official ILSVRC2012 (or CIFAR-10) archives")
+    skip_checksum: bool = opt(False, "do not check the official MD5s (for mirrors and subsets)")
+    delete_archives: bool = opt(False, "delete each archive once its split is extracted and verified")
+
+
+@dataclass
+class DownloadConfig:
+    url: list[str] = opt([], "link of an archive to download into --archive-dir, repeatable; shown and saved "
+                             "redacted (host and file name)", metavar="URL")
+    url_file: str = opt("", "file of links, one per line (# comments): keeps personal links off the command line")
+    header: list[str] = opt([], "request header sent with every link, repeatable, e.g. 'Authorization: Bearer "
+                                "TOKEN'; saved without its value", metavar="'NAME: VALUE'")
+    cookie_file: str = opt("", "cookies.txt (Netscape format, a browser's export) for sites that need a login")
+    download_workers: int = opt(4, "files downloaded at once")
+    download_retries: int = opt(10, "retries of a file after a timeout, reset or 5xx (backoff 2, 4, ... 60 s); "
+                                    "a retry that got bytes resets the count")
+    download_timeout_s: int = opt(60, "seconds without data before a connection is dropped and retried")
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt("resnet50", "registered model name, or package.module:factory for your own")
+    pretrained: str = opt("", "weights to start from: a local file (state dict or checkpoint), or a torchvision "
+                              "weights name (IMAGENET1K_V1) already in $TORCH_HOME; nothing is downloaded")
+    sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
+    channels_last: bool = opt(True, "NHWC memory format, faster with AMP on GPUs and CPUs (never on NPUs, whose "
+                                    "runtime picks its own formats)")
+    compile: bool = opt(False, "torch.compile the model")
+    ema_decay: float = opt(0.0, "model EMA decay per update, used as given at any scale (e.g. 0.9999); 0 turns EMA "
+                                "off; or give ema_decay_per_image instead")
+    ema_decay_per_image: float = opt(0.0, "model EMA decay as torchvision's --model-ema-decay (0.99998 there): "
+                                          "adjusted for scale to 1 - min(1, (1 - this) x world size x batch_size x "
+                                          "ema_steps / epochs) per update, so a recipe means the same at any world "
+                                          "size or batch; 0 is off; use this or ema_decay, not both")
+    ema_steps: int = opt(1, "optimizer steps between EMA updates (torchvision's --model-ema-steps); during warm-up "
+                            "the EMA follows the model")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["sgd", "rmsprop", "adamw"] = opt("sgd", "optimizer")
+    lr: float = opt(0.1, "peak learning rate for the global batch")
+    momentum: float = opt(0.9, "momentum (SGD, RMSprop)")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(1e-4, "weight decay")
+    norm_weight_decay: bool = opt(True, "apply weight decay to norm and bias parameters too")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    clip_grad_norm: float = opt(0.0, "clip the gradients' total L2 norm to this before each step; 0 is off")
+    scheduler: Literal["step", "cosine", "exponential"] = opt("step", "learning-rate schedule after warm-up")
+    lr_step_size: int = opt(30, "epochs between decays (step)")
+    lr_gamma: float = opt(0.1, "decay factor: per lr_step_size epochs (step) or per epoch (exponential)")
+    min_lr: float = opt(0.0, "floor of the cosine schedule, and the rate during cool-down")
+    warmup_epochs: int = opt(0, "linear warm-up epochs")
+    warmup_decay: float = opt(0.01, "warm-up starts at lr * warmup_decay")
+    cooldown_epochs: int = opt(0, "epochs at min_lr after the schedule ends")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = opt("runs/default", "run dir: resolved config, checkpoints, per-epoch records, logs")
+    epochs: int = opt(90, "training epochs")
+    batch_size: int = opt(32, "images per process per step")
+    device: Literal["auto", "cuda", "npu", "cpu"] = opt("auto", "device type: auto picks cuda, then npu, then cpu")
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision: bf16 autocast, or fp16 with a GradScaler")
+    resume: str = opt("", "checkpoint to resume from, or 'auto' for the newest valid one in the run dir")
+    max_steps: int = opt(0, "performance mode: stop after this many steps and report steady-state FPS; 0 is off")
+    seed: int = opt(0, "random seed of model init, sampling and augmentation")
+    print_freq: int = opt(10, "steps between log lines")
+    save_every: int = opt(1, "epochs between kept checkpoints (latest and best are always written)")
+    tensorboard: bool = opt(True, "TensorBoard event files in <run dir>/tensorboard/ (rank 0): loss, lr, img/s, "
+                                  "data wait at the log lines; accuracy, epoch time, memory per epoch")
+    wandb: bool = opt(False, "also log to Weights & Biases (the wandb extra); WANDB_MODE=offline needs no "
+                             "account")
+    hang_timeout_s: int = opt(900, "seconds without a training step before every rank dumps its Python "
+                                   "stacks to its log and names the silent ranks; 0 is off")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt("", "checkpoint to evaluate with --stage eval; empty: best.pt of the run dir")
+    weights: Literal["model", "ema"] = opt("model", "which weights of the checkpoint to evaluate: the trained model, "
+                                                    "or its EMA (a run trained with --ema-decay)")
+
+
+@dataclass
+class LaunchConfig:
+    executor: Literal["auto", "slurm", "local", "debug"] = opt("auto", "slurm where sbatch exists, else local")
+    nodes: int = opt(1, "nodes per job")
+    gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
+    cpus_per_task: int = opt(0, "CPUs per node task; 0: processes per node x (--workers + 1) (train, eval: each "
+                                "process and its loader workers), --workers + 1 (prep), at most a node's CPUs")
+    mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
+    time: int = opt(60, "time limit, minutes")
+    partition: str = opt("", "Slurm partition")
+    account: str = opt("", "Slurm account")
+    qos: str = opt("", "Slurm QOS")
+    constraint: str = opt("", "Slurm node constraint")
+    exclusive: bool = opt(False, "whole nodes for the job")
+    job_name: str = opt("imagenet", "job name prefix")
+    sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
+    setup: list[str] = opt([], "shell lines every job runs before its processes start, repeatable: e.g. 'source "
+                               "/usr/local/Ascend/ascend-toolkit/set_env.sh' (CANN) or 'module load cuda'")
+    npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
+                               "per node>")
+    max_restarts: int = opt(2, "torchrun restarts of a crashed worker group before the job fails")
+    signal_delay_s: int = opt(90, "seconds before the time limit at which Slurm signals a checkpoint")
+    max_requeues: int = opt(10, "times a job may be requeued after reaching its time limit (preemptions do not count)")
+    preflight_timeout_s: int = opt(120, "bound of the all-reduce pre-flight before multi-process training, s; 0 is off")
+    detach: bool = opt(False, "print job ids and return instead of waiting")
+    dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+# Other spellings of the same flag, torchvision's reference ones among them (pipeline/core/flags.py: its other flags).
+FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"], "data_dir": ["--data-path"], "batch_size": ["-b"],
+                "workers": ["-j"], "optimizer": ["--opt"], "weight_decay": ["--wd"], "scheduler": ["--lr-scheduler"],
+                "warmup_epochs": ["--lr-warmup-epochs"], "warmup_decay": ["--lr-warmup-decay"], "min_lr": ["--lr-min"],
+                "ema_steps": ["--model-ema-steps"], "ema_decay_per_image": ["--model-ema-decay"]}
+
+
+def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Map each field name to (section, field, resolved type); names are unique across sections."""
+    owner = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in owner, f"field {f.name} is in two sections"
+            owner[f.name] = (section, f, hints[f.name])
+    return owner
+
+
+FIELDS = _field_owner()
+
+
+def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
+    """Return value converted to the field's type, or raise ConfigError naming the key and the expected type."""
+    origin = typing.get_origin(kind)
+    if name in tv_flags.TYPES and isinstance(value, str):  # e.g. time = "1-12:00:00" in a file, as on the command line
+        try:
+            return tv_flags.TYPES[name](value)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{where}: {name}: {exc}") from None
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{where}: {name} = {value!r} is not one of {list(typing.get_args(kind))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
+        return list(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field; defaults are suppressed so only given flags override."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} config")
+        for name, (sec, f, kind) in FIELDS.items():
+            if sec != section:
+                continue
+            flags = ["--" + name.replace("_", "-")] + FLAG_ALIASES.get(name, [])
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            help_text = f"{f.metadata['help']} (default: {default!r})"
+            origin = typing.get_origin(kind)
+            if kind is bool and name in tv_flags.BOOL_VALUE_REFUSED:
+                group.add_argument(*flags, dest=name, action=tv_flags.BoolRefusingValue, default=argparse.SUPPRESS,
+                                   why=tv_flags.BOOL_VALUE_REFUSED[name], help=help_text)
+            elif kind is bool:
+                group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            elif origin is Literal:
+                bare = {"nargs": "?", "const": tv_flags.CONSTS[name]} if name in tv_flags.CONSTS else {}
+                group.add_argument(*flags, dest=name, choices=typing.get_args(kind), default=argparse.SUPPRESS,
+                                   type=tv_flags.choice_type(name, typing.get_args(kind)), help=help_text, **bare)
+            elif origin is list:
+                group.add_argument(*flags, dest=name, action="append", default=argparse.SUPPRESS,
+                                   metavar=f.metadata["metavar"], help=help_text)
+            else:
+                group.add_argument(*flags, dest=name, type=tv_flags.TYPES.get(name, kind), default=argparse.SUPPRESS,
+                                   help=help_text)
+    tv_flags.add_torchvision_flags(parser)
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file (see configs/)")
+
+
+def read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a config file, with one clear line for a missing, unreadable or non-TOML file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; see configs/ for the recipes") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file (see configs/)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (not UTF-8); pass a TOML file (see configs/)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return data
+
+
+def build_config(file_values: dict[str, dict[str, Any]] | None = None,
+                 cli_values: dict[str, Any] | None = None, where: str = "config") -> Config:
+    """Defaults, then the file's tables, then the flags: the one place precedence is applied."""
+    cfg = Config()
+    for section, table in (file_values or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}]; known sections: {sorted(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
+        for name, value in table.items():
+            if name not in FIELDS or FIELDS[name][0] != section:
+                hint = f" (it belongs in [{FIELDS[name][0]}])" if name in FIELDS else ""
+                raise ConfigError(f"{where}: unknown key {name!r} in [{section}]{hint}")
+            setattr(getattr(cfg, section), name, _check_value(name, FIELDS[name][2], value, where))
+    for name, value in (cli_values or {}).items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown option {name!r}")
+        section = FIELDS[name][0]
+        setattr(getattr(cfg, section), name, _check_value(name, FIELDS[name][2], value, "command line"))
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config for parsed arguments of a parser that went through add_config_arguments."""
+    cli = {k: v for k, v in vars(args).items() if k in FIELDS}
+    file_values = read_toml(args.config) if getattr(args, "config", None) else None
+    return build_config(file_values, cli, where=str(args.config) if file_values is not None else "config")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def dumps(cfg: Config) -> str:
+    """TOML text of the whole resolved config, every field written out; a library writes it, so any legal value
+    (quotes, backslashes, unicode) reads back equal; links and header values are written redacted."""
+    from pipeline.prep.links import redacted_download  # a saved config never holds a link's token
+
+    tables = to_dict(cfg)
+    return tomli_w.dumps({**tables, "download": redacted_download(tables["download"])})
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (the run dir's config.toml), so every number traces back to it."""
+    atomic_write_text(Path(path), dumps(cfg))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config file (e.g. a run dir's resolved config.toml) over the defaults."""
+    return build_config(read_toml(Path(path)), where=str(path))
+
+
+def ema_update_decay(cfg: Config, world_size: int) -> float | None:
+    """The model EMA's decay per update, None when off: model.ema_decay as given, or model.ema_decay_per_image
+    adjusted as torchvision's reference does (pycls's rule), so the EMA spans the same share of training at any
+    world size, batch or update period."""
+    model = cfg.model
+    if model.ema_decay_per_image <= 0:
+        return model.ema_decay if model.ema_decay > 0 else None
+    adjust = world_size * cfg.train.batch_size * model.ema_steps / cfg.train.epochs
+    return 1.0 - min(1.0, (1.0 - model.ema_decay_per_image) * adjust)

@@ -1,0 +1,94 @@
+"""The files a run dir holds, and the small atomic writers for them.
+
+Contract between the stages (train and eval write, report reads):
+
+- ``config.toml``: the resolved config (pipeline.core.config.save_config).
+- ``provenance.json``: how the numbers were made; keys ``git_commit``, ``python``, ``torch``,
+  ``torchvision``, ``cuda``, ``cudnn``, ``device_type``, ``device_name``, ``hostname`` (rank 0), ``hosts``
+  (every node), ``rank_hosts`` (host of each rank), ``world_size``,
+  ``nodes``, ``seed``, ``started_at`` (ISO 8601, the run's first start); after a resume also ``resumed_at``
+  (this job's start) and ``resumes`` (how many jobs continued the run).
+- ``epochs.csv``: one row per finished epoch, rank 0 only, columns ``EPOCH_COLUMNS``.
+- ``perf.csv``: one row per performance-mode run (``--max-steps``), columns ``PERF_COLUMNS``.
+- ``eval.json``: exact counts of the eval stage, keys ``EVAL_KEYS``.
+- ``run_state.json``: where training stands, rank 0 only: ``state`` (training, preempted, finished or
+  failed), ``epochs_done``, ``at`` (ISO 8601) and, when failed, ``error``. A job killed outright (SIGKILL,
+  node crash) leaves "training".
+- ``checkpoints/``: ``latest.pt``, ``best.pt``, ``epoch_NNNN.pt``.
+
+Throughput is global images per second over all processes (``img_per_s_all_ranks``) and per process
+(``img_per_s_per_rank``), by wall clock including the wait for data, after device synchronization,
+excluding the warm-up steps at the start of each epoch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.core.atomic import atomic_write_text
+
+CONFIG_FILE = "config.toml"
+PROVENANCE_FILE = "provenance.json"
+EPOCHS_FILE = "epochs.csv"
+PERF_FILE = "perf.csv"
+EVAL_FILE = "eval.json"
+RUN_STATE_FILE = "run_state.json"
+CHECKPOINT_DIR = "checkpoints"
+
+EPOCH_COLUMNS = (
+    "epoch",                # 0-based epoch index
+    "steps",                # optimizer steps taken so far in the run
+    "train_loss", "train_acc1", "train_acc5",  # means over the epoch's samples, all ranks; acc in %
+    "val_loss", "val_acc1", "val_acc5",        # over the whole val set, exact; acc in %
+    "val_top1_correct", "val_top5_correct", "val_total",
+    "lr",                   # learning rate at the end of the epoch
+    "epoch_time_s",         # wall clock of the training part of the epoch, s
+    "img_per_s_all_ranks",  # training images/s summed over all processes, steady state
+    "img_per_s_per_rank",   # the same divided by the world size
+    "data_wait_frac",       # share of the steady-state step time spent waiting for the loader, 0..1
+    "world_size", "nodes", "amp", "model",
+    "peak_mem_mib",         # peak device memory of rank 0, MiB (max RSS on CPU)
+    "finished_at",          # ISO 8601 time the epoch's record was written
+    "ema_val_acc1", "ema_val_acc5",  # the model EMA over the whole val set, %; empty when EMA is off
+)
+PERF_COLUMNS = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
+                "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at")
+EVAL_KEYS = ("checkpoint", "weights", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
+
+
+def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) -> None:
+    """Add one row to a CSV table, rewriting it atomically (tables are small: one row per epoch)."""
+    path = Path(path)
+    unknown = set(row) - set(columns)
+    if unknown:
+        raise ValueError(f"columns {sorted(unknown)} are not in the table's columns")
+    existing = path.read_text() if path.exists() else ""
+    if existing and existing.splitlines()[0].split(",") != list(columns):
+        raise ValueError(f"{path} has other columns than {list(columns)}; use a new run dir")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    if not existing:
+        writer.writeheader()
+    writer.writerow(row)
+    atomic_write_text(path, existing + out.getvalue())
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, error: type[Exception], hint: str) -> dict[str, Any] | None:
+    """A JSON object record (data dir report, eval.json, provenance.json): None when the file is absent; a broken
+    one raises ``error`` naming the file and what is wrong, followed by ``hint`` (what to do)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} should hold a JSON object, not {type(data).__name__}; {hint}")
+    return data

@@ -1,0 +1,189 @@
+"""The one validation of a resolved config: run by launch.py before anything is submitted, and by the job again.
+
+A typo must never cost a queue wait, so every value a login node can judge is checked here, naming the
+field and its flag. What needs the device or data not prepared yet (bf16 on this GPU, a batch larger than a
+data dir still to come) stays in the training code. ``validate(cfg, stages)`` checks what those stages read:
+a prep job does not import your model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.core.config import Config, ConfigError
+from pipeline.prep.links import check_links, load_cookies, parse_headers, read_links, redact_header, redact_url
+
+LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators: they break TOML and shells
+NOMINAL_CLASSES = {"imagenet": 1000, "cifar10": 10}  # a model is test-built for this many classes
+MODEL_STAGES = ("train", "eval")
+
+# field: (lowest allowed, why); every int and float field not named here may be any finite number
+AT_LEAST = {
+    "workers": (0, "0 loads in the training process"), "prefetch_factor": (1, "batches ahead per worker"),
+    "train_crop_size": (1, "pixels"), "val_resize_size": (1, "pixels"), "val_crop_size": (1, "pixels"),
+    "ra_reps": (1, "1 is off"), "ema_steps": (1, "optimizer steps"), "epochs": (1, "epochs"),
+    "batch_size": (1, "images per process"), "max_steps": (0, "0 is off"), "print_freq": (1, "steps"),
+    "save_every": (1, "epochs"), "lr_step_size": (1, "epochs"), "warmup_epochs": (0, "epochs"),
+    "cooldown_epochs": (0, "epochs"), "nodes": (1, "nodes"), "gpus_per_node": (1, "processes per node"),
+    "cpus_per_task": (0, "0 picks a default"), "time": (1, "minutes"), "max_restarts": (0, "restarts"),
+    "signal_delay_s": (0, "seconds"), "max_requeues": (0, "requeues"), "preflight_timeout_s": (0, "0 is off"),
+    "momentum": (0.0, ""), "weight_decay": (0.0, ""), "clip_grad_norm": (0.0, "0 is off"), "min_lr": (0.0, ""),
+    "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
+    "download_workers": (1, "files at once"), "download_retries": (0, "retries"),
+    "download_timeout_s": (1, "seconds"),
+}
+SHOWN_REDACTED = {"url": redact_url, "header": redact_header}  # may hold a token: never echoed in full
+UNIT_INTERVAL = {"random_erase": "a probability", "warmup_decay": "a fraction of lr",
+                 "ema_decay": "a decay per update", "ema_decay_per_image": "a decay before the adjustment for scale"}
+BELOW_ONE = {"label_smoothing": "1 would make every target uniform"}
+
+
+def validate(cfg: Config, stages: Iterable[str] = ("prep", "train", "eval", "report")) -> None:
+    """Raise ConfigError with one line saying what to change at the first value the ``stages`` cannot run with."""
+    stages = set(stages)
+    for section, name, value in _fields(cfg):
+        _check_field(section, name, value)
+    _check_relations(cfg, stages)
+    if stages & set(MODEL_STAGES):
+        check_model(cfg, pretrained="train" in stages)
+    if "train" in stages:
+        check_batch_fits(cfg)
+    if "download" in stages:
+        check_download(cfg)
+
+
+def check_text(where: str, text: str, shown: str | None = None) -> None:
+    """Refuse control characters (newline, tab, NUL, escape) and line separators in a string value (named in the
+    error as ``shown`` where the text itself may not be, e.g. a link with a token)."""
+    bad = sorted({c for c in text if unicodedata.category(c) in LINE_BREAKING})
+    if bad:
+        raise ConfigError(f"{where} = {shown or repr(text)} holds control character(s) "
+                          f"{', '.join(map(repr, bad))}; "
+                          "strings may not contain newlines or other control characters")
+
+
+def _fields(cfg: Config) -> Iterable[tuple[str, str, Any]]:
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            yield section.name, f.name, getattr(values, f.name)
+
+
+def _check_field(section: str, name: str, value: Any) -> None:
+    where = f"{section}.{name} (--{name.replace('_', '-')})"
+    if isinstance(value, str):
+        check_text(where, value)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(where, item, SHOWN_REDACTED[name](item) if name in SHOWN_REDACTED else None)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value}: must be a finite number")
+    if name in AT_LEAST and value < AT_LEAST[name][0]:
+        low, unit = AT_LEAST[name]
+        raise ConfigError(f"{where} = {value}: must be at least {low}{f' ({unit})' if unit else ''}")
+    if name in UNIT_INTERVAL and not 0 <= value <= 1:
+        raise ConfigError(f"{where} = {value}: must lie in [0, 1] ({UNIT_INTERVAL[name]})")
+    if name in BELOW_ONE and not 0 <= value < 1:
+        raise ConfigError(f"{where} = {value}: must lie in [0, 1) ({BELOW_ONE[name]})")
+
+
+def _check_relations(cfg: Config, stages: set[str]) -> None:
+    """Checks between fields: schedule vs epochs, signal vs time limit, decode vs dataset, ..."""
+    optim, launch = cfg.optim, cfg.launch
+    if launch.signal_delay_s >= launch.time * 60:
+        raise ConfigError(f"launch.signal_delay_s = {launch.signal_delay_s} s is not shorter than the time limit "
+                          f"launch.time = {launch.time} min = {launch.time * 60} s; lower --signal-delay-s or "
+                          "raise --time")
+    if cfg.model.ema_decay > 0 and cfg.model.ema_decay_per_image > 0:
+        raise ConfigError(f"model.ema_decay = {cfg.model.ema_decay} (per update, as given) and ema_decay_per_image = "
+                          f"{cfg.model.ema_decay_per_image} (torchvision's --model-ema-decay, adjusted for scale) are "
+                          "both set: keep one (--ema-decay 0 or --model-ema-decay 0 turns the other off)")
+    if cfg.data.decode == "device" and cfg.data.dataset != "imagenet":
+        raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
+                          "use --decode cpu")
+    if "train" not in stages:
+        return
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr = {optim.lr}: must be positive")
+    if optim.optimizer == "sgd" and optim.nesterov and optim.momentum <= 0:
+        raise ConfigError("optim.nesterov needs momentum > 0; set --momentum (e.g. 0.9) or --no-nesterov")
+    if optim.scheduler == "exponential" and optim.lr_gamma <= 0:
+        raise ConfigError(f"optim.lr_gamma = {optim.lr_gamma}: the exponential schedule needs it positive")
+    if optim.warmup_epochs + optim.cooldown_epochs >= cfg.train.epochs:
+        raise ConfigError(f"optim.warmup_epochs ({optim.warmup_epochs}) + cooldown_epochs "
+                          f"({optim.cooldown_epochs}) leave no epoch of the main schedule in "
+                          f"train.epochs = {cfg.train.epochs}; lower them or raise --epochs")
+    if cfg.model.sync_bn and cfg.train.device == "cpu" and launch.nodes * launch.gpus_per_node > 1:
+        raise ConfigError("model.sync_bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
+                          "on CPU use --no-sync-bn")
+
+
+def check_model(cfg: Config, pretrained: bool = False) -> None:
+    """The model name builds a torch.nn.Module (on the meta device: no memory, no weights), and the pretrained
+    weights are found; a ``package.module:factory`` that is not a model factory is refused here, not in the job."""
+    import torch
+
+    from pipeline.models import registry as models
+
+    name = cfg.model.model
+    try:
+        with torch.device("meta"):
+            models.build_model(name, num_classes=NOMINAL_CLASSES[cfg.data.dataset])
+    except models.UnknownModelError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception:  # the factory itself failed; on the CPU it may work, and then it is a model
+        _build_on_cpu(name, NOMINAL_CLASSES[cfg.data.dataset])
+    if pretrained and cfg.model.pretrained:
+        try:
+            models.resolve_weights_file(name, cfg.model.pretrained)
+        except models.PretrainedWeightsError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _build_on_cpu(name: str, num_classes: int) -> None:
+    """Some factories cannot run on the meta device (they read tensor values); build those for real."""
+    from pipeline.models import registry as models
+
+    try:
+        models.build_model(name, num_classes=num_classes)
+    except models.UnknownModelError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:
+        raise ConfigError(f"model {name!r} is not a model factory: calling it as factory(num_classes={num_classes}) "
+                          f"failed with {type(exc).__name__}: {exc}; a model is a registered name or "
+                          "package.module:factory returning a torch.nn.Module") from None
+
+
+def check_batch_fits(cfg: Config) -> None:
+    """Each process's share of the train images holds a batch, when a prepared data dir's report counts them (the
+    world size as launched: nodes x processes per node; under a bare torchrun the loader checks it again)."""
+    from pipeline.core.records import read_json
+    from pipeline.prep.datadir import REPORT_FILE
+
+    try:
+        report = read_json(Path(cfg.data.data_dir) / REPORT_FILE, ConfigError, "")
+        images = int(report["splits"]["train"]["images"]) if report else 0
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return  # a damaged report is the data dir's problem, said by the job that reads it
+    world = cfg.launch.nodes * cfg.launch.gpus_per_node
+    if images and cfg.train.batch_size > images // world:
+        raise ConfigError(f"train.batch_size (--batch-size) = {cfg.train.batch_size} per process is larger than the "
+                          f"{images // world} training images each of the {world} processes gets ({images} in "
+                          f"{cfg.data.data_dir}); lower --batch-size or use fewer processes")
+
+
+def check_download(cfg: Config) -> None:
+    """The links (--url, then --url-file) are http(s) links to distinct plain file names; the headers parse and the
+    cookie file reads."""
+    dl = cfg.download
+    found = read_links(dl.url, dl.url_file)
+    if not found:
+        raise ConfigError("the download stage has no links: pass --url URL (repeatable) or --url-file FILE")
+    for url in found:
+        check_text(f"a link of download.url_file (--url-file) {dl.url_file}", url, redact_url(url))
+    check_links(found)
+    parse_headers(dl.header)
+    load_cookies(dl.cookie_file)

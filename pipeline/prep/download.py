@@ -1,0 +1,343 @@
+"""The download stage: the official archives from the user's links into the archive dir, resumable and verified.
+
+Door: ``fetch(cfg)``, run by ``python launch.py --stage download --archive-dir A --url URL ...`` (through
+submitit) or ``python -m jobs.download --archive-dir A --url-file links.txt``. Each file is written to
+``<name>.part`` and continued with an HTTP Range request after any interruption (a dropped connection, a killed
+job, a Slurm requeue); its MD5 is computed from the bytes as they arrive (a part already on disk is hashed once
+when resumed), and only a file whose MD5 is the expected one is renamed to ``<name>``. Several files download at
+once (``--download-workers`` threads). ``download_report.json`` in the archive dir records each file (links
+redacted, see pipeline.prep.links); a file it lists with the same size and mtime is not fetched again.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.core.atomic import fsync_dir
+from pipeline.core.config import Config
+from pipeline.core.logs import Progress, human_bytes
+from pipeline.core.records import read_json, write_json
+from pipeline.prep.archives import OFFICIAL_MD5, TEST_TAR, PrepError
+from pipeline.prep.links import build_opener, check_links, make_request, parse_headers, read_links, redact_url
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes per read from the connection, per write to the part file and per MD5 update
+PART_SUFFIX = ".part"
+REPORT_FILE = "download_report.json"
+OFFICIAL_NAMES = {*OFFICIAL_MD5, TEST_TAR}  # the test archive's MD5 is not published with the others
+MAX_BACKOFF_S = 60.0
+FATAL_STATUS = {401: "the link needs a login: pass --header or --cookie-file with your credentials",
+                403: "the server refuses it: an expired or someone else's link? get a fresh one from your account",
+                404: "the server has no such file: check the link",
+                410: "the file is gone from the server: get a fresh link"}
+RETRY_STATUS = {408, 429}  # and every 5xx
+NETWORK_ERRORS = (OSError, http.client.HTTPException)  # timeouts, resets, refused connections, cut bodies
+
+
+class DownloadError(PrepError):
+    """A file that cannot be downloaded; the message names it and says what to do."""
+
+
+class _Retry(Exception):
+    """A failure worth another try: a timeout, a reset, a cut connection, a 5xx."""
+
+
+class _Stopped(Exception):
+    """Another file failed for good: this one stops too, keeping its part file."""
+
+
+@dataclass
+class Part:
+    """One file on its way: ``<name>.part`` holds ``offset`` bytes, ``md5`` has seen exactly those."""
+    name: str
+    url: str
+    path: Path
+    offset: int = 0
+    total: int | None = None
+    md5: Any = field(default_factory=hashlib.md5)
+    stats: dict[str, Any] = field(default_factory=lambda: {"retries": 0, "restarts": 0})
+    progress: Progress | None = None
+
+    def restart(self) -> None:
+        self.offset, self.md5 = 0, hashlib.md5()
+        self.stats["restarts"] += 1
+        self.end_progress()
+
+    def end_progress(self, done: bool = False) -> None:
+        if self.progress is not None:
+            if done:
+                self.progress.close()
+            elif self.progress.bar is not None:
+                self.progress.bar.close()
+        self.progress = None
+
+
+def fetch(cfg: Config) -> dict[str, Any]:
+    """The stage's door: download cfg.download's links into cfg.prep.archive_dir."""
+    dl = cfg.download
+    return download(read_links(dl.url, dl.url_file), cfg.prep.archive_dir,
+                    expected_md5=None if cfg.prep.skip_checksum else OFFICIAL_MD5, headers=dl.header,
+                    cookie_file=dl.cookie_file, workers=dl.download_workers, retries=dl.download_retries,
+                    timeout_s=dl.download_timeout_s)
+
+
+def download(links: Sequence[str], archive_dir: str | Path, *, expected_md5: Mapping[str, str] | None = OFFICIAL_MD5,
+             headers: Sequence[str] = (), cookie_file: str = "", workers: int = 4, retries: int = 10,
+             timeout_s: float = 60.0, backoff_s: float = 2.0, progress_every_s: float = 30.0) -> dict[str, Any]:
+    """Fetch every link into ``archive_dir``; ``expected_md5`` maps file names to MD5s (None checks none, as
+    --skip-checksum; tests pass their own archives' table). Returns the report written to REPORT_FILE."""
+    return Downloader(Path(archive_dir), expected_md5=expected_md5, headers=parse_headers(headers),
+                      cookie_file=cookie_file, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
+                      progress_every_s=progress_every_s).run(links, workers)
+
+
+class Downloader:
+    """Shared by the download threads: the opener, the report, the disk-space bookkeeping, the stop flag."""
+
+    def __init__(self, archive_dir: Path, *, expected_md5: Mapping[str, str] | None, headers: dict[str, str],
+                 cookie_file: str, retries: int, timeout_s: float, backoff_s: float, progress_every_s: float):
+        self.archive_dir, self.expected, self.headers = archive_dir, expected_md5, headers
+        self.opener = build_opener(cookie_file)
+        self.retries, self.timeout_s, self.backoff_s, self.every_s = retries, timeout_s, backoff_s, progress_every_s
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.active: dict[str, Part] = {}
+        self.report: dict[str, Any] = {}
+
+    def run(self, links: Sequence[str], workers: int) -> dict[str, Any]:
+        names = check_links(links)
+        self.archive_dir.mkdir(parents=True, exist_ok=True)
+        self.report = read_json(self.archive_dir / REPORT_FILE, DownloadError, "remove it") or {"files": {}}
+        start = time.monotonic()
+        log.info("downloading %d file(s) into %s, %d at a time: %s", len(links), self.archive_dir,
+                 min(workers, len(links)), ", ".join(map(redact_url, links)))
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(links))), "download") as pool:
+            futures = [pool.submit(self.fetch_one, url, name) for url, name in zip(links, names)]
+            try:
+                done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            finally:  # a failed file (or Ctrl-C, a requeue) stops the others; they keep their part files
+                self.stop.set()
+        errors = [f.exception() for f in futures if f.exception() and not isinstance(f.exception(), _Stopped)]
+        if errors:
+            raise errors[0]
+        files = self.report["files"]
+        fetched = sum(files[n]["bytes"] for n in names if files[n]["fetched_in_this_run"])
+        seconds = time.monotonic() - start
+        log.info("download done in %.1f s: %s fetched (%.1f MB/s), %d file(s) already there; report %s", seconds,
+                 human_bytes(fetched), fetched / 1e6 / max(seconds, 1e-9),
+                 sum(not files[n]["fetched_in_this_run"] for n in names), self.archive_dir / REPORT_FILE)
+        return self.report
+
+    def expected_md5(self, name: str) -> str | None:
+        if name not in OFFICIAL_NAMES and name not in (self.expected or {}):
+            log.warning("%s is not an official archive name (%s): it is downloaded under its own name, its MD5 "
+                        "unchecked", name, ", ".join(sorted(OFFICIAL_NAMES)))
+        return None if self.expected is None else self.expected.get(name)
+
+    def fetch_one(self, url: str, name: str) -> None:
+        expected = self.expected_md5(name)
+        final = self.archive_dir / name
+        if final.exists():
+            return self.record(name, url, self.check_present(final, expected), fetched=False)
+        part = Part(name, url, self.archive_dir / (name + PART_SUFFIX))
+        start = time.monotonic()
+        if part.path.exists():
+            log.info("%s: resuming after the %s already in %s", name, human_bytes(part.path.stat().st_size),
+                     part.path.name)
+            part.offset = hash_into(part.md5, part.path)
+        part.stats["resumed_from"] = part.offset
+        with self.lock:
+            self.active[name] = part
+        try:
+            self.transfer_with_retries(part)
+        finally:
+            part.end_progress()
+            with self.lock:
+                self.active.pop(name)
+        digest = part.md5.hexdigest()
+        if expected is not None and digest != expected:
+            part.path.unlink(missing_ok=True)
+            raise DownloadError(f"checksum mismatch for {name} from {redact_url(url)}: MD5 {digest}, expected "
+                                f"{expected}; the damaged {part.path.name} was removed and nothing is kept under "
+                                f"{name}. Run the download again (a fresh link if it happens twice), or pass "
+                                "--skip-checksum for a mirror or subset you trust")
+        os.replace(part.path, final)
+        fsync_dir(self.archive_dir)
+        seconds = time.monotonic() - start
+        fetched = part.offset - part.stats["resumed_from"]
+        self.record(name, url, {"md5": digest, "expected_md5": expected, **part.stats, "seconds": round(seconds, 3),
+                                "mb_per_s": round(fetched / 1e6 / max(seconds, 1e-9), 1)}, fetched=True)
+
+    def transfer_with_retries(self, part: Part) -> None:
+        tries = 0
+        while True:
+            before = part.offset
+            try:
+                if self.transfer(part):
+                    part.end_progress(done=True)
+                    return
+            except _Retry as exc:
+                tries = 1 if part.offset > before else tries + 1  # progress made: the count starts again
+                if tries > self.retries:
+                    raise DownloadError(f"{part.name}: gave up after {self.retries} retries: {exc} "
+                                        f"({redact_url(part.url)}); run the download again, it resumes from byte "
+                                        f"{part.offset:,}") from None
+                part.stats["retries"] += 1
+                delay = min(self.backoff_s * 2 ** (tries - 1), MAX_BACKOFF_S)
+                log.warning("%s: %s; retry %d of %d in %.1f s, from byte %d", part.name, exc, tries, self.retries,
+                            delay, part.offset)
+                if self.stop.wait(delay):
+                    raise _Stopped() from None
+
+    def transfer(self, part: Part) -> bool:
+        """One request, streamed into the part file; True once the file is complete."""
+        try:
+            response = self.opener.open(make_request(part.url, self.headers, part.offset), timeout=self.timeout_s)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return self.http_error(part, exc.code, exc.reason, exc.headers)
+        except NETWORK_ERRORS as exc:
+            raise _Retry(describe(exc)) from None
+        with response:
+            first, total = content_range(response.headers)
+            if response.status == 206 and first != part.offset:
+                part.restart()
+                raise _Retry(f"the server answered from byte {first} instead of {part.offset}; restarting the file")
+            if response.status != 206:
+                if part.offset:
+                    log.warning("%s: the server ignores Range requests (HTTP %d to 'Range: bytes=%d-'): restarting "
+                                "it from byte 0, the %s already fetched are fetched again", part.name,
+                                response.status, part.offset, human_bytes(part.offset))
+                    part.restart()
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            part.total = total
+            self.check_space(part)
+            self.stream(part, response)
+        if part.total is not None and part.offset < part.total:
+            raise _Retry(f"connection closed at byte {part.offset:,} of {part.total:,}")
+        return True
+
+    def http_error(self, part: Part, status: int, reason: str, headers: Any) -> bool:
+        if status == 416 and part.offset:  # nothing after our offset: complete, unless the file shrank
+            total = content_range(headers)[1]
+            if total == part.offset:
+                part.total = total
+                return True
+            log.warning("%s: the part file (%d bytes) is longer than the file on the server (%s); restarting it",
+                        part.name, part.offset, total)
+            part.restart()
+            raise _Retry("restart from byte 0")
+        if status in FATAL_STATUS:
+            raise DownloadError(f"{part.name}: HTTP {status} {reason} from {redact_url(part.url)}: "
+                                f"{FATAL_STATUS[status]}")
+        if status >= 500 or status in RETRY_STATUS:
+            raise _Retry(f"HTTP {status} {reason}")
+        raise DownloadError(f"{part.name}: HTTP {status} {reason} from {redact_url(part.url)}; check the link")
+
+    def stream(self, part: Part, response: http.client.HTTPResponse) -> None:
+        if part.progress is None:
+            remaining = None if part.total is None else part.total - part.offset
+            part.progress = Progress(part.name, remaining, unit="B", logger=log, every_s=self.every_s)
+        try:
+            with open(part.path, "r+b" if part.offset else "wb") as fh:
+                fh.seek(part.offset)
+                fh.truncate()
+                while True:
+                    if self.stop.is_set():
+                        raise _Stopped()
+                    try:
+                        chunk = response.read(CHUNK)
+                    except NETWORK_ERRORS as exc:
+                        raise _Retry(describe(exc)) from None
+                    if not chunk:
+                        return
+                    fh.write(chunk)
+                    part.md5.update(chunk)
+                    part.offset += len(chunk)
+                    part.progress.update(len(chunk))
+        except OSError as exc:  # the disk, not the network: a retry would not help
+            raise DownloadError(f"cannot write {part.path}: {exc.strerror or exc}; free some space or pass "
+                                "another --archive-dir (the download resumes from what was written)") from None
+
+    def check_space(self, part: Part) -> None:
+        """The bytes still to come, of this file and of those under way, must fit the archive dir's free space."""
+        if part.total is None:
+            return
+        with self.lock:
+            others = sum(p.total - p.offset for p in self.active.values() if p is not part and p.total)
+            free = shutil.disk_usage(self.archive_dir).free
+            need = part.total - part.offset
+            if need + others > free:
+                raise DownloadError(f"{part.name} needs {human_bytes(need)} more (and the other downloads under way "
+                                    f"{human_bytes(others)}), but {self.archive_dir} has {human_bytes(free)} free; "
+                                    "free some space or pass another --archive-dir")
+
+    def check_present(self, final: Path, expected: str | None) -> dict[str, Any]:
+        """A file already under its final name: recorded by an earlier run (same size and mtime), or hashed now."""
+        previous = self.report["files"].get(final.name)
+        stat = final.stat()
+        if previous and (previous["bytes"], previous["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns) and \
+                expected in (None, previous["md5"]):
+            log.info("%s is already downloaded and verified; skipping it", final.name)
+            return previous
+        md5 = hashlib.md5()
+        hash_into(md5, final)
+        digest = md5.hexdigest()
+        if expected is not None and digest != expected:
+            raise DownloadError(f"{final} is already there but its MD5 {digest} is not the expected {expected}: "
+                                f"rename it to {final.name}{PART_SUFFIX} to continue it (an interrupted download), "
+                                "or delete it, and run the download again; --skip-checksum keeps it as it is")
+        log.info("%s was already there; its MD5 %s", final.name, "matches" if expected else "is recorded, unchecked")
+        return {"md5": digest, "expected_md5": expected}
+
+    def record(self, name: str, url: str, entry: dict[str, Any], *, fetched: bool) -> None:
+        stat = (self.archive_dir / name).stat()
+        checksum = "skipped" if entry["expected_md5"] is None else "ok"
+        with self.lock:
+            self.report["files"][name] = {**entry, "link": redact_url(url), "bytes": stat.st_size,
+                                          "mtime_ns": stat.st_mtime_ns, "checksum": checksum,
+                                          "fetched_in_this_run": fetched}
+            write_json(self.archive_dir / REPORT_FILE, self.report)
+
+
+def hash_into(md5: Any, path: Path) -> int:
+    """Feed a file on disk to ``md5`` (a part left by an earlier run, or a file already there); its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh, Progress(f"{path.name} (hashing)", size, unit="B", logger=log,
+                                          enabled=size > 1 << 30) as progress:
+        while chunk := fh.read(CHUNK):
+            md5.update(chunk)
+            progress.update(len(chunk))
+    return size
+
+
+def content_range(headers: Any) -> tuple[int | None, int | None]:
+    """(first byte, total size) from ``Content-Range: bytes 100-199/200`` (or ``bytes */200``); None if absent."""
+    value = (headers.get("Content-Range") or "") if headers is not None else ""
+    unit, _, spec = value.partition(" ")
+    span, _, total = spec.partition("/")
+    first = span.partition("-")[0]
+    return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def describe(exc: BaseException) -> str:
+    """A network error in a few words, without the link (urllib's messages may hold it)."""
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed after {len(exc.partial):,} more bytes"
+    return f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"

@@ -1,0 +1,232 @@
+"""The prep stage: official archives in, a verified ImageFolder tree with its class list and report out.
+
+Door: ``prepare(cfg)``, run by ``python launch.py --stage prep --archive-dir A --data-dir D`` (through
+submitit) or ``python -m jobs.prep --archive-dir A --data-dir D``. Produces, for ImageNet::
+
+    D/train/<wnid>/<wnid>_<n>.JPEG        from ILSVRC2012_img_train.tar (one tar per class inside)
+    D/val/<wnid>/ILSVRC2012_val_<k>.JPEG  from ILSVRC2012_img_val.tar, placed by k via the devkit
+    D/test/ILSVRC2012_test_<k>.JPEG       from ILSVRC2012_img_test.tar, only if that archive is there
+    D/classes.tsv                         index, wnid, words (index = label, sorted wnid order)
+    D/prep_report.json                    counts, missing and extra files, checksums, time, MB/s
+
+and for CIFAR-10 (``--dataset cifar10``) ``D/cifar-10-batches-py/`` (see pipeline.prep.cifar). Each archive is
+read once, its MD5 checked from the same bytes (``--skip-checksum`` for mirrors and subsets). An interrupted
+run resumes class by class; a finished data dir is re-verified (counts, and the archives' sizes against those it
+was prepared from) in seconds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.prep.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, TRAIN_TAR, VAL_TAR, ArchiveError,
+                               ChecksumError, archive_exists, missing_archive_error)
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.config import Config
+from pipeline.prep.classes import CLASSES_FILE, read_classes, write_classes
+from pipeline.prep.datadir import (REPORT_FILE, DataDirError, archive_stat, check_dataset, check_same_archive,
+                              delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
+from pipeline.core.records import read_json
+from pipeline.prep.devkit import Devkit, read_devkit
+from pipeline.prep.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}
+SPLIT_ARCHIVES = {"train": TRAIN_TAR, "val": VAL_TAR, "test": TEST_TAR}
+STATE_DIR = ".prep"  # one record per finished split: what the report says about it
+REDO_HINT = f"remove the changed split folder and {REPORT_FILE}, then run prep again to redo that split"
+
+
+def prepare(cfg: Config) -> dict[str, Any]:
+    """The stage's door: prepare cfg.data.dataset from cfg.prep.archive_dir into cfg.data.data_dir."""
+    archive_dir, data_dir = Path(cfg.prep.archive_dir), Path(cfg.data.data_dir)
+    expected = None if cfg.prep.skip_checksum else OFFICIAL_MD5
+    if cfg.data.dataset == "cifar10":
+        from pipeline.prep.cifar import prepare_cifar10
+
+        return prepare_cifar10(archive_dir, data_dir, expected_md5=expected and expected[CIFAR10_TAR],
+                               delete_archives=cfg.prep.delete_archives)
+    return prepare_imagenet(archive_dir, data_dir, workers=cfg.data.workers, expected_md5=expected,
+                            delete_archives=cfg.prep.delete_archives)
+
+
+def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
+                     expected_md5: Mapping[str, str] | None = None, delete_archives: bool = False) -> dict[str, Any]:
+    """ImageNet from the three (or four) archives; ``expected_md5`` maps archive names to MD5s, None skips checks."""
+    start = time.monotonic()
+    archive_dir, data_dir = Path(archive_dir), Path(data_dir)
+    make_data_dir(data_dir)
+    check_dataset(data_dir, "imagenet")
+    if read_report(data_dir) is not None:
+        return reverify_imagenet(data_dir, archive_dir)
+    splits = [s for s in SPLIT_ARCHIVES
+              if s != "test" or archive_exists(archive_dir / TEST_TAR) or _split_done(data_dir, s)]
+    needed = [DEVKIT_TAR] + [SPLIT_ARCHIVES[s] for s in splits if not _split_done(data_dir, s)]
+    absent = [archive_dir / name for name in needed if not archive_exists(archive_dir / name)]
+    if absent:
+        raise missing_archive_error(absent[0]) if len(absent) == 1 else ArchiveError(
+            f"archives {[p.name for p in absent]} are missing from {archive_dir}; put the official files there "
+            "or pass --archive-dir")
+    expected = dict(expected_md5 or {})
+    with disk_full_guard(data_dir, needs="about 160 GB: train 140 GB, val 6.4 GB, test 13 GB"):
+        devkit = read_devkit(archive_dir / DEVKIT_TAR, expected_md5=expected.get(DEVKIT_TAR))
+        check_classes(data_dir, devkit)
+        write_classes(data_dir, [(wnid, devkit.words[wnid]) for wnid in devkit.wnids])
+        records = {}
+        for split in splits:
+            archive = archive_dir / SPLIT_ARCHIVES[split]
+            records[split] = _load_record(archive_dir, data_dir, split) or _run_split(
+                split, archive, data_dir, devkit, expected_md5=expected.get(archive.name), workers=workers)
+            if delete_archives:
+                delete_archive(archive)
+        report = _imagenet_report(archive_dir, data_dir, devkit, records)
+        write_report(data_dir, report, start=start)
+    if delete_archives:
+        delete_archive(archive_dir / DEVKIT_TAR)
+    _log_summary(report, data_dir)
+    return report
+
+
+def check_classes(data_dir: Path, devkit: Devkit) -> None:
+    """A class list or class folders that are not the devkit's mean the data dir holds another dataset."""
+    known = set(devkit.wnids)
+    if (data_dir / CLASSES_FILE).exists():
+        try:
+            listed = [entry.wnid for entry in read_classes(data_dir)]
+        except ValueError as exc:
+            raise DataDirError(f"{exc}; remove it, or choose an empty --data-dir") from None
+        if listed != devkit.wnids:
+            raise DataDirError(f"{data_dir / CLASSES_FILE} lists {len(listed)} classes that are not the devkit's "
+                               f"{len(known)} (e.g. {sorted(set(listed) ^ known)[:3]}): the data dir holds another "
+                               "dataset; choose an empty --data-dir")
+    for split in ("train", "val"):
+        for folder in (data_dir / split, staging_dir(data_dir, split)):
+            strangers = sorted(p.name for p in folder.iterdir() if p.is_dir() and
+                               p.name.removesuffix(TMP_SUFFIX) not in known) if folder.is_dir() else []
+            if strangers:
+                raise DataDirError(f"{folder} holds folders that are not classes of the devkit ({strangers[:3]}): "
+                                   "the data dir holds another dataset; choose an empty --data-dir")
+
+
+def _split_done(data_dir: Path, split: str) -> bool:
+    """A split is done when its folder and its record exist; a folder without a record was not made by prep."""
+    has_record = (data_dir / STATE_DIR / f"{split}.json").is_file()
+    if (data_dir / split).exists() and not has_record:
+        raise DataDirError(f"{data_dir / split} exists but was not made by this prep stage (no record in "
+                           f"{data_dir / STATE_DIR}); move it away or choose an empty --data-dir")
+    return has_record and (data_dir / split).is_dir()
+
+
+def _load_record(archive_dir: Path, data_dir: Path, split: str) -> dict[str, Any] | None:
+    if not _split_done(data_dir, split):
+        return None
+    record = read_json(data_dir / STATE_DIR / f"{split}.json", DataDirError, f"remove it and {data_dir / split} to "
+                       "redo that split")
+    assert record is not None
+    _check_same_archives(archive_dir, data_dir, {SPLIT_ARCHIVES[split]: record["archive"]})
+    record["archive"]["read_in_this_run"] = False
+    log.info("%s is already extracted and verified; skipping it", data_dir / split)
+    return record
+
+
+def _run_split(split: str, archive: Path, data_dir: Path, devkit: Devkit, *, expected_md5: str | None,
+               workers: int) -> dict[str, Any]:
+    """Extract one split into its staging folder, record it, then rename it into place."""
+    staging = staging_dir(data_dir, split)
+    log.info("extracting %s into %s with %d writer threads", archive, data_dir / split, workers)
+    try:
+        if split == "train":
+            record = extract_train(archive, staging, classes=devkit.wnids, expected_md5=expected_md5,
+                                   workers=workers)
+        elif split == "val":
+            record = extract_val(archive, staging, devkit=devkit, expected_md5=expected_md5, workers=workers)
+        else:
+            record = extract_flat(archive, staging, expected_md5=expected_md5, workers=workers)
+    except BaseException as exc:
+        # train keeps its finished classes to resume; val and test start afresh anyway; files from an
+        # archive with the wrong checksum are never kept
+        if split != "train" or isinstance(exc, ChecksumError):
+            log.error("removing %s after the error", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if split == "test":
+        record["images"] = sum(1 for entry in os.scandir(staging) if entry.is_file())
+    else:
+        record["per_class"] = count_files(staging)
+        record["images"] = sum(record["per_class"].values())
+    atomic_write_text(data_dir / STATE_DIR / f"{split}.json", json.dumps(record))
+    os.rename(staging, data_dir / split)
+    log.info("%s: %d images", data_dir / split, record["images"])
+    return record
+
+
+def _imagenet_report(archive_dir: Path, data_dir: Path, devkit: Devkit,
+                     records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    archives = {DEVKIT_TAR: devkit.stats}
+    splits = {}
+    for split, record in records.items():
+        archives[SPLIT_ARCHIVES[split]] = record.pop("archive")
+        splits[split] = record
+    train_classes = set(splits["train"]["per_class"])
+    splits["train"]["missing_classes"] = [w for w in devkit.wnids if w not in train_classes]
+    counts = {"train": splits["train"]["images"], "val": splits["val"]["images"], "classes": len(devkit.wnids)}
+    return {"dataset": "imagenet", "archive_dir": str(archive_dir.absolute()), "data_dir": str(data_dir.absolute()),
+            "classes": len(devkit.wnids), "archives": archives, "splits": splits,
+            "official_counts": OFFICIAL_COUNTS, "official_counts_match": counts == OFFICIAL_COUNTS}
+
+
+def _check_same_archives(archive_dir: Path, data_dir: Path, recorded: Mapping[str, Mapping[str, Any]]) -> None:
+    """The archives in archive_dir must be those the finished splits were made from (see check_same_archive)."""
+    split_of = {name: split for split, name in SPLIT_ARCHIVES.items()}
+    for name, stats in recorded.items():
+        split = split_of.get(name)
+        redo = (f"remove {data_dir / split} and {REPORT_FILE} (that split alone is redone)" if split else
+                f"remove {data_dir} (the classes come from it)")
+        check_same_archive(archive_dir / name, stats, data_dir, redo)
+
+
+def reverify_imagenet(data_dir: Path, archive_dir: Path) -> dict[str, Any]:
+    """A finished data dir: count the files again and compare with the report; a difference is an error, and so
+    are archives other than those it was prepared from, or a test archive it was prepared without."""
+    start = time.monotonic()
+    report = read_report(data_dir)
+    assert report is not None
+    _check_same_archives(archive_dir, data_dir, report["archives"])
+    if "test" not in report["splits"] and archive_stat(archive_dir / TEST_TAR) is not None:
+        raise DataDirError(f"{data_dir} was prepared without the {TEST_TAR} now in {archive_dir}; to add the test "
+                           f"split, remove {data_dir / REPORT_FILE} and run prep again (train and val are kept)")
+    for split, record in report["splits"].items():
+        folder = data_dir / split
+        if not folder.is_dir():
+            raise DataDirError(f"{folder} is gone since prep ({REDO_HINT})")
+        if "per_class" in record:
+            found = count_files(folder)
+            changed = sorted(w for w in set(found) | set(record["per_class"])
+                             if found.get(w, 0) != record["per_class"].get(w, 0))
+            if changed:
+                w = changed[0]
+                raise DataDirError(f"{folder}/{w} holds {found.get(w, 0)} files, the prep report says "
+                                   f"{record['per_class'].get(w, 0)} ({len(changed)} classes differ): the data dir "
+                                   f"changed since prep ({REDO_HINT})")
+    log.info("%s is already prepared: counts re-verified in %.1f s (%s)", data_dir, time.monotonic() - start,
+             ", ".join(f"{s} {r['images']:,}" for s, r in report["splits"].items()))
+    return report
+
+
+def _log_summary(report: dict[str, Any], data_dir: Path) -> None:
+    val = report["splits"]["val"]
+    log.info("prep done in %.1f s (%.1f MB/s): %d train images in %d classes, %d val images; official counts "
+             "match: %s", report["seconds"], report["mb_per_s"], report["splits"]["train"]["images"],
+             len(report["splits"]["train"]["per_class"]), val["images"], report["official_counts_match"])
+    for key in ("missing", "unlabelled", "extra"):
+        if val[key]:
+            log.warning("val files %s (%d): %s", key, len(val[key]), ", ".join(val[key][:20]))
+    if report["splits"]["train"]["missing_classes"]:
+        log.warning("classes without a train tar: %s", report["splits"]["train"]["missing_classes"])
+    log.info("report: %s", data_dir / REPORT_FILE)

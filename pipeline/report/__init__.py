@@ -1,0 +1,1 @@
+"""Run dirs -> tables and plots: the report stage (pipeline.report.build.build.report)."""

@@ -1,0 +1,327 @@
+"""The inner loop: one optimizer step, an epoch of steps (resumable mid-epoch), a performance run.
+
+Every ``print_freq`` steps rank 0 logs a line like torchvision's reference::
+
+    Epoch: [3] [ 40/100] eta: 0:00:31 loss: 1.2031 (1.3350) acc1: 56.25 (51.80) acc5: 93.75 (90.12)
+    lr: 0.100000 img/s: 812.4 data: 0.0031s max mem: 2201MB
+
+loss/acc are the mean over the last ``print_freq`` steps (and, in brackets, over the epoch so far) of
+this rank; img/s is this rank's rate over those steps, by wall clock including the data wait; data is
+the mean wait for the loader per step. The epoch's record uses the steady-state figures over all ranks
+(pipeline.core.metrics.ThroughputTimer).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline.core import distributed
+from pipeline.core.config import ConfigError
+from pipeline.core.logs import format_seconds
+from pipeline.data.loaders import DeviceBatcher
+from pipeline.train import watchdog
+from pipeline.core.metrics import (RunningSums, Throughput, ThroughputTimer, Totals, batch_sums, peak_memory_mib,
+                              warmup_steps_for)
+from pipeline.core.precision import Precision
+
+log = logging.getLogger(__name__)
+
+# Steps between the ranks' agreements on stopping (and at an epoch's last step): a multi-node round trip every
+# step costs more than stopping up to 7 steps later, well inside the scheduler's warning time.
+STOP_CHECK_EVERY = 8
+
+OnLog = Callable[[int, dict[str, float]], None]  # a tracker's log_step: (global step, scalars)
+
+
+@dataclass
+class Stepper:
+    """What one optimizer step needs. ``model`` is as trained (DDP and/or compiled), ``raw_model`` unwrapped;
+    ``to_device`` turns the loader's uint8 batch into the model's input (normalized, mixed when on)."""
+
+    model: nn.Module
+    raw_model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    precision: Precision
+    to_device: DeviceBatcher
+    ema: AveragedModel | None = None
+    ema_steps: int = 1  # optimizer steps between EMA updates
+    ema_warmup_steps: int = 0  # until then the EMA restarts from the model at each update
+    clip_grad_norm: float = 0.0  # 0: no clipping
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor, batch_key: tuple[int, int]) -> torch.Tensor:
+        """Forward, backward, optimizer and schedule step, EMA update of the batch ``batch_key`` (epoch, index in
+        the epoch); returns the batch's ``batch_sums``."""
+        images, targets = self.to_device(images, targets, batch_key=batch_key)
+        with self.precision.autocast():
+            logits = self.model(images)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward_and_step(loss, self.optimizer, clip_grad_norm=self.clip_grad_norm)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.update_ema()
+        return batch_sums(loss, logits, targets)
+
+    def update_ema(self) -> None:
+        """Every ``ema_steps`` optimizer steps, counted by the scheduler (restored on resume, so exact there).
+        During warm-up the average restarts from the model, as torchvision's reference does."""
+        assert self.ema is not None
+        steps_done = self.scheduler.last_epoch
+        if steps_done % self.ema_steps:
+            return
+        if steps_done <= self.ema_warmup_steps:
+            self.ema.n_averaged.zero_()  # the next update copies the model
+        self.ema.update_parameters(self.raw_model)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class LogWindow:
+    """The steps since the last log line: their sums, wall time and data wait (this rank)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = RunningSums(self.device)
+        self.start = self.last = time.perf_counter()
+        self.data_wait_s = 0.0
+        self.steps = 0
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_wait_s += now - self.last
+
+    def step_done(self, batch: torch.Tensor) -> None:
+        self.sums.add(batch)
+        self.steps += 1
+        self.last = time.perf_counter()
+
+    def scalars(self, lr: float) -> dict[str, float]:
+        """The window's figures under the trackers' tags (pipeline/train/tracking.py); one host sync."""
+        window = self.sums.local()
+        elapsed_s = max(time.perf_counter() - self.start, 1e-9)
+        return {"train/loss": window.loss, "train/acc1": window.acc1, "train/acc5": window.acc5, "train/lr": lr,
+                "train/img_per_s": window.samples / elapsed_s,
+                "train/data_wait_s": self.data_wait_s / max(self.steps, 1)}
+
+    def line(self, prefix: str, step: int, total: int, epoch_sums: Totals, s: dict[str, float]) -> str:
+        """The log line of the window's ``scalars``."""
+        eta_s = (total - step) * (time.perf_counter() - self.start) / max(self.steps, 1)
+        width = len(str(total))
+        return (f"{prefix} [{step:>{width}}/{total}] eta: {format_seconds(eta_s)} "
+                f"loss: {s['train/loss']:.4f} ({epoch_sums.loss:.4f}) "
+                f"acc1: {s['train/acc1']:.2f} ({epoch_sums.acc1:.2f}) acc5: {s['train/acc5']:.2f} "
+                f"({epoch_sums.acc5:.2f}) lr: {s['train/lr']:.6f} img/s: {s['train/img_per_s']:.1f} "
+                f"data: {s['train/data_wait_s']:.4f}s max mem: {peak_memory_mib(self.device):.0f}MB")
+
+
+class _SkipFirstBatches:
+    """A batch sampler without its first ``skip`` batches (of the order it draws for the current epoch)."""
+
+    def __init__(self, batch_sampler: Iterable[list], skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+    def __iter__(self) -> Iterator[list]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+
+def skip_batches(loader: DataLoader, skip: int) -> DataLoader:
+    """The same loader starting at batch ``skip``; the skipped batches are never loaded.
+
+    Exact for pipeline.data.loaders's loaders, whose order and augmentation depend only on (seed, epoch, index).
+    """
+    if skip == 0:
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=_SkipFirstBatches(loader.batch_sampler, skip),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, in_order=loader.in_order)
+
+
+class StepBook:
+    """Bookkeeping around each step: epoch sums, log window, steady-state throughput, log lines."""
+
+    def __init__(self, device: torch.device, *, warmup_steps: int, print_freq: int, prefix: str,
+                 carried: torch.Tensor | None = None, first_step: int = 0, on_log: OnLog | None = None):
+        """``on_log(global step, scalars)`` at each log line, the global step being ``first_step`` + the step."""
+        watchdog.step_done(0)  # the loop starts: the hang watchdog counts from now
+        self.first_step, self.on_log = first_step, on_log
+        self.sums = RunningSums(device)
+        if carried is not None and distributed.is_main_process():  # global sums of an earlier run: count once
+            self.sums.add(carried.to(device))
+        self.window = LogWindow(device)
+        self.timer = ThroughputTimer(device, warmup_steps)
+        self.print_freq, self.prefix = max(print_freq, 1), prefix
+
+    def data_ready(self) -> None:
+        self.timer.data_ready()
+        self.window.data_ready()
+
+    def step_done(self, batch: torch.Tensor, images: int, step: int, total: int, lr: float) -> None:
+        self.sums.add(batch)
+        self.window.step_done(batch)
+        watchdog.step_done()
+        if step % self.print_freq == 0 or step == total:
+            scalars = self.window.scalars(lr)
+            line = self.window.line(self.prefix, step, total, self.sums.local(), scalars)
+            distributed.on_main_process(log.info, line)
+            if self.on_log is not None:
+                self.on_log(self.first_step + step, scalars)
+            self.window.reset()
+        self.timer.step_done(images)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    step_in_epoch: int       # batches of the epoch done, including those of an earlier run before a resume
+    stopped: bool            # preempted before the epoch's end
+    sums: torch.Tensor       # batch_sums over the epoch so far, all ranks, on the CPU
+    throughput: Throughput
+    elapsed_s: float         # wall clock of this run's part of the epoch, s
+
+    @property
+    def totals(self) -> Totals:
+        return Totals(*self.sums.tolist())
+
+
+class NonFiniteLossError(ConfigError):
+    """Training diverged (a NaN or infinite loss or weight): the recipe is the user's to change, so it ends as bad
+    input does, in one line."""
+
+
+DIVERGED_HINT = ("lower --lr (or ramp it up with --warmup-epochs) or bound each step with --clip-grad-norm; nothing "
+                 "was saved after it, so the checkpoints hold the last good weights")
+SCALER_PATIENCE = 10  # consecutive non-finite losses fp16's GradScaler may skip (it halves its scale at each)
+
+
+class LossWatch:
+    """The first non-finite loss, tracked on the device and read only at checks (log boundaries, and before the
+    loop returns, so before any save): no host sync per step.
+
+    fp16's GradScaler skips the optimizer step of an overflow, so with it a streak of up to ``tolerated``
+    non-finite losses is forgiven once a finite one follows; a streak still running before a save is not (the
+    weights about to be saved give NaN).
+    """
+
+    def __init__(self, device: torch.device, *, tolerated: int, where: str):
+        self.tolerated, self.where = tolerated, where
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)  # non-finite losses in a row, up to now
+        self.start = torch.zeros((), dtype=torch.int64, device=device)  # the step that began the streak
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # the start of the first fatal streak, 0: none
+
+    @classmethod
+    def of(cls, stepper: Stepper, where: str) -> "LossWatch":
+        scaled = stepper.precision.scaler is not None
+        return cls(stepper.precision.device, tolerated=SCALER_PATIENCE if scaled else 0, where=where)
+
+    def add(self, batch_sums: torch.Tensor, step: int) -> None:
+        """``step``: the number (1-based) of the step whose ``batch_sums`` these are."""
+        self.streak = (self.streak + 1) * ~torch.isfinite(batch_sums[0])
+        self.start.masked_fill_(self.streak == 1, step)
+        self.first.masked_fill_((self.streak > self.tolerated) & (self.first == 0), step - self.tolerated)
+
+    def check(self, model: nn.Module | None = None) -> None:
+        """Raise NonFiniteLossError on every rank when any rank saw a fatal loss (a collective). With ``model``,
+        before a save: a running streak is fatal too, and so are weights that are not finite (a NaN learning
+        rate spoils them with a finite loss)."""
+        fatal = self.first
+        if model is not None:
+            fatal = torch.where((fatal == 0) & (self.streak > 0), self.start, fatal)
+        none = torch.iinfo(torch.int64).max
+        step = torch.where(fatal > 0, fatal, none)
+        if dist.is_initialized():
+            dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        if step.item() != none:
+            raise NonFiniteLossError(f"training diverged: the loss became NaN or infinite at step {step.item()} of "
+                                     f"{self.where}; {DIVERGED_HINT}")
+        if model is not None and distributed.all_reduce_sum([float(not finite_weights(model))])[0]:
+            raise NonFiniteLossError(f"training diverged: the weights are NaN or infinite at the end of {self.where}; "
+                                     f"{DIVERGED_HINT}")
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+
+
+def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
+              stop: Callable[[], bool], carried: torch.Tensor | None = None,
+              on_log: OnLog | None = None) -> EpochResult:
+    """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY
+    steps and after the epoch's last."""
+    total = len(loader)
+    book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(total - start_step),
+                    print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried, first_step=epoch * total,
+                    on_log=on_log)
+    start_s = time.perf_counter()
+    watch = LossWatch.of(stepper, f"epoch {epoch}")
+    step, stopped = start_step, False
+    stepper.model.train()  # validation left it in eval mode
+    for images, targets in skip_batches(loader, start_step):
+        book.data_ready()
+        batch = stepper.step(images, targets, (epoch, step))
+        step += 1
+        watch.add(batch, step)
+        book.step_done(batch, len(images), step, total, stepper.lr)
+        if step % book.print_freq == 0:
+            watch.check()
+        if (step % STOP_CHECK_EVERY == 0 or step == total) and stop():
+            stopped = True
+            break
+    watch.check(stepper.raw_model)  # before the caller saves anything
+    throughput = book.timer.result()
+    sums = torch.tensor(distributed.all_reduce_sum(book.sums.sums.tolist()), dtype=torch.float64)
+    return EpochResult(step, stopped, sums, throughput, time.perf_counter() - start_s)
+
+
+def endless_batches(loader: DataLoader, sampler: DistributedSampler | None) -> Iterator[tuple]:
+    """The loader's batches epoch after epoch (a new order each epoch)."""
+    if len(loader) == 0:
+        raise ValueError("the train loader yields no batch; lower --batch-size")
+    for epoch in itertools.count():
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+
+
+def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler | None, *, max_steps: int,
+             print_freq: int, stop: Callable[[], bool], on_log: OnLog | None = None) -> Throughput | None:
+    """``max_steps`` steps over as many epochs as they take: the steady-state throughput after the warm-up,
+    or None when ``stop()`` (a collective, asked every STOP_CHECK_EVERY steps) ended the run early."""
+    book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
+                    prefix="Perf:", on_log=on_log)
+    watch = LossWatch.of(stepper, "the performance run")
+    stepper.model.train()
+    batches = itertools.islice(endless_batches(loader, sampler), max_steps)
+    for step, (images, targets) in enumerate(batches, start=1):
+        book.data_ready()
+        batch = stepper.step(images, targets, (0, step))
+        watch.add(batch, step)
+        book.step_done(batch, len(images), step, max_steps, stepper.lr)
+        if step % book.print_freq == 0:
+            watch.check()
+        if step < max_steps and step % STOP_CHECK_EVERY == 0 and stop():
+            return None
+    watch.check()
+    return book.timer.result()

@@ -1,0 +1,97 @@
+"""Optimizers and the per-step learning-rate schedule of the recipes.
+
+The schedule is one ``LambdaLR`` stepped once per optimizer step; with t = steps / steps_per_epoch
+(epochs, fractional), W = warmup_epochs, C = cooldown_epochs, E = epochs and s = t - W:
+
+- warm-up, t < W:          lr * (warmup_decay + (1 - warmup_decay) * t / W), linear from lr * warmup_decay
+- main part, W <= t < E-C:  step         lr * lr_gamma ** floor(s / lr_step_size)   (staircase, as StepLR per epoch)
+                            exponential  lr * lr_gamma ** s                           (smooth; equals ExponentialLR
+                                                                                      at each epoch boundary)
+                            cosine       min_lr + (lr - min_lr) * (1 + cos(pi * s / (E - C - W))) / 2
+- cool-down, t >= E-C:     min_lr
+
+The main part starts counting at the end of warm-up, as torchvision's SequentialLR(warmup, main) does.
+The lambda is a plain function of the step, so the state dict holds only the step count and base rates:
+a resumed run follows the schedule of its config, and load_state_dict puts it at the saved step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from pipeline.core.config import ConfigError, OptimConfig
+
+# torchvision's reference values for RMSprop (MobileNetV3 / EfficientNet recipes, TF-style RMSprop).
+RMSPROP_ALPHA = 0.9
+RMSPROP_EPS = 0.0316
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: bool) -> list[dict]:
+    """One group with ``weight_decay``; with norm_weight_decay=False, norm and bias parameters in a group without."""
+    if norm_weight_decay:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, NORM_LAYERS)
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if is_norm or name == "bias" else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov), RMSprop (torchvision's alpha and eps) or AdamW over the model's parameters."""
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    groups = parameter_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
+    if cfg.optimizer == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
+            raise ConfigError("nesterov needs momentum > 0; set --momentum (e.g. 0.9) or --no-nesterov")
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use sgd, rmsprop or adamw")
+
+
+def lr_factor(step: int, cfg: OptimConfig, *, epochs: int, steps_per_epoch: int) -> float:
+    """The learning rate at optimizer step ``step`` as a multiple of cfg.lr (see the module docstring)."""
+    t = step / steps_per_epoch
+    warmup, main_end = cfg.warmup_epochs, epochs - cfg.cooldown_epochs
+    floor = cfg.min_lr / cfg.lr
+    if t < warmup:
+        return cfg.warmup_decay + (1.0 - cfg.warmup_decay) * t / warmup
+    if t >= main_end:
+        return floor
+    s = t - warmup
+    if cfg.scheduler == "step":
+        return cfg.lr_gamma ** math.floor(s / cfg.lr_step_size)
+    if cfg.scheduler == "exponential":
+        return cfg.lr_gamma ** s
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * s / (main_end - warmup)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epochs: int,
+                    steps_per_epoch: int) -> LRScheduler:
+    """The recipe's schedule as a LambdaLR, to be stepped once after every optimizer step."""
+    if steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    if cfg.warmup_epochs < 0 or cfg.cooldown_epochs < 0:
+        raise ConfigError("warmup_epochs and cooldown_epochs cannot be negative")
+    if cfg.warmup_epochs + cfg.cooldown_epochs >= epochs:
+        raise ConfigError(f"warmup_epochs ({cfg.warmup_epochs}) + cooldown_epochs ({cfg.cooldown_epochs}) leave no "
+                         f"epoch of the main schedule in {epochs} epochs; lower them or raise --epochs")
+    if cfg.scheduler == "step" and cfg.lr_step_size < 1:
+        raise ConfigError(f"lr_step_size must be at least 1 epoch, got {cfg.lr_step_size}")
+
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg, epochs=epochs, steps_per_epoch=steps_per_epoch)
+
+    return LambdaLR(optimizer, factor)

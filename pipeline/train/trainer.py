@@ -1,0 +1,405 @@
+"""The train stage: ``train(cfg)`` in one process, or in each process under torchrun (DDP).
+
+    python -m jobs.train --data-dir DATA --run-dir RUN --model resnet18 --epochs 90 --amp bf16
+    torchrun --nproc-per-node 8 -m jobs.train --config configs/resnet50.toml --resume auto
+    python -m jobs.train ... --max-steps 100        # performance mode: steady-state img/s only
+
+What a run leaves in the run dir (rank 0 writes, the others compute): ``config.toml``,
+``provenance.json``, ``epochs.csv`` (one row per epoch, EPOCH_COLUMNS), ``run_state.json`` (training,
+preempted, finished or failed), ``perf.csv`` (performance mode, PERF_COLUMNS),
+``checkpoints/{latest,best,epoch_NNNN}.pt`` (pipeline/train/checkpoint.py).
+
+Preemption contract (used by the launcher's requeue):
+
+- SIGUSR1 or SIGTERM to any training process sets a flag; after the current step all ranks agree (an
+  all-reduce of the flags), rank 0 saves ``latest.pt`` holding the position inside the epoch (epoch,
+  batches done) and every process returns ``{"finished": False, "preempted": True, ...}``, so
+  ``python -m jobs.train`` exits 0. A signal during validation stops the run at the end of that epoch.
+- ``--resume auto`` (or ``--resume PATH``) continues from that position: the batches already done in
+  that epoch are skipped (the sampler's order and the augmentation depend only on seed and epoch), the
+  train loss/accuracy sums of the epoch's first part are carried, and model, optimizer, scheduler,
+  GradScaler, EMA and the RNG states of every rank are restored, so the run ends with the same weights
+  as one never interrupted (bit-exact with the same world size and deterministic kernels).
+- A completed run returns ``{"finished": True, ...}``; resuming a finished run does nothing and says so.
+
+Throughput in the records is steady state over all processes (pipeline.core.metrics.ThroughputTimer).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.core import distributed
+from pipeline.core.atomic import atomic_write_text
+from pipeline.train import tracking
+from pipeline.train import watchdog
+from pipeline.train.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
+                                 epoch_file, finish_copies, remove_stale_temporaries, resolve_resume,
+                                 restore_rng_state, save_checkpoint)
+from pipeline.core.config import Config, ConfigError, ema_update_decay, save_config
+from pipeline.core.metrics import Throughput, peak_memory_mib
+from pipeline.core.precision import setup_precision
+from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
+from pipeline.core.stage_process import stage_process
+from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
+from pipeline.eval.evaluate import EvalResult, validate
+from pipeline.models.registry import build_model
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.preemption import PreemptionFlag
+from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
+                              RUN_STATE_FILE, append_row, write_json)
+from pipeline.train.loop import EpochResult, Stepper, run_epoch, run_perf
+
+log = logging.getLogger(__name__)
+
+# What training writes in the run dir beside checkpoints/ (their temporaries are cleaned on start).
+RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, EPOCHS_FILE, PERF_FILE, RUN_STATE_FILE)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: ``epoch`` in progress and the batches of it done."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_acc1: float = float("-inf")
+    carried: torch.Tensor | None = None  # train sums of the epoch's part done before a resume
+    carried_s: float = 0.0  # wall clock of that part, s
+    resumed_from: str = ""
+
+
+def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (a collective)."""
+    return distributed.gather(capture_rng_state(device))
+
+
+def forget_epochs_from(path: Path, epoch: int) -> None:
+    """Drop the rows of epochs a resumed run redoes (written after the checkpoint it resumes from was saved)."""
+    if not path.exists():
+        return
+    header, *rows = path.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if int(row.split(",", 1)[0]) < epoch]  # the first column is the epoch
+    if len(kept) < len(rows):
+        log.warning("%s: dropping %d row(s) of epoch %d and later, which this run redoes", path,
+                    len(rows) - len(kept), epoch)
+        atomic_write_text(path, header + "".join(kept))
+
+
+def broadcast_buffers_from_rank0(*models: nn.Module) -> None:
+    """Rank 0's floating-point buffers (BatchNorm running statistics) on every rank (a collective).
+
+    DDP broadcasts the buffers from rank 0 at the start of each forward, then every rank updates them with
+    its own batch, so after the last step they differ; validating with them would count with other weights
+    than the checkpoint rank 0 saves. (Under SyncBatchNorm they are equal already.)
+    """
+    if not dist.is_initialized():
+        return
+    for buffer in (b for model in models for b in model.buffers()):
+        if buffer.is_floating_point():
+            dist.broadcast(buffer, src=0)
+
+
+class Trainer:
+    """The objects of one training process, built from the config (and a checkpoint when resuming)."""
+
+    def __init__(self, cfg: Config, env: distributed.DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.run_dir = Path(cfg.train.run_dir)
+        self.info = dataset_info(cfg)
+        self.perf_mode = cfg.train.max_steps > 0
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever the world size
+        model = build_model(cfg.model.model, num_classes=self.info.num_classes, pretrained=cfg.model.pretrained)
+        if cfg.model.sync_bn and env.distributed:
+            if device.type == "cpu":
+                raise ConfigError("--sync-bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
+                                  "on CPU use --no-sync-bn")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
+        self.raw_model = self.precision.prepare_model(model)
+        self.loader, self.sampler = build_train_loader(cfg, env, device, seed=cfg.train.seed)
+        self.val_loader = None if self.perf_mode else build_val_loader(cfg, env, device)
+        self.val_to_device = device_batcher(cfg, self.precision)
+        try:
+            optimizer = build_optimizer(self.raw_model, cfg.optim)
+            scheduler = build_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs,
+                                        steps_per_epoch=len(self.loader))
+        except ValueError as exc:  # a recipe that cannot run: bad input, not a bug
+            raise ConfigError(str(exc)) from exc
+        ema = None
+        if cfg.model.ema_steps < 1:
+            raise ConfigError(f"ema_steps must be 1 or more, got {cfg.model.ema_steps}")
+        ema_decay = ema_update_decay(cfg, env.world_size)
+        if ema_decay is not None:
+            ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+                                use_buffers=True)
+        self.digest = config_digest(cfg)
+        self.position = Position()
+        self.stepper = Stepper(model=self.raw_model, raw_model=self.raw_model,
+                               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+                               optimizer=optimizer, scheduler=scheduler, precision=self.precision,
+                               to_device=device_batcher(cfg, self.precision, mix_classes=self.info.num_classes,
+                                                        seed=cfg.train.seed, rank=env.rank),
+                               ema=ema, ema_steps=cfg.model.ema_steps,
+                               ema_warmup_steps=cfg.optim.warmup_epochs * len(self.loader),
+                               clip_grad_norm=cfg.optim.clip_grad_norm)
+        found = None if self.perf_mode else resolve_resume(cfg.train.resume, self.run_dir)
+        if found is None:
+            seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank
+        else:
+            self.restore(*found)
+        distributed.on_main_process(self.tidy_checkpoints, found)
+        model = self.raw_model
+        if env.distributed:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
+        if cfg.model.compile:
+            model = torch.compile(model)
+        self.stepper.model = model
+        # points after the checkpoint's step were written by a run that stopped later: hidden from here on
+        self.tracker = tracking.open_tracker(cfg, self.run_dir, purge_from=self.position.global_step + 1)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def checkpoint_state(self, step_in_epoch: int, epoch: int, sums: torch.Tensor | None) -> dict[str, Any]:
+        """Everything a resume needs; gathers the RNG states of all ranks (a collective)."""
+        s = self.stepper
+        return {
+            "model": self.raw_model.state_dict(), "model_name": self.cfg.model.model,
+            "num_classes": self.info.num_classes, "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(),
+            "scaler": s.precision.scaler.state_dict() if s.precision.scaler is not None else None,
+            "ema": s.ema.state_dict() if s.ema is not None else None,
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.position.global_step,
+            "best_acc1": self.position.best_acc1, "finished": epoch >= self.cfg.train.epochs,
+            "epoch_sums": sums, "epoch_elapsed_s": self.position.carried_s, "rng": gather_rng_states(self.device),
+            "config_digest": self.digest, "world_size": self.env.world_size, "batch_size": self.cfg.train.batch_size,
+        }
+
+    def save(self, state: dict[str, Any], *, keep_epoch: bool = False, best: bool = False) -> None:
+        """latest.pt naming the copies it owes, then those copies: epoch_NNNN.pt and best.pt when asked (rank 0)."""
+        latest = checkpoint_dir(self.run_dir) / LATEST
+        copies = [LATEST] + [epoch_file(state["epoch"])] * keep_epoch + [BEST] * best
+        save_checkpoint({**state, "copies": copies}, latest)
+        finish_copies(latest, copies)
+
+    def tidy_checkpoints(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+        """Before anything uses the run dir (rank 0): drop temporaries left by a kill; finish the copies the run's newest
+        state owes (auto, or its latest.pt; not an older one named by path), else best.pt may stay stale for good."""
+        remove_stale_temporaries(self.run_dir, RUN_FILES)
+        latest = checkpoint_dir(self.run_dir) / LATEST
+        if found is not None and (self.cfg.train.resume == "auto" or found[0].resolve() == latest.resolve()):
+            finish_copies(found[0], found[1].get("copies", []))
+
+    def restore(self, path: Path, state: dict[str, Any]) -> None:
+        check_compatible(state, path, model_name=self.cfg.model.model, num_classes=self.info.num_classes,
+                         digest=self.digest)
+        s = self.stepper
+        self.raw_model.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        s.scheduler.load_state_dict(state["scheduler"])
+        if s.precision.scaler is not None and state.get("scaler"):
+            s.precision.scaler.load_state_dict(state["scaler"])
+        if s.ema is not None and state.get("ema"):
+            s.ema.load_state_dict(state["ema"])
+        elif s.ema is not None:
+            log.warning("%s has no EMA weights; the EMA starts from the current weights", path)
+        self.position = Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
+                                 global_step=state["global_step"], best_acc1=state["best_acc1"],
+                                 carried=state.get("epoch_sums"), carried_s=state.get("epoch_elapsed_s", 0.0),
+                                 resumed_from=str(path))
+        same_sharding = (state.get("world_size"), state.get("batch_size")) == (self.env.world_size,
+                                                                             self.cfg.train.batch_size)
+        if not same_sharding:
+            self.convert_position(state)
+        rng = state.get("rng") or []
+        if len(rng) == self.env.world_size:
+            restore_rng_state(rng[self.env.rank], self.device)
+        else:
+            seed_everything(self.cfg.train.seed + self.env.rank + 1000 * self.position.epoch)
+        log.info("resumed from %s: epoch %d, %d of its %d batches done, step %d, best Acc@1 %.3f", path,
+                 self.position.epoch, self.position.step_in_epoch, len(self.loader), self.position.global_step,
+                 self.position.best_acc1)
+
+    def convert_position(self, state: dict[str, Any]) -> None:
+        """Another world size or batch size: the same images done, as near as whole batches allow."""
+        old_batch = state.get("world_size", 1) * state.get("batch_size", self.cfg.train.batch_size)
+        new_batch = self.env.world_size * self.cfg.train.batch_size
+        pos = self.position
+        images_done = pos.step_in_epoch * old_batch  # global images of the epoch done before the stop
+        pos.step_in_epoch = min(images_done // new_batch, len(self.loader))
+        pos.global_step = pos.epoch * len(self.loader) + pos.step_in_epoch
+        self.stepper.scheduler.last_epoch = pos.global_step
+        log.warning("resuming with world size %d x batch %d instead of %d x %d: the epoch resumes at batch %d "
+                    "(%d images were done), the schedule at step %d; the result will not match an "
+                    "uninterrupted run exactly", self.env.world_size, self.cfg.train.batch_size,
+                    state.get("world_size"), state.get("batch_size"), pos.step_in_epoch, images_done,
+                    pos.global_step)
+
+    # ---- records ----------------------------------------------------------------------------------------
+    def write_run_metadata(self) -> None:
+        """Called on every rank (the host list is a collective); rank 0 writes."""
+        hosts = all_hostnames()
+        if distributed.is_main_process():
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
+            record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
+            if self.position.resumed_from:
+                record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
+            write_json(self.run_dir / PROVENANCE_FILE, record)
+
+    def common_columns(self, tp: Throughput) -> dict[str, Any]:
+        return {"img_per_s_all_ranks": round(tp.img_per_s_all_ranks, 2),
+                "img_per_s_per_rank": round(tp.img_per_s_per_rank, 2), "data_wait_frac": round(tp.data_wait_frac, 4),
+                "world_size": self.env.world_size, "nodes": self.env.nodes, "amp": self.cfg.train.amp,
+                "model": self.cfg.model.model, "finished_at": now_iso()}
+
+    def epoch_row(self, epoch: int, result: EpochResult, val: EvalResult, ema_val: EvalResult | None,
+                  elapsed_s: float) -> dict[str, Any]:
+        train = result.totals
+        return {"epoch": epoch, "steps": self.position.global_step, "train_loss": round(train.loss, 6),
+                "train_acc1": round(train.acc1, 4), "train_acc5": round(train.acc5, 4),
+                "val_loss": round(val.loss, 6), "val_acc1": round(val.acc1, 4), "val_acc5": round(val.acc5, 4),
+                "val_top1_correct": val.top1_correct, "val_top5_correct": val.top5_correct,
+                "val_total": val.total, "lr": self.stepper.lr, "epoch_time_s": round(elapsed_s, 3),
+                "peak_mem_mib": round(peak_memory_mib(self.device), 1), **self.common_columns(result.throughput),
+                "ema_val_acc1": round(ema_val.acc1, 4) if ema_val else "",
+                "ema_val_acc5": round(ema_val.acc5, 4) if ema_val else ""}
+
+    def outcome(self, *, finished: bool, preempted: bool, **extra: Any) -> dict[str, Any]:
+        pos = self.position
+        return {"finished": finished, "preempted": preempted, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+                "global_step": pos.global_step, "best_acc1": pos.best_acc1, "run_dir": str(self.run_dir), **extra}
+
+    # ---- the two modes ----------------------------------------------------------------------------------
+    def fit(self, flag: PreemptionFlag) -> dict[str, Any]:
+        """Train the remaining epochs; validate, record and checkpoint after each."""
+        epochs, pos = self.cfg.train.epochs, self.position
+        if pos.epoch >= epochs:
+            log.info("%s already finished its %d epochs; nothing to do (raise --epochs to train on)",
+                     pos.resumed_from, epochs)
+            return self.outcome(finished=True, preempted=False, already_finished=True)
+        self.write_run_metadata()
+        self.record_state("training")
+        distributed.on_main_process(forget_epochs_from, self.run_dir / EPOCHS_FILE, pos.epoch)
+        log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
+                 self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
+                 pos.epoch, epochs - 1)
+        while pos.epoch < epochs:
+            epoch = pos.epoch
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)
+            start_step = pos.step_in_epoch
+            result = run_epoch(self.stepper, self.loader, epoch=epoch, start_step=start_step,
+                               print_freq=self.cfg.train.print_freq, stop=flag.stop_agreed, carried=pos.carried,
+                               on_log=self.tracker.log_step)
+            pos.global_step += result.step_in_epoch - start_step
+            pos.step_in_epoch, pos.carried = result.step_in_epoch, result.sums
+            pos.carried_s += result.elapsed_s
+            if result.stopped:
+                state = self.checkpoint_state(result.step_in_epoch, epoch, result.sums)
+                distributed.on_main_process(self.save, state)
+                self.record_state("preempted")
+                return self.outcome(finished=False, preempted=True)
+            self.end_epoch(epoch, result)
+            if pos.epoch < epochs and flag.stop_agreed():
+                self.record_state("preempted")
+                return self.outcome(finished=False, preempted=True)
+        self.record_state("finished")
+        return self.outcome(finished=True, preempted=False)
+
+    def record_state(self, state: str, error: str = "") -> None:
+        """run_state.json (pipeline/core/records.py), so the report tells a stopped run from a failed one."""
+        record = {"state": state, "epochs_done": self.position.epoch, "at": now_iso()}
+        if error:
+            record["error"] = error
+        distributed.on_main_process(write_json, self.run_dir / RUN_STATE_FILE, record)
+
+    def end_epoch(self, epoch: int, result: EpochResult) -> None:
+        """Validate (the EMA too), append the epoch's row, write the checkpoints."""
+        assert self.val_loader is not None
+        ema = self.stepper.ema
+        if not self.cfg.model.sync_bn:  # validate and save the statistics every rank has: rank 0's
+            broadcast_buffers_from_rank0(self.raw_model, *([ema.module] if ema is not None else []))
+        val = validate(self.raw_model, self.val_loader, self.precision, self.val_to_device,
+                       expected_total=self.info.val_size)
+        ema_val = None
+        if ema is not None:
+            ema_val = validate(ema.module, self.val_loader, self.precision, self.val_to_device,
+                               expected_total=self.info.val_size, desc="val (EMA)")
+        pos = self.position
+        is_best = val.acc1 > pos.best_acc1
+        pos.best_acc1 = max(pos.best_acc1, val.acc1)
+        row = self.epoch_row(epoch, result, val, ema_val, pos.carried_s)
+        pos.epoch, pos.step_in_epoch, pos.carried, pos.carried_s = epoch + 1, 0, None, 0.0
+        distributed.on_main_process(append_row, self.run_dir / EPOCHS_FILE, row, EPOCH_COLUMNS)
+        self.tracker.log_epoch(row)
+        self.record_state("training")
+        train = result.totals
+        distributed.on_main_process(
+            log.info, "Epoch %d trained in %.1f s: train loss %.4f Acc@1 %.3f Acc@5 %.3f | val %s%s | %.1f img/s all "
+            "ranks (%.1f per rank), data wait %.1f%%", epoch, row["epoch_time_s"], train.loss, train.acc1, train.acc5,
+            val.line(), f" | EMA {ema_val.line()}" if ema_val else "", row["img_per_s_all_ranks"],
+            row["img_per_s_per_rank"], 100 * result.throughput.data_wait_frac)
+        keep = pos.epoch % self.cfg.train.save_every == 0 or pos.epoch == self.cfg.train.epochs
+        state = self.checkpoint_state(0, pos.epoch, None)
+        distributed.on_main_process(self.save, state, keep_epoch=keep, best=is_best)
+
+    def perf(self, flag: PreemptionFlag) -> dict[str, Any]:
+        """Performance mode: max_steps steps, one perf.csv row; no validation, no checkpoints."""
+        self.write_run_metadata()
+        cfg = self.cfg
+        tp = run_perf(self.stepper, self.loader, self.sampler, max_steps=cfg.train.max_steps,
+                      print_freq=cfg.train.print_freq, stop=flag.stop_agreed, on_log=self.tracker.log_step)
+        if tp is None:
+            log.warning("performance run stopped by a signal before its %d steps; nothing recorded",
+                        cfg.train.max_steps)
+            return self.outcome(finished=False, preempted=True)
+        row = {"steps": cfg.train.max_steps, "warmup_steps": tp.warmup_steps, "batch_size": cfg.train.batch_size,
+               "channels_last": cfg.model.channels_last, "device": self.device.type, **self.common_columns(tp)}
+        distributed.on_main_process(append_row, self.run_dir / PERF_FILE, row, PERF_COLUMNS)
+        distributed.on_main_process(
+            log.info, "performance: %s, %d steps (%d warm-up left out), batch %d x %d processes, amp %s: "
+            "%.1f img/s all ranks, %.1f per rank, data wait %.1f%%", cfg.model.model, cfg.train.max_steps,
+            tp.warmup_steps, cfg.train.batch_size, self.env.world_size, cfg.train.amp, tp.img_per_s_all_ranks,
+            tp.img_per_s_per_rank, 100 * tp.data_wait_frac)
+        self.position.global_step = cfg.train.max_steps
+        return self.outcome(finished=True, preempted=False, perf=row)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """The train stage's door (see the module docstring for the files it writes and the preemption contract)."""
+    tracking.check_installed(cfg)
+    with watchdog.watching(cfg), stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag:
+        return _train(cfg, env, device, flag)
+
+
+def _train(cfg: Config, env: distributed.DistEnv, device: torch.device, flag: PreemptionFlag) -> dict[str, Any]:
+    trainer = Trainer(cfg, env, device)
+    with contextlib.closing(trainer.tracker):
+        if trainer.perf_mode:
+            return trainer.perf(flag)
+        try:
+            return trainer.fit(flag)
+        except Exception as exc:
+            trainer.record_state("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
