@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 import pytest
 
 from pipeline.prep.archives import (ArchiveError, HashingReader, UnsafeMemberError, check_member, flat_name, read_archive,
-                               safe_name)
+                                    safe_name)
 from prep_fixtures import file_member, write_tar
 
 

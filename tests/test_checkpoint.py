@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.train.checkpoint import (CheckpointError, capture_rng_state, config_digest, load_checkpoint,
-                                 newest_valid_checkpoint, restore_rng_state, save_checkpoint)
+                                       newest_valid_checkpoint, restore_rng_state, save_checkpoint)
 from pipeline.core.config import Config
 from pipeline.train.trainer import train
 from train_helpers import REPO_ROOT, read_rows, subprocess_env, tiny_config, tiny_data

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from pipeline.core.config import Config, ConfigError
 from pipeline.data.loaders import (DataDirError, EpochSampler, RepeatedAugmentationSampler, ShardSampler, build_train_loader,
-                           build_val_loader, dataset_info, device_batcher, skipped_images)
+                                   build_val_loader, dataset_info, device_batcher, skipped_images)
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import setup_precision
 from pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD

@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from pipeline.core.config import (ConfigError, add_config_arguments, build_config, config_from_args, ema_update_decay,
-                             load_config)
+                                  load_config)
 from pipeline.core.validate import validate
 
 

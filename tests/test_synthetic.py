@@ -18,7 +18,7 @@ from torchvision.datasets import imagenet as tv_imagenet
 
 from pipeline.prep.classes import read_classes
 from pipeline.prep.synthetic import (CIFAR10_LABEL_NAMES, CIFAR10_TAR, DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_cifar10_archive,
-                                make_image_folder, make_imagenet_archives)
+                                     make_image_folder, make_imagenet_archives)
 
 REPO = Path(__file__).resolve().parents[1]
 

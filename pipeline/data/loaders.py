@@ -44,13 +44,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from pipeline.core.config import Config, ConfigError
 from pipeline.data.datasets import (DataDirError, SampleSet, cifar_split, imagenet_classes, imagenet_split,
-                               sample_seed, seeded_cpu_rng)
+                                    sample_seed, seeded_cpu_rng)
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import Precision
 from pipeline.data.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, NoDraw
 from pipeline.train.preemption import STOP_SIGNALS
 from pipeline.data.transforms import (BatchTransform, batch_mix, eval_transform, normalization, train_extras,
-                                 train_transform)
+                                      train_transform)
 
 __all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "RepeatedAugmentationSampler",
            "DeviceBatcher", "dataset_info",

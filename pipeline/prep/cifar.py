@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.prep.archives import CIFAR10_TAR, ArchiveError, check_member, read_archive, safe_name, write_member
 from pipeline.prep.classes import write_classes
 from pipeline.prep.datadir import (CIFAR_FOLDER, REPORT_FILE, DataDirError, check_dataset, check_same_archive,
-                              delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
+                                   delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
 
 log = logging.getLogger(__name__)
 

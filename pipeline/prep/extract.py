@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 from pipeline.prep.archives import (NAME_ENCODING, ArchiveError, check_end, check_member, flat_name, member_bytes,
-                               read_archive, safe_name, write_file, write_member)
+                                    read_archive, safe_name, write_file, write_member)
 from pipeline.prep.devkit import Devkit, val_number
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.prep.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, TRAIN_TAR, VAL_TAR, ArchiveError,
-                               ChecksumError, archive_exists, missing_archive_error)
+                                    ChecksumError, archive_exists, missing_archive_error)
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import Config
 from pipeline.prep.classes import CLASSES_FILE, read_classes, write_classes
 from pipeline.prep.datadir import (REPORT_FILE, DataDirError, archive_stat, check_dataset, check_same_archive,
-                              delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
+                                   delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
 from pipeline.core.records import read_json
 from pipeline.prep.devkit import Devkit, read_devkit
 from pipeline.prep.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val

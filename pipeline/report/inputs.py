@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
-                              PROVENANCE_FILE, RUN_STATE_FILE, read_json)
+                                   PROVENANCE_FILE, RUN_STATE_FILE, read_json)
 
 log = logging.getLogger(__name__)
 

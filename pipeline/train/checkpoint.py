@@ -1,16 +1,9 @@
 """Training checkpoints: atomic saves, weights-only loads, the newest valid one for ``--resume auto``.
 
-A checkpoint is a dict of tensors and plain Python values only, so ``torch.load(weights_only=True)``
-reads it (RNG states are stored as tensors and lists, not numpy objects)::
-
-    model, optimizer, scheduler, scaler, ema   state dicts (model unwrapped: no DDP/compile prefixes)
-    model_name, num_classes, config_digest     what must match to resume
-    epoch, step_in_epoch                       where training resumes: batches done in that epoch
-    global_step, best_acc1, finished
-    rng, epoch_start_rng                       per rank: now, and at the start of the epoch in progress
-    world_size, batch_size                     the sharding that step_in_epoch refers to
-    copies                                     every file that must hold this state (latest.pt first)
-    content_sha256                             checksum of all the above, verified on every load
+What a checkpoint holds is pipeline.train.state.TrainingState's ``state_dict`` (tensors and plain Python values
+only, so ``torch.load(weights_only=True)`` reads it; RNG states as tensors and lists, not numpy objects), plus
+``copies`` (every file that must hold this state, latest.pt first) and ``content_sha256`` (a checksum of all
+the rest, verified on every load).
 
 Files in ``<run dir>/checkpoints``: ``latest.pt`` (every epoch, and on preemption), ``epoch_NNNN.pt``
 (every ``save_every`` epochs, numbered by epochs done) and ``best.pt`` (best val Acc@1). Each is

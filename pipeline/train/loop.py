@@ -31,7 +31,7 @@ from pipeline.core.logs import format_seconds
 from pipeline.data.loaders import DeviceBatcher
 from pipeline.train import watchdog
 from pipeline.core.metrics import (RunningSums, Throughput, ThroughputTimer, Totals, batch_sums, peak_memory_mib,
-                              warmup_steps_for)
+                                   warmup_steps_for)
 from pipeline.core.precision import Precision
 
 log = logging.getLogger(__name__)

@@ -27,14 +27,11 @@ Throughput in the records is steady state over all processes (pipeline.core.metr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,24 +40,23 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_text
-from pipeline.train import tracking
-from pipeline.train import watchdog
-from pipeline.train.checkpoint import (BEST, LATEST, capture_rng_state, check_compatible, checkpoint_dir, config_digest,
-                                 epoch_file, finish_copies, remove_stale_temporaries, resolve_resume,
-                                 restore_rng_state, save_checkpoint)
 from pipeline.core.config import Config, ConfigError, ema_update_decay, save_config
 from pipeline.core.metrics import Throughput, peak_memory_mib
 from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
+from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
+                                   RUN_STATE_FILE, append_row, write_json)
 from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.eval.evaluate import EvalResult, validate
 from pipeline.models.registry import build_model
+from pipeline.train import tracking, watchdog
+from pipeline.train.checkpoint import (BEST, LATEST, checkpoint_dir, config_digest, epoch_file, finish_copies,
+                                       remove_stale_temporaries, resolve_resume, save_checkpoint)
+from pipeline.train.loop import EpochResult, Stepper, run_epoch, run_perf
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.preemption import PreemptionFlag
-from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
-                              RUN_STATE_FILE, append_row, write_json)
-from pipeline.train.loop import EpochResult, Stepper, run_epoch, run_perf
+from pipeline.train.state import TrainingState, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +64,8 @@ log = logging.getLogger(__name__)
 RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, EPOCHS_FILE, PERF_FILE, RUN_STATE_FILE)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclasses.dataclass
-class Position:
-    """Where training stands: ``epoch`` in progress and the batches of it done."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best_acc1: float = float("-inf")
-    carried: torch.Tensor | None = None  # train sums of the epoch's part done before a resume
-    carried_s: float = 0.0  # wall clock of that part, s
-    resumed_from: str = ""
-
-
-def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
-    """Every rank's RNG states, in rank order (a collective)."""
-    return distributed.gather(capture_rng_state(device))
 
 
 def forget_epochs_from(path: Path, epoch: int) -> None:
@@ -155,8 +127,6 @@ class Trainer:
         if ema_decay is not None:
             ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
                                 use_buffers=True)
-        self.digest = config_digest(cfg)
-        self.position = Position()
         self.stepper = Stepper(model=self.raw_model, raw_model=self.raw_model,
                                criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
                                optimizer=optimizer, scheduler=scheduler, precision=self.precision,
@@ -165,11 +135,13 @@ class Trainer:
                                ema=ema, ema_steps=cfg.model.ema_steps,
                                ema_warmup_steps=cfg.optim.warmup_epochs * len(self.loader),
                                clip_grad_norm=cfg.optim.clip_grad_norm)
+        self.state = TrainingState(cfg, env, device, self.stepper, self.info.num_classes, len(self.loader),
+                                   config_digest(cfg))
         found = None if self.perf_mode else resolve_resume(cfg.train.resume, self.run_dir)
         if found is None:
             seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank
         else:
-            self.restore(*found)
+            self.state.load_state_dict(*found)
         distributed.on_main_process(self.tidy_checkpoints, found)
         model = self.raw_model
         if env.distributed:
@@ -178,24 +150,9 @@ class Trainer:
             model = torch.compile(model)
         self.stepper.model = model
         # points after the checkpoint's step were written by a run that stopped later: hidden from here on
-        self.tracker = tracking.open_tracker(cfg, self.run_dir, purge_from=self.position.global_step + 1)
+        self.tracker = tracking.open_tracker(cfg, self.run_dir, purge_from=self.state.position.global_step + 1)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
-    def checkpoint_state(self, step_in_epoch: int, epoch: int, sums: torch.Tensor | None) -> dict[str, Any]:
-        """Everything a resume needs; gathers the RNG states of all ranks (a collective)."""
-        s = self.stepper
-        return {
-            "model": self.raw_model.state_dict(), "model_name": self.cfg.model.model,
-            "num_classes": self.info.num_classes, "optimizer": s.optimizer.state_dict(),
-            "scheduler": s.scheduler.state_dict(),
-            "scaler": s.precision.scaler.state_dict() if s.precision.scaler is not None else None,
-            "ema": s.ema.state_dict() if s.ema is not None else None,
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.position.global_step,
-            "best_acc1": self.position.best_acc1, "finished": epoch >= self.cfg.train.epochs,
-            "epoch_sums": sums, "epoch_elapsed_s": self.position.carried_s, "rng": gather_rng_states(self.device),
-            "config_digest": self.digest, "world_size": self.env.world_size, "batch_size": self.cfg.train.batch_size,
-        }
-
     def save(self, state: dict[str, Any], *, keep_epoch: bool = False, best: bool = False) -> None:
         """latest.pt naming the copies it owes, then those copies: epoch_NNNN.pt and best.pt when asked (rank 0)."""
         latest = checkpoint_dir(self.run_dir) / LATEST
@@ -211,51 +168,6 @@ class Trainer:
         if found is not None and (self.cfg.train.resume == "auto" or found[0].resolve() == latest.resolve()):
             finish_copies(found[0], found[1].get("copies", []))
 
-    def restore(self, path: Path, state: dict[str, Any]) -> None:
-        check_compatible(state, path, model_name=self.cfg.model.model, num_classes=self.info.num_classes,
-                         digest=self.digest)
-        s = self.stepper
-        self.raw_model.load_state_dict(state["model"])
-        s.optimizer.load_state_dict(state["optimizer"])
-        s.scheduler.load_state_dict(state["scheduler"])
-        if s.precision.scaler is not None and state.get("scaler"):
-            s.precision.scaler.load_state_dict(state["scaler"])
-        if s.ema is not None and state.get("ema"):
-            s.ema.load_state_dict(state["ema"])
-        elif s.ema is not None:
-            log.warning("%s has no EMA weights; the EMA starts from the current weights", path)
-        self.position = Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-                                 global_step=state["global_step"], best_acc1=state["best_acc1"],
-                                 carried=state.get("epoch_sums"), carried_s=state.get("epoch_elapsed_s", 0.0),
-                                 resumed_from=str(path))
-        same_sharding = (state.get("world_size"), state.get("batch_size")) == (self.env.world_size,
-                                                                             self.cfg.train.batch_size)
-        if not same_sharding:
-            self.convert_position(state)
-        rng = state.get("rng") or []
-        if len(rng) == self.env.world_size:
-            restore_rng_state(rng[self.env.rank], self.device)
-        else:
-            seed_everything(self.cfg.train.seed + self.env.rank + 1000 * self.position.epoch)
-        log.info("resumed from %s: epoch %d, %d of its %d batches done, step %d, best Acc@1 %.3f", path,
-                 self.position.epoch, self.position.step_in_epoch, len(self.loader), self.position.global_step,
-                 self.position.best_acc1)
-
-    def convert_position(self, state: dict[str, Any]) -> None:
-        """Another world size or batch size: the same images done, as near as whole batches allow."""
-        old_batch = state.get("world_size", 1) * state.get("batch_size", self.cfg.train.batch_size)
-        new_batch = self.env.world_size * self.cfg.train.batch_size
-        pos = self.position
-        images_done = pos.step_in_epoch * old_batch  # global images of the epoch done before the stop
-        pos.step_in_epoch = min(images_done // new_batch, len(self.loader))
-        pos.global_step = pos.epoch * len(self.loader) + pos.step_in_epoch
-        self.stepper.scheduler.last_epoch = pos.global_step
-        log.warning("resuming with world size %d x batch %d instead of %d x %d: the epoch resumes at batch %d "
-                    "(%d images were done), the schedule at step %d; the result will not match an "
-                    "uninterrupted run exactly", self.env.world_size, self.cfg.train.batch_size,
-                    state.get("world_size"), state.get("batch_size"), pos.step_in_epoch, images_done,
-                    pos.global_step)
-
     # ---- records ----------------------------------------------------------------------------------------
     def write_run_metadata(self) -> None:
         """Called on every rank (the host list is a collective); rank 0 writes."""
@@ -263,7 +175,7 @@ class Trainer:
         if distributed.is_main_process():
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
             record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
-            if self.position.resumed_from:
+            if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
             write_json(self.run_dir / PROVENANCE_FILE, record)
 
@@ -276,7 +188,7 @@ class Trainer:
     def epoch_row(self, epoch: int, result: EpochResult, val: EvalResult, ema_val: EvalResult | None,
                   elapsed_s: float) -> dict[str, Any]:
         train = result.totals
-        return {"epoch": epoch, "steps": self.position.global_step, "train_loss": round(train.loss, 6),
+        return {"epoch": epoch, "steps": self.state.position.global_step, "train_loss": round(train.loss, 6),
                 "train_acc1": round(train.acc1, 4), "train_acc5": round(train.acc5, 4),
                 "val_loss": round(val.loss, 6), "val_acc1": round(val.acc1, 4), "val_acc5": round(val.acc5, 4),
                 "val_top1_correct": val.top1_correct, "val_top5_correct": val.top5_correct,
@@ -286,14 +198,14 @@ class Trainer:
                 "ema_val_acc5": round(ema_val.acc5, 4) if ema_val else ""}
 
     def outcome(self, *, finished: bool, preempted: bool, **extra: Any) -> dict[str, Any]:
-        pos = self.position
+        pos = self.state.position
         return {"finished": finished, "preempted": preempted, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
                 "global_step": pos.global_step, "best_acc1": pos.best_acc1, "run_dir": str(self.run_dir), **extra}
 
     # ---- the two modes ----------------------------------------------------------------------------------
     def fit(self, flag: PreemptionFlag) -> dict[str, Any]:
         """Train the remaining epochs; validate, record and checkpoint after each."""
-        epochs, pos = self.cfg.train.epochs, self.position
+        epochs, pos = self.cfg.train.epochs, self.state.position
         if pos.epoch >= epochs:
             log.info("%s already finished its %d epochs; nothing to do (raise --epochs to train on)",
                      pos.resumed_from, epochs)
@@ -316,7 +228,7 @@ class Trainer:
             pos.step_in_epoch, pos.carried = result.step_in_epoch, result.sums
             pos.carried_s += result.elapsed_s
             if result.stopped:
-                state = self.checkpoint_state(result.step_in_epoch, epoch, result.sums)
+                state = self.state.state_dict(result.step_in_epoch, epoch, result.sums)
                 distributed.on_main_process(self.save, state)
                 self.record_state("preempted")
                 return self.outcome(finished=False, preempted=True)
@@ -329,7 +241,7 @@ class Trainer:
 
     def record_state(self, state: str, error: str = "") -> None:
         """run_state.json (pipeline/core/records.py), so the report tells a stopped run from a failed one."""
-        record = {"state": state, "epochs_done": self.position.epoch, "at": now_iso()}
+        record = {"state": state, "epochs_done": self.state.position.epoch, "at": now_iso()}
         if error:
             record["error"] = error
         distributed.on_main_process(write_json, self.run_dir / RUN_STATE_FILE, record)
@@ -346,7 +258,7 @@ class Trainer:
         if ema is not None:
             ema_val = validate(ema.module, self.val_loader, self.precision, self.val_to_device,
                                expected_total=self.info.val_size, desc="val (EMA)")
-        pos = self.position
+        pos = self.state.position
         is_best = val.acc1 > pos.best_acc1
         pos.best_acc1 = max(pos.best_acc1, val.acc1)
         row = self.epoch_row(epoch, result, val, ema_val, pos.carried_s)
@@ -361,7 +273,7 @@ class Trainer:
             val.line(), f" | EMA {ema_val.line()}" if ema_val else "", row["img_per_s_all_ranks"],
             row["img_per_s_per_rank"], 100 * result.throughput.data_wait_frac)
         keep = pos.epoch % self.cfg.train.save_every == 0 or pos.epoch == self.cfg.train.epochs
-        state = self.checkpoint_state(0, pos.epoch, None)
+        state = self.state.state_dict(0, pos.epoch, None)
         distributed.on_main_process(self.save, state, keep_epoch=keep, best=is_best)
 
     def perf(self, flag: PreemptionFlag) -> dict[str, Any]:
@@ -382,7 +294,7 @@ class Trainer:
             "%.1f img/s all ranks, %.1f per rank, data wait %.1f%%", cfg.model.model, cfg.train.max_steps,
             tp.warmup_steps, cfg.train.batch_size, self.env.world_size, cfg.train.amp, tp.img_per_s_all_ranks,
             tp.img_per_s_per_rank, 100 * tp.data_wait_frac)
-        self.position.global_step = cfg.train.max_steps
+        self.state.position.global_step = cfg.train.max_steps
         return self.outcome(finished=True, preempted=False, perf=row)
 
 
