@@ -34,8 +34,6 @@ def test_each_torchvision_classifier_builds_with_its_class_count(name):
 
 @pytest.mark.parametrize("name, size", [*REAL.items(), ("timm:resnet10t", 32)])
 def test_real_model_trains_a_step_on_cpu(name, size):
-    if name.startswith("timm:"):
-        pytest.importorskip("timm")
     model = build_model(name, num_classes=5).train()
     out = model(torch.randn(2, 3, size, size))  # a plain tensor: googlenet and inception_v3 have no aux heads
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
@@ -60,7 +58,6 @@ def test_unknown_name_lists_registered_and_torchvision_models_and_timm():
 
 
 def test_timm_names_are_checked_and_timm_stays_optional(monkeypatch):
-    pytest.importorskip("timm")
     with pytest.raises(UnknownModelError, match=r"timm has no model 'resnet10x' \(close: \['resnet10t'"):
         build_model("timm:resnet10x", num_classes=3)
     monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed: import timm raises ImportError
@@ -75,8 +72,6 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["regnet_x_400mf", "timm:resnet10t"])
 def test_model_by_name_trains_an_epoch_with_ema_and_its_checkpoint_evaluates(data_dir, tmp_path, name):
-    if name.startswith("timm:"):
-        pytest.importorskip("timm")
     run_dir = tmp_path / "run"
     cfg = tiny_config(data_dir, run_dir, "--model", name, "--epochs", "1", "--model-ema", "--amp", "bf16")
     assert train(cfg)["finished"]
