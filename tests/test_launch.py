@@ -542,3 +542,18 @@ def test_setup_lines_run_in_every_job_before_its_processes_start(no_slurm_path, 
         srun = next(i for i, line in enumerate(script_lines) if line.startswith("srun "))
         assert [script_lines.index(line) for line in lines] == sorted(script_lines.index(line) for line in lines)
         assert all(script_lines.index(line) < srun for line in lines), stage
+
+
+def test_the_plain_sbatch_script_asks_for_what_submitits_does(no_slurm_path, tmp_path, capsys):
+    """The fallback for a submitit without its private renderer: the same #SBATCH requests, setup, then srun."""
+    cfg = launch.resolve_config(launch.get_args_parser().parse_args(
+        ["--stage", "train", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--setup", "module load x",
+         "--sbatch", "mail-type=END", "--run-dir", str(tmp_path / "run")]))[0]
+    params = executors.executor_parameters("slurm", cfg, "train")
+    plain = executors.plain_sbatch_script("python -m x", params).splitlines()
+    rendered = executors.sbatch_script(cfg, params).splitlines()
+    wanted = ("--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--cpus-per-task=20", "--signal=USR2@90",
+              "--mail-type=END", "--time=60")
+    for option in wanted:
+        assert f"#SBATCH {option}" in plain and f"#SBATCH {option}" in rendered, option
+    assert plain.index("module load x") < len(plain) - 1 and plain[-1].startswith("srun --cpus-per-task 20 ")
