@@ -144,7 +144,7 @@ def test_files_nvjpeg_cannot_take_are_decoded_by_pil_and_counted_bad_ones_skippe
                             [(torch.cat([i for i, _ in device]), torch.cat([t for _, t in device]))])
 
 
-def test_validate_with_device_decode_counts_what_it_saw_and_what_it_skipped(odd_dir):
+def test_validate_with_device_decode_counts_what_it_saw_and_what_it_skipped(odd_dir, caplog):
     root, _ = odd_dir
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=2).eval()
@@ -152,9 +152,11 @@ def test_validate_with_device_decode_counts_what_it_saw_and_what_it_skipped(odd_
     for decode in ("cpu", "device"):
         cfg = small_config(root, decode)
         precision = setup_precision(CPU, "none", False)
-        results[decode] = validate(model, build_val_loader(cfg, DistEnv(), CPU), precision,
-                                   device_batcher(cfg, precision), expected_total=10)
+        with caplog.at_level(logging.INFO):
+            results[decode] = validate(model, build_val_loader(cfg, DistEnv(), CPU), precision,
+                                       device_batcher(cfg, precision), expected_total=10)
     assert (results["device"].total, results["device"].skipped) == (8, 2)  # fails loudly unless total + skipped = 10
+    assert "val: 3 image(s) of this process decoded by PIL so far" in caplog.text  # CMYK, grayscale, PNG
     assert results["device"] == results["cpu"] or abs(results["device"].loss_sum - results["cpu"].loss_sum) < 1e-2
 
 

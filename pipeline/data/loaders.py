@@ -54,7 +54,7 @@ from pipeline.data.transforms import (BatchTransform, batch_mix, eval_transform,
 
 __all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "RepeatedAugmentationSampler",
            "DeviceBatcher", "dataset_info",
-           "build_train_loader", "build_val_loader", "device_batcher", "skipped_images"]
+           "build_train_loader", "build_val_loader", "cpu_decoded_images", "device_batcher", "skipped_images"]
 
 
 @dataclass(frozen=True)
@@ -255,4 +255,11 @@ def build_val_loader(cfg: Config, env: DistEnv, device: torch.device) -> DataLoa
 def skipped_images(loader: DataLoader) -> int:
     """Unreadable images met so far by this loader's dataset, over all its worker processes."""
     return loader.dataset.skipped
+
+
+def cpu_decoded_images(loader: DataLoader, to_device: DeviceBatcher) -> int:
+    """With ``--decode device``: images PIL decoded so far because nvJPEG could not (CMYK, grayscale, not a JPEG,
+    cut short), in the workers and in this process; 0 on the CPU path."""
+    in_workers = getattr(loader.dataset.source, "cpu_decoded", 0)
+    return in_workers + (to_device.decoder.cpu_decoded if to_device.decoder is not None else 0)
 

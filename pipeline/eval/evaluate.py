@@ -33,7 +33,8 @@ from pipeline.core.metrics import RunningSums, batch_sums
 from pipeline.core.precision import Precision, setup_precision
 from pipeline.core.records import EVAL_FILE, write_json
 from pipeline.core.stage_process import stage_process
-from pipeline.data.loaders import DeviceBatcher, build_val_loader, dataset_info, device_batcher, skipped_images
+from pipeline.data.loaders import (DeviceBatcher, build_val_loader, cpu_decoded_images, dataset_info, device_batcher,
+                                   skipped_images)
 from pipeline.models.registry import build_model, read_state_dict
 from pipeline.train.checkpoint import BEST, CheckpointError, NotATrainingCheckpointError, checkpoint_dir, load_checkpoint
 
@@ -97,6 +98,10 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
     if result.skipped:
         log.warning("%s: %d unreadable val image(s) left out of the total (named in the warnings above)",
                     desc, result.skipped)
+    on_cpu = cpu_decoded_images(loader, to_device)
+    if on_cpu:
+        log.info("%s: %d image(s) of this process decoded by PIL so far: the device decoder takes 3-channel JPEGs only",
+                 desc, on_cpu)
     return result
 
 
