@@ -5,6 +5,7 @@
     python launch.py --stage train --nodes 2 --gpus-per-node 8 --partition gpu --time 1440 --run-dir runs/r50
     python launch.py --stage train --nodes 4 --gpus-per-node 8 --executor slurm --dry-run
     python launch.py --stage report --run-dir runs/r50-1node runs/r50-2nodes
+    python launch.py --stage train --sweep model=resnet18,resnet50 --sweep nodes=1,2 --run-dir runs/sweep
 
 Every config field is a flag; precedence: command line > --config file > defaults (pipeline.core.config).
 Executors: slurm (a chain's jobs wait on each other with afterok and kill_on_invalid_dep), local (this
@@ -32,6 +33,7 @@ from launcher.dry_run import cpu_warnings, dry_run, partition_cpus
 from launcher.executors import (LaunchError, executor_parameters, make_executor, parse_sbatch_options, sbatch_script,
                                 stage_resources)
 from launcher.follow import StageFailed, Submitted, follow
+from launcher.sweep import add_sweep_arguments, expand_run_dirs, sweep_points
 from pipeline.core.config import FIELDS, Config, LaunchConfig, add_config_arguments, build_config, read_toml
 from pipeline.core.errors import UserError
 from pipeline.core.records import CONFIG_FILE
@@ -49,7 +51,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     stage.add_argument("--test-only", dest="stage", action="store_const", const="eval",
                        help="--stage eval (torchvision's reference spelling)")
     parser.add_argument("--run-dir", dest="run_dirs", nargs="+", metavar="RUN_DIR", default=argparse.SUPPRESS,
-                        help="run dir (config: [train] run_dir); several only with --stage report")
+                        help="run dir (config: [train] run_dir); several only with --stage report, where a "
+                             "sweep dir stands for the run dirs in it")
+    add_sweep_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, bad input included")
     return parser
 
@@ -57,6 +61,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The resolved config with absolute paths (jobs may start elsewhere), and the run dirs."""
     run_dirs = getattr(args, "run_dirs", None)
+    if run_dirs and args.stage == "report":
+        run_dirs = expand_run_dirs(run_dirs)
     if run_dirs:
         if len(run_dirs) > 1 and args.stage != "report":
             raise LaunchError(f"{len(run_dirs)} run dirs given: several --run-dir values are for --stage report")
@@ -210,11 +216,50 @@ def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], executor: str
     return 0
 
 
+def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
+    """Every point of --sweep checked first, then trained: one after another here, as separate jobs on Slurm."""
+    plans = []
+    for name, point in sweep_points(args):
+        try:
+            cfg, run_dirs = resolve_config(point)
+            validate(cfg, ["train"])
+            check_text("--run-dir", run_dirs[0])
+        except UserError as exc:
+            raise LaunchError(f"sweep point {name}: {exc}") from None
+        plans.append((name, cfg, run_dirs))
+    executor = choose_executor(plans[0][1].launch.executor, out)
+    for _, cfg, _ in plans:
+        check_launch(cfg.launch, ["train"], executor)
+        parse_sbatch_options(cfg.launch.sbatch)
+    out.write(f"sweep: {len(plans)} point(s)\n")
+    out.write("".join(f"  {name}: {run_dirs[0]}\n" for name, _, run_dirs in plans))
+    if plans[0][1].launch.dry_run:
+        out.write(f"===== the first point, {plans[0][0]} =====\n")
+        dry_run(plans[0][1], ["train"], plans[0][2], executor, out)
+        return 0
+    for _, cfg, run_dirs in plans:
+        check_inputs(["train"], cfg, run_dirs)
+    if executor == "slurm":  # all submitted, none waited for
+        slurm.check_partition(plans[0][1].launch.partition)
+        for _, cfg, _ in plans:
+            validate_on_slurm(cfg, ["train"], partition_cpus(cfg, executor))
+        plans = [(name, dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, detach=True)), run_dirs)
+                 for name, cfg, run_dirs in plans]
+    for name, cfg, run_dirs in plans:
+        out.write(f"===== sweep point {name} =====\n")
+        run_chain(cfg, ["train"], run_dirs, executor, out)
+    out.write(f"sweep finished: {len(plans)} run dir(s) in {args.run_dirs[0]}; tables: launch.py --stage report "
+              f"--run-dir {args.run_dirs[0]}\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     out = sys.stdout
     try:
+        if args.sweeps:
+            return run_sweep(args, out)
         cfg, run_dirs = resolve_config(args)
         stages = stage_chain(args.stage, cfg)
         validate(cfg, stages)

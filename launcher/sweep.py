@@ -1,0 +1,120 @@
+"""``launch.py --stage train --sweep KEY=V1,V2 [--sweep KEY2=...]``: the cartesian grid of config values, one
+run dir per point under the given --run-dir (the sweep dir), named after its values (``model=resnet18,nodes=1``).
+
+Values are converted as the command line converts the field's flag (int, float, true/false, a choice, Slurm
+times), then checked by the config's own check; every point passes pipeline.core.validate before the first is
+submitted. ``--stage report --run-dir SWEEP_DIR`` reports on every run dir in it (``expand_run_dirs``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from launcher.executors import LaunchError
+from pipeline.core import flags as tv_flags
+from pipeline.core.config import FIELDS, _check_value
+from pipeline.core.errors import UserError
+from pipeline.core.records import CONFIG_FILE
+
+NOT_SWEPT = {"run_dir": "it is the sweep dir, each point gets a run dir in it",
+             "executor": "one sweep runs on one executor", "dry_run": "pass --dry-run alone",
+             "detach": "pass --detach alone"}
+BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
+                        help="train every combination of these values (repeatable; KEY: any config field, e.g. "
+                             "model, nodes, gpus_per_node, batch_size, amp, lr), one run dir per point in --run-dir")
+
+
+def convert(name: str, text: str) -> Any:
+    """``text`` as the value of config field ``name``, as its command-line flag would read it."""
+    kind = FIELDS[name][2]
+    origin = typing.get_origin(kind)
+    try:
+        if name in tv_flags.TYPES:
+            value: Any = tv_flags.TYPES[name](text)
+        elif kind is bool:
+            value = BOOLS[text.lower()]
+        elif origin is Literal:
+            value = tv_flags.choice_type(name, typing.get_args(kind))(text)
+        elif origin is list:
+            value = [text]
+        else:
+            value = kind(text)
+    except (ValueError, KeyError, argparse.ArgumentTypeError) as exc:
+        expected = "true or false" if kind is bool else getattr(kind, "__name__", str(kind))
+        why = f": {exc}" if isinstance(exc, argparse.ArgumentTypeError) else f" (expected {expected})"
+        raise LaunchError(f"--sweep {name}: bad value {text!r}{why}") from None
+    try:
+        return _check_value(name, kind, value, f"--sweep {name}")
+    except UserError as exc:
+        raise LaunchError(str(exc)) from None
+
+
+def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """``KEY=V1,V2`` items as [(field name, [(text, typed value), ...]), ...]; bad input is a LaunchError."""
+    axes: list[tuple[str, list[tuple[str, Any]]]] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        name = key.strip().lstrip("-").replace("-", "_")
+        texts = [v.strip() for v in values.split(",")]
+        if not sep or not name or not all(texts):
+            raise LaunchError(f"--sweep {item!r}: expected KEY=V1,V2,..., e.g. --sweep model=resnet18,resnet50")
+        if name not in FIELDS:
+            raise LaunchError(f"--sweep {item!r}: unknown key {name!r}; keys are config fields, e.g. model, nodes, "
+                              "gpus_per_node, batch_size, amp, lr (launch.py --help lists them as flags)")
+        if name in NOT_SWEPT:
+            raise LaunchError(f"--sweep {item!r}: {name} cannot be swept: {NOT_SWEPT[name]}")
+        if any(name == other for other, _ in axes):
+            raise LaunchError(f"--sweep {item!r}: {name} is swept twice; give all its values in one --sweep")
+        if len(set(texts)) != len(texts):
+            raise LaunchError(f"--sweep {item!r}: a value is repeated")
+        axes.append((name, [(text, convert(name, text)) for text in texts]))
+    return axes
+
+
+def point_name(point: Sequence[tuple[str, str]]) -> str:
+    """The run dir name of a point: ``key=value`` pairs joined by commas, other characters as ``_``."""
+    return UNSAFE.sub("_", ",".join(f"{key}={text}" for key, text in point))
+
+
+def sweep_points(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """(run dir name, the command line of that point) for each point of the grid, in order."""
+    if args.stage != "train":
+        raise LaunchError(f"--sweep is for --stage train (got --stage {args.stage}); report on the sweep afterwards "
+                          "with --stage report --run-dir SWEEP_DIR")
+    run_dirs = getattr(args, "run_dirs", None)
+    if not run_dirs or len(run_dirs) != 1:
+        raise LaunchError("--sweep needs one --run-dir: the sweep dir, which gets one run dir per point")
+    axes = parse_sweeps(args.sweeps)
+    points = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        name = point_name([(key, text) for (key, _), (text, _) in zip(axes, combo)])
+        point = argparse.Namespace(**vars(args))
+        for (key, _), (_, value) in zip(axes, combo):
+            setattr(point, key, value)
+        point.run_dirs = [str(Path(run_dirs[0]) / name)]
+        points.append((name, point))
+    names = [name for name, _ in points]
+    if len(set(names)) != len(names):
+        raise LaunchError("--sweep: two points get the same run dir name; give values that differ in letters, "
+                          "digits or . _ - +")
+    return points
+
+
+def expand_run_dirs(run_dirs: Sequence[str]) -> list[str]:
+    """Each dir without a config.toml that has run dirs (with one) in it stands for those run dirs (a sweep dir)."""
+    expanded = []
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        subs = [] if (path / CONFIG_FILE).is_file() or not path.is_dir() else sorted(
+            str(p) for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+        expanded += subs or [run_dir]
+    return expanded
