@@ -18,27 +18,13 @@ import pytest
 import launch
 from jobs.preflight import EXIT_NO_ANSWER
 from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port, torchrun_command
+from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
 from launcher import executors
 from launcher.follow import LogFollower, StageFailed, Submitted, failure_text, follow
 from pipeline.core.config import Config
 from train_helpers import TINY_FLAGS  # resnet18 on 32 px crops: the smallest real training
 
 REPO = Path(launch.__file__).resolve().parent
-
-
-@pytest.fixture
-def no_slurm_path(tmp_path, monkeypatch):
-    """A PATH without sbatch, srun or squeue: this machine as one without Slurm."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    monkeypatch.setenv("PATH", str(bin_dir))
-    return bin_dir
-
-
-def run_main(capsys, *argv):
-    code = launch.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def sbatch_sections(text: str) -> dict[str, str]:

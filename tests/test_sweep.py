@@ -7,22 +7,9 @@ import csv
 import pytest
 
 import launch
+from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
 from launcher.sweep import sweep_points
 from train_helpers import TINY_FLAGS, tiny_data
-
-
-@pytest.fixture
-def no_slurm_path(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    monkeypatch.setenv("PATH", str(bin_dir))
-    return bin_dir
-
-
-def run_main(capsys, *argv):
-    code = launch.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_two_keys_make_four_points_with_typed_values_and_named_run_dirs(tmp_path):
