@@ -15,7 +15,8 @@ torchrun's logs per node and rank in <run dir>/logs/<job id>/.
 
 Before anything is submitted the resolved config passes pipeline.core.validate (each job runs it again): bad input
 is one line and status 2, with its traceback only under --debug.
-Executors and sbatch parameters are built in launcher/executors.py only, and --dry-run (launcher/dry_run.py) prints them.
+Executors and sbatch parameters are built in launcher/executors.py only, and --dry-run (launcher/dry_run.py) prints them;
+launcher/submit.py submits and follows a chain, launcher/sweep_jobs.py a --sweep (job arrays on Slurm).
 """
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
-from jobs.stages import STAGES, TORCHRUN_STAGES, check_inputs, stage_chain, stage_job
-from launcher import slurm
-from launcher.dry_run import cpu_warnings, dry_run, partition_cpus
-from launcher.executors import (LaunchError, executor_parameters, make_executor, parse_sbatch_options, sbatch_script,
-                                stage_resources)
-from launcher.follow import StageFailed, Submitted, follow
-from launcher.sweep import add_sweep_arguments, expand_run_dirs, sweep_points
+from jobs.stages import STAGES, TORCHRUN_STAGES, check_inputs, stage_chain
+from launcher import sweep_jobs
+from launcher.dry_run import dry_run
+from launcher.executors import LaunchError, parse_sbatch_options
+from launcher.follow import StageFailed
+from launcher.submit import run_chain
+from launcher.sweep import add_sweep_arguments, sweep_points
+from launcher.sweep_jobs import SweepPlan
 from pipeline.core.config import FIELDS, Config, LaunchConfig, add_config_arguments, build_config, read_toml
 from pipeline.core.errors import UserError
 from pipeline.core.records import CONFIG_FILE
@@ -52,7 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="--stage eval (torchvision's reference spelling)")
     parser.add_argument("--run-dir", dest="run_dirs", nargs="+", metavar="RUN_DIR", default=argparse.SUPPRESS,
                         help="run dir (config: [train] run_dir); several only with --stage report, where a "
-                             "sweep dir stands for the run dirs in it")
+                             "sweep dir stands for its points (one report of them in the sweep dir)")
     add_sweep_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, bad input included")
     return parser
@@ -61,8 +63,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The resolved config with absolute paths (jobs may start elsewhere), and the run dirs."""
     run_dirs = getattr(args, "run_dirs", None)
-    if run_dirs and args.stage == "report":
-        run_dirs = expand_run_dirs(run_dirs)
     if run_dirs:
         if len(run_dirs) > 1 and args.stage != "report":
             raise LaunchError(f"{len(run_dirs)} run dirs given: several --run-dir values are for --stage report")
@@ -118,139 +118,22 @@ def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None
                           "stage here); use --executor slurm, or drop --detach")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def validate_on_slurm(cfg: Config, stages: list[str], node_cpus: int | None) -> None:
-    """Every stage's script passes ``sbatch --test-only`` before the first is submitted."""
-    for stage in stages:
-        try:
-            slurm.test_only(sbatch_script(cfg, executor_parameters("slurm", cfg, stage, node_cpus=node_cpus)))
-        except slurm.SlurmError as exc:
-            hint = "; on a cluster without GPUs pass --device cpu" if "gres" in str(exc).lower() else ""
-            if stage == "prep" and not cfg.launch.cpus_per_task:
-                hint += f"; the prep job asks for --workers + 1 = {cfg.data.workers + 1} CPUs: lower --workers"
-            raise LaunchError(f"Slurm rejects the {stage} job, nothing was submitted: {exc}{hint}") from None
-
-
-def submit(executor: str, cfg: Config, stage: str, fn: Callable[[], Any], after: str | None, out: TextIO,
-           node_cpus: int | None = None) -> Submitted:
-    from submitit.core.utils import FailedJobError
-
-    try:
-        job = make_executor(executor, cfg, executor_parameters(executor, cfg, stage, after, node_cpus)).submit(fn)
-    except FailedJobError as exc:
-        raise LaunchError(f"sbatch rejected the {stage} job: {exc}") from None
-    sub = Submitted(stage, job, executor)
-    nodes, nproc, _ = stage_resources(cfg, stage)
-    waits = f", starts after job {after} succeeds" if after else ""
-    out.write(f"[{stage}] job {job.job_id} submitted ({executor}, {nodes} node(s) x {nproc} process(es){waits})\n")
-    if executor != "debug":
-        out.write(f"    logs: {sub.log_paths()[0].parent}/\n"
-                  f"    follow: tail -f {' '.join(map(str, sub.log_paths()))}\n")
-    return sub
-
-
-def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, out: TextIO) -> int:
-    plan = [(stage, stage_job(stage, cfg, run_dirs)) for stage in stages]
-    submitted: list[Submitted] = []
-    if executor == "slurm":
-        slurm.check_partition(cfg.launch.partition)
-        node_cpus = partition_cpus(cfg, executor)
-        cpu_warnings(cfg, stages, node_cpus, out)
-        validate_on_slurm(cfg, stages, node_cpus)
-        try:
-            for stage, fn in plan:
-                after = submitted[-1].job.job_id if submitted else None
-                submitted.append(submit(executor, cfg, stage, fn, after, out, node_cpus))
-        except LaunchError:
-            slurm.cancel([s.job.job_id for s in submitted])
-            raise
-        out.write(f"    cancel: scancel {' '.join(s.job.job_id for s in submitted)}\n")
-    if cfg.launch.detach:
-        if executor != "slurm":
-            submitted.append(submit(executor, cfg, *plan[0], None, out))
-        out.write("detached: the jobs run on; follow them with the tail -f lines above\n")
-        return 0
-    for i, (stage, fn) in enumerate(plan):
-        sub = submitted[i] if executor == "slurm" else submit(executor, cfg, stage, fn, None, out)
-        try:
-            follow(sub, out, poll_s=2.0 if executor == "slurm" else 0.25)  # local: no scheduler to spare
-        except StageFailed as exc:
-            if i == len(plan) - 1:
-                raise
-            rest = [s.job.job_id for s in submitted[i + 1:]]
-            slurm.cancel(rest)
-            raise StageFailed(f"{exc}\nlater stages not run{f' (cancelled jobs {rest})' if rest else ''}") from None
-        out.write(f"[{sub.label}] done\n")
-    out.write(f"finished: {' -> '.join(stages)}; run dir {cfg.train.run_dir}\n")
-    return 0
-
-
 def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
-    """Every point of --sweep checked first, then trained: one after another here, as separate jobs on Slurm."""
+    """Every point of --sweep resolved and checked before any is submitted (launcher/sweep_jobs.py runs them)."""
     plans = []
-    for name, point in sweep_points(args):
+    for point in sweep_points(args):
         try:
-            cfg, run_dirs = resolve_config(point)
+            cfg, run_dirs = resolve_config(point.args)
             validate(cfg, ["train"])
             check_text("--run-dir", run_dirs[0])
         except UserError as exc:
-            raise LaunchError(f"sweep point {name}: {exc}") from None
-        plans.append((name, cfg, run_dirs))
-    executor = choose_executor(plans[0][1].launch.executor, out)
-    for _, cfg, _ in plans:
-        check_launch(cfg.launch, ["train"], executor)
-        parse_sbatch_options(cfg.launch.sbatch)
-    out.write(f"sweep: {len(plans)} point(s)\n")
-    out.write("".join(f"  {name}: {run_dirs[0]}\n" for name, _, run_dirs in plans))
-    if plans[0][1].launch.dry_run:
-        out.write(f"===== the first point, {plans[0][0]} =====\n")
-        dry_run(plans[0][1], ["train"], plans[0][2], executor, out)
-        return 0
-    for _, cfg, run_dirs in plans:
-        check_inputs(["train"], cfg, run_dirs)
-    if executor == "slurm":  # all submitted, none waited for
-        slurm.check_partition(plans[0][1].launch.partition)
-        for _, cfg, _ in plans:
-            validate_on_slurm(cfg, ["train"], partition_cpus(cfg, executor))
-        plans = [(name, dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, detach=True)), run_dirs)
-                 for name, cfg, run_dirs in plans]
-    for name, cfg, run_dirs in plans:
-        out.write(f"===== sweep point {name} =====\n")
-        run_chain(cfg, ["train"], run_dirs, executor, out)
-    out.write(f"sweep finished: {len(plans)} run dir(s) in {args.run_dirs[0]}; tables: launch.py --stage report "
-              f"--run-dir {args.run_dirs[0]}\n")
-    return 0
+            raise LaunchError(f"sweep point {point.name}: {exc}") from None
+        plans.append(SweepPlan(point.name, point.values, cfg))
+    executor = choose_executor(plans[0].cfg.launch.executor, out)
+    for plan in plans:
+        check_launch(plan.cfg.launch, ["train"], executor)
+        parse_sbatch_options(plan.cfg.launch.sbatch)
+    return sweep_jobs.run_sweep(plans, executor, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,9 +90,10 @@ def default_cpus(cfg: Config, stage: str) -> int | None:
     return None if stage in ("download", "report") else nproc * (cfg.data.workers + 1)
 
 def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None,
-                        node_cpus: int | None = None) -> dict[str, Any]:
-    """The parameters of one stage's job for the chosen executor; ``after`` is the job it waits for, ``node_cpus``
-    the most a node of the partition has (the default CPU request is capped there)."""
+                        node_cpus: int | None = None, when: str = "afterok") -> dict[str, Any]:
+    """The parameters of one stage's job for the chosen executor; ``after`` is the job (or ``:``-joined jobs) it
+    waits for, ``when`` how (afterok: their success, afterany: their end), ``node_cpus`` the most a node of the
+    partition has (the default CPU request is capped there)."""
     nodes, nproc, gpus = stage_resources(cfg, stage)
     if executor != "slurm":
         return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
@@ -104,7 +105,7 @@ def executor_parameters(executor: str, cfg: Config, stage: str, after: str | Non
     params = get_slurm_executor_parameters(cfg.launch, nodes=nodes, gpus_per_node=gpus, **extra)
     params["additional_parameters"] = {**params["additional_parameters"], **npu_gres_request(cfg, stage)}
     if after:
-        params["dependency"] = f"afterok:{after}"
+        params["dependency"] = f"{when}:{after}"
         params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
     return params
 
@@ -124,25 +125,29 @@ def make_executor(executor: str, cfg: Config, params: dict[str, Any]) -> Any:
     ex.update_parameters(**params)
     return ex
 
-def sbatch_script(cfg: Config, params: dict[str, Any]) -> str:
+def sbatch_script(cfg: Config, params: dict[str, Any], array_size: int | None = None) -> str:
     """The script sbatch receives: the text submitit's SlurmExecutor writes, rendered without Slurm through its
     private ``_make_sbatch_string`` (setup.cfg pins the submitit range it is known in); with another submitit, a
-    plain script asking for the same resources."""
+    plain script asking for the same resources. ``array_size``: a job array of that many tasks (a sweep's)."""
     folder = job_folder(cfg)
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(folder)}"
+    array = {"map_count": array_size} if array_size and array_size > 1 else {}
     try:
         from submitit.slurm.slurm import _make_sbatch_string
     except ImportError:
-        return plain_sbatch_script(command, params)
-    return _make_sbatch_string(command=command, folder=folder, **params)
+        return plain_sbatch_script(command, {**params, **array})
+    return _make_sbatch_string(command=command, folder=folder, **params, **array)
 
 
 def plain_sbatch_script(command: str, params: dict[str, Any]) -> str:
     """#SBATCH lines from submitit's parameter names (``gpus_per_node`` is ``--gpus-per-node``), the setup lines,
-    then srun."""
-    special = {"setup", "additional_parameters", "srun_args", "signal_delay_s", "stderr_to_stdout"}
+    then srun; ``map_count`` tasks of an array, at most ``array_parallelism`` at once."""
+    special = {"setup", "additional_parameters", "srun_args", "signal_delay_s", "stderr_to_stdout", "map_count",
+               "array_parallelism"}
     options = {key.replace("_", "-"): value for key, value in params.items() if key not in special}
     options.update(params.get("additional_parameters", {}), signal=f"USR2@{params.get('signal_delay_s', 90)}")
+    if params.get("map_count"):
+        options["array"] = f"0-{params['map_count'] - 1}%{params.get('array_parallelism', 256)}"
     lines = ["#!/bin/bash"] + [f"#SBATCH --{key}" + ("" if value is True else f"={value}")
                                for key, value in sorted(options.items())]
     return "\n".join([*lines, *params.get("setup", []), shlex.join(["srun", *params.get("srun_args", [])]) + " " + command])

@@ -3,7 +3,8 @@ run dir per point under the given --run-dir (the sweep dir), named after its val
 
 Values are converted as the command line converts the field's flag (int, float, true/false, a choice, Slurm
 times), then checked by the config's own check; every point passes pipeline.core.validate before the first is
-submitted. ``--stage report --run-dir SWEEP_DIR`` reports on every run dir in it (``expand_run_dirs``).
+submitted; launcher/sweep_jobs.py runs them. ``--stage report --run-dir SWEEP_DIR`` reports on the points the
+sweep dir's sweep.json lists (pipeline/report/inputs.py).
 """
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ import itertools
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 from launcher.executors import LaunchError
 from pipeline.core import flags as tv_flags
 from pipeline.core.config import FIELDS, _check_value
 from pipeline.core.errors import UserError
-from pipeline.core.records import CONFIG_FILE
 
 NOT_SWEPT = {"run_dir": "it is the sweep dir, each point gets a run dir in it",
              "executor": "one sweep runs on one executor", "dry_run": "pass --dry-run alone",
-             "detach": "pass --detach alone"}
+             "detach": "pass --detach alone", "array_parallelism": "it is the sweep's own limit"}
 BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
@@ -85,8 +85,14 @@ def point_name(point: Sequence[tuple[str, str]]) -> str:
     return UNSAFE.sub("_", ",".join(f"{key}={text}" for key, text in point))
 
 
-def sweep_points(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
-    """(run dir name, the command line of that point) for each point of the grid, in order."""
+class Point(NamedTuple):
+    name: str  # its run dir's name
+    values: dict[str, str]  # swept key -> value as typed
+    args: argparse.Namespace  # the command line of this point alone
+
+
+def sweep_points(args: argparse.Namespace) -> list[Point]:
+    """Each point of the grid, in order."""
     if args.stage != "train":
         raise LaunchError(f"--sweep is for --stage train (got --stage {args.stage}); report on the sweep afterwards "
                           "with --stage report --run-dir SWEEP_DIR")
@@ -96,25 +102,15 @@ def sweep_points(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace
     axes = parse_sweeps(args.sweeps)
     points = []
     for combo in itertools.product(*(values for _, values in axes)):
-        name = point_name([(key, text) for (key, _), (text, _) in zip(axes, combo)])
+        values = {key: text for (key, _), (text, _) in zip(axes, combo)}
+        name = point_name(list(values.items()))
         point = argparse.Namespace(**vars(args))
         for (key, _), (_, value) in zip(axes, combo):
             setattr(point, key, value)
         point.run_dirs = [str(Path(run_dirs[0]) / name)]
-        points.append((name, point))
-    names = [name for name, _ in points]
+        points.append(Point(name, values, point))
+    names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise LaunchError("--sweep: two points get the same run dir name; give values that differ in letters, "
                           "digits or . _ - +")
     return points
-
-
-def expand_run_dirs(run_dirs: Sequence[str]) -> list[str]:
-    """Each dir without a config.toml that has run dirs (with one) in it stands for those run dirs (a sweep dir)."""
-    expanded = []
-    for run_dir in run_dirs:
-        path = Path(run_dir)
-        subs = [] if (path / CONFIG_FILE).is_file() or not path.is_dir() else sorted(
-            str(p) for p in path.iterdir() if (p / CONFIG_FILE).is_file())
-        expanded += subs or [run_dir]
-    return expanded

@@ -372,3 +372,39 @@ def test_report_reads_what_the_real_train_stage_writes(tmp_path):
     assert perf["status"] == "perf" and perf["img_per_s_all_ranks"] > 0
     assert list(result.epochs) == ["fit"] and len(result.epochs["fit"]) == 2
     assert_valid_png(tmp_path / "fit" / "report" / "accuracy.png")
+
+
+def test_a_sweep_dir_stands_for_its_points_with_records_and_gets_the_one_report(tmp_path, caplog):
+    """sweep.json lists three points; one has no records yet (it failed or waits): left out and named."""
+    sweep = tmp_path / "sweep"
+    one_process(sweep), two_processes(sweep)
+    (sweep / "r18-pending").mkdir()
+    write_json(sweep / "sweep.json", {"points": [{"name": n, "values": {}} for n in
+                                                 ("r18-1x1", "r18-pending", "r18-1x2")]})
+    with caplog.at_level(logging.WARNING):
+        result = report([sweep], echo=False)
+    assert list(result.summary["run"]) == ["r18-1x1", "r18-1x2"]
+    assert list(result.scaling["efficiency_pct"]) == [100.0, 95.0]
+    assert "1 of 3 point(s) have no records yet" in caplog.text and "left out: r18-pending" in caplog.text
+    written = {path.relative_to(sweep).as_posix() for path in result.files}
+    assert {"report/summary.csv", "report/scaling.csv", "report/epochs-r18-1x1.csv",
+            "report/epochs-r18-1x2.csv"} <= written
+    assert all(path.startswith("report/") for path in written)
+
+
+@pytest.mark.parametrize("points", [[{"name": "../elsewhere"}], [{"name": "/abs"}], [{"name": ".."}], [], "x"])
+def test_a_sweep_json_naming_paths_outside_the_sweep_dir_is_refused(tmp_path, points):
+    sweep = tmp_path / "sweep"
+    one_process(sweep)
+    write_json(sweep / "sweep.json", {"points": points})
+    with pytest.raises(ReportError, match="should list the sweep's points"):
+        report([sweep], echo=False)
+    assert not (sweep / "report").exists()
+
+
+def test_a_sweep_without_any_records_says_so(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "a").mkdir(parents=True)
+    write_json(sweep / "sweep.json", {"points": [{"name": "a"}]})
+    with pytest.raises(ReportError, match="none of its 1 point"):
+        report([sweep], echo=False)

@@ -85,7 +85,7 @@ class Launcher:
         cmd = [sys.executable, str(REPO / "launch.py"), "--executor", "slurm", "--partition", self.partition,
                "--workers", "1", *map(str, argv)]  # prep asks for workers + 1 CPUs: the CI nodes have 2
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
-        self.job_ids += re.findall(r"job (\d+) submitted", result.stdout)
+        self.job_ids += re.findall(r"job (?:array )?(\d+) submitted", result.stdout)
         return result
 
     def cancel_all(self) -> None:
@@ -100,10 +100,13 @@ def launcher(slurm_cluster) -> Iterator[Launcher]:
     run.cancel_all()
 
 
-def job_state(job_id: str) -> str:
+def job_fields(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    found = re.search(r"JobState=(\S+)", out)
-    return found.group(1) if found else "UNKNOWN"
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def job_state(job_id: str) -> str:
+    return job_fields(job_id).get("JobState", "UNKNOWN")
 
 
 def test_dry_run_prints_the_script_sbatch_receives(launcher, tmp_path):
@@ -264,3 +267,29 @@ def test_crash_on_every_node_is_reported_per_node_with_rank_and_log(launcher, tm
         assert f"rank {rank} (local rank 0) exited with code 2 after 0 restart(s)" in result.stderr
     logs = re.findall(r"Its log: (\S+)", result.stderr)
     assert len(logs) == 2 and all("has no train/ and val/ folders" in Path(log).read_text() for log in logs)
+
+
+def test_sweep_is_a_throttled_job_array_then_one_report_of_its_points(launcher, tiny_data, tmp_path):
+    """Two points, at most one at a time: the second task starts after the first ends; the report job waits for
+    both and its table, in the sweep dir, has both."""
+    sweep = tmp_path / "sweep"
+    result = launcher("--stage", "train", "--procs-per-node", 1, "--data-dir", tiny_data, "--run-dir", sweep,
+                      "--epochs", 1, "--preflight-timeout-s", 0, *TINY, "--sweep", "batch_size=4,8",
+                      "--array-parallelism", 1)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    array, report = launcher.job_ids
+    assert f"[train] job array {array} submitted (slurm, 2 point(s), at most 1 at once" in result.stdout
+    assert f"  batch_size=4: job {array}_0\n" in result.stdout and f"  batch_size=8: job {array}_1\n" in result.stdout
+    script = (sweep / "logs" / array / f"{array}_submission.sh").read_text().splitlines()
+    assert "#SBATCH --array=0-1%1" in script
+    first, second = job_fields(f"{array}_0"), job_fields(f"{array}_1")
+    assert first["ArrayTaskThrottle"] == "1" and (first["JobState"], second["JobState"]) == ("COMPLETED",) * 2
+    assert second["StartTime"] >= first["EndTime"]  # ISO times: string order is time order
+    report_script = (sweep / "logs" / report / f"{report}_submission.sh").read_text().splitlines()
+    assert f"#SBATCH --dependency=afterany:{array}" in report_script
+    with open(sweep / "report" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["run"], r["batch_per_proc"], r["epochs_done"]) for r in rows] == [("batch_size=4", "4", "1"),
+                                                                                ("batch_size=8", "8", "1")]
+    assert f"[report {report}] # Training report: 2 run(s)" in result.stdout
+    assert result.stdout.rstrip().endswith(f"sweep finished: 2 point(s); report in {sweep / 'report'}")

@@ -177,6 +177,8 @@ class LaunchConfig:
     max_requeues: int = opt(10, "times a job may be requeued after reaching its time limit (preemptions do not count)")
     preflight_timeout_s: int = opt(120, "bound of the all-reduce pre-flight before multi-process training, s; 0 is off")
     detach: bool = opt(False, "print job ids and return instead of waiting")
+    array_parallelism: int = opt(0, "a --sweep on Slurm: at most this many of its points run at once (each job "
+                                    "array's %%N); 0: no limit")
     dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
 
 

@@ -16,6 +16,9 @@ Contract between the stages (train and eval write, report reads):
   node crash) leaves "training".
 - ``checkpoints/``: ``latest.pt``, ``best.pt``, ``epoch_NNNN.pt``.
 
+A sweep dir (``launch.py --sweep``) holds one run dir per point and ``sweep.json``: key ``points``, a list of
+``name`` (the point's run dir, inside the sweep dir) and ``values`` (swept key -> value as typed).
+
 Throughput is global images per second over all processes (``img_per_s_all_ranks``) and per process
 (``img_per_s_per_rank``), by wall clock including the wait for data, after device synchronization,
 excluding the warm-up steps at the start of each epoch.
@@ -37,6 +40,7 @@ PERF_FILE = "perf.csv"
 EVAL_FILE = "eval.json"
 RUN_STATE_FILE = "run_state.json"
 CHECKPOINT_DIR = "checkpoints"
+SWEEP_FILE = "sweep.json"
 
 EPOCH_COLUMNS = (
     "epoch",                # 0-based epoch index

@@ -30,6 +30,7 @@ AT_LEAST = {
     "cooldown_epochs": (0, "epochs"), "nodes": (1, "nodes"), "gpus_per_node": (1, "processes per node"),
     "cpus_per_task": (0, "0 picks a default"), "time": (1, "minutes"), "max_restarts": (0, "restarts"),
     "signal_delay_s": (0, "seconds"), "max_requeues": (0, "requeues"), "preflight_timeout_s": (0, "0 is off"),
+    "array_parallelism": (0, "0 is no limit"),
     "momentum": (0.0, ""), "weight_decay": (0.0, ""), "clip_grad_norm": (0.0, "0 is off"), "min_lr": (0.0, ""),
     "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
     "download_workers": (1, "files at once"), "download_retries": (0, "retries"),

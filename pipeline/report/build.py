@@ -4,7 +4,8 @@
     python launch.py --stage report --run-dir runs/r50-1x1 runs/r50-1x4
 
 ``report(run_dirs)`` reads each run dir's records (pipeline/core/records.py) and writes into
-``<run_dir>/report/`` of every run (or into ``out_dir`` alone, when given):
+``<run_dir>/report/`` of every run (or into ``out_dir`` alone, when given); a sweep dir given stands for its
+points, and the report goes into ``<sweep dir>/report/`` alone:
 
 - ``summary.csv``: one row per run given: numbers, status, provenance (pipeline/report/tables.py);
 - ``scaling.csv``: scaling efficiency, when runs of one model ran at several world sizes;
@@ -30,7 +31,7 @@ import pandas as pd
 
 from pipeline.core.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from pipeline.report import plots
-from pipeline.report.inputs import ReportError, load_runs
+from pipeline.report.inputs import ReportError, expand_sweeps, load_runs
 from pipeline.report.latex import render_latex
 from pipeline.report.markdown import render
 from pipeline.report.tables import epoch_table, scaling_table, summary_table
@@ -61,16 +62,17 @@ class ReportResult:
 
 def report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None, *, echo: bool = True) -> ReportResult:
     """The report stage's door; raises ReportError for a run dir it cannot read (nothing is written then)."""
-    runs = load_runs(run_dirs)
+    sources = expand_sweeps(run_dirs)
+    runs = load_runs([run_dir for run_dir, _ in sources])
     epochs = {run.name: epoch_table(run) for run in runs if run.epochs is not None}
     summary = summary_table(runs)
     scaling = scaling_table(summary)
     pngs = render_plots(epochs, scaling)
     result = ReportResult(summary, scaling, epochs, render(summary, scaling, epochs))
-    if out_dir is not None:
-        destinations = {Path(out_dir): list(epochs)}
-    else:
-        destinations = {run.run_dir / REPORT_DIR: [run.name] if run.name in epochs else [] for run in runs}
+    destinations: dict[Path, list[str]] = {}
+    for run, (_, sweep_dir) in zip(runs, sources):
+        dest = Path(out_dir) if out_dir is not None else (sweep_dir or run.run_dir) / REPORT_DIR
+        destinations.setdefault(dest, []).extend([run.name] if run.name in epochs else [])
     for dest, names in destinations.items():
         result.files += write_report(dest, summary, scaling, {name: epochs[name] for name in names}, pngs)
         log.info("report of %d run(s) written into %s", len(runs), dest)

@@ -1,0 +1,203 @@
+"""Running a checked sweep (launcher/sweep.py makes its points): the points' run dirs and sweep.json in the sweep
+dir, then one report of them all in ``<sweep dir>/report/``.
+
+On Slurm the points become job arrays through submitit's ``executor.batch()``: one array per set of points that
+ask for the same resources (``--sweep nodes=1,2`` makes two), each with ``--array=0-N%P`` where P is
+``--array-parallelism`` (0: all at once). A report job waits for every array to end (``afterany``, so a failed
+point leaves the others' table), and the launcher follows it unless --detach. The arrays' logs go to
+``<sweep dir>/logs/<array id>_<task>/``, each point's torchrun logs to its own run dir. Locally the points run one
+after another, a failed one does not stop the rest, and the report follows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from jobs.stages import ReportJob, check_inputs, stage_job
+from launcher import slurm
+from launcher.dry_run import cpu_warnings, dry_run, node_command, partition_cpus
+from launcher.executors import LaunchError, executor_parameters, make_executor, sbatch_script, stage_resources
+from launcher.follow import StageFailed, Submitted, follow
+from launcher.submit import check_script, print_log_paths, run_chain, submit
+from pipeline.core.config import Config
+from pipeline.core.records import SWEEP_FILE, read_json, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """One checked point: its name, swept values, resolved config and run dir."""
+
+    name: str
+    values: dict[str, str]
+    cfg: Config
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.train.run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class JobArray:
+    """Points with the same sbatch parameters: one Slurm job array."""
+
+    plans: list[SweepPlan]
+    params: dict[str, Any]  # submitit's, the throttle included
+    cfg: Config  # the first point's, with the sweep dir as run dir: the array's logs go there
+    node_cpus: int | None  # the most a node of its partition has
+
+    @property
+    def names(self) -> str:
+        return ", ".join(plan.name for plan in self.plans)
+
+
+def sweep_dir_config(cfg: Config) -> Config:
+    """``cfg`` with the sweep dir as its run dir: the folder of the arrays' and the report's job logs."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(Path(cfg.train.run_dir).parent)))
+
+
+def job_arrays(plans: Sequence[SweepPlan]) -> list[JobArray]:
+    """The points grouped by their train job's sbatch parameters, in the order of their first point."""
+    cpus: dict[str, int | None] = {}
+    groups: dict[str, JobArray] = {}
+    for plan in plans:
+        partition = plan.cfg.launch.partition
+        cpus.setdefault(partition, partition_cpus(plan.cfg, "slurm"))
+        params = executor_parameters("slurm", plan.cfg, "train", node_cpus=cpus[partition])
+        key = repr(sorted(params.items()))
+        if key not in groups:
+            groups[key] = JobArray([], params, sweep_dir_config(plan.cfg), cpus[partition])
+        groups[key].plans.append(plan)
+    for group in groups.values():
+        group.params["array_parallelism"] = group.cfg.launch.array_parallelism or len(group.plans)
+    return list(groups.values())
+
+
+def run_sweep(plans: Sequence[SweepPlan], executor: str, out: TextIO) -> int:
+    """List the points, then dry-run, submit on Slurm, or run them here; the report closes the sweep."""
+    sweep_dir = Path(plans[0].run_dir).parent
+    launch = plans[0].cfg.launch
+    out.write(f"sweep: {len(plans)} point(s)\n" + "".join(f"  {plan.name}: {plan.run_dir}\n" for plan in plans))
+    if launch.detach and executor != "slurm":
+        raise LaunchError(f"--detach with a sweep needs Slurm: the {executor} executor runs the points one after "
+                          "another here; drop --detach, or use --executor slurm")
+    if launch.dry_run:
+        dry_run_sweep(plans, executor, out)
+        return 0
+    for plan in plans:
+        check_inputs(["train"], plan.cfg, [plan.run_dir])
+    if executor == "slurm":
+        arrays = job_arrays(plans)
+        for partition in {plan.cfg.launch.partition for plan in plans}:
+            slurm.check_partition(partition)
+        for array in arrays:
+            cpu_warnings(array.plans[0].cfg, ["train"], array.node_cpus, out)
+            check_script(array.cfg, "train", sbatch_script(array.cfg, array.params, len(array.plans)))
+        write_manifest(sweep_dir, plans)
+        return submit_arrays(arrays, sweep_dir, out)
+    write_manifest(sweep_dir, plans)
+    return run_in_turn(plans, sweep_dir, executor, out)
+
+
+def write_manifest(sweep_dir: Path, plans: Sequence[SweepPlan]) -> None:
+    """sweep.json: the points of this sweep after those of earlier ones into the same dir (a rerun adds values)."""
+    earlier = (read_json(sweep_dir / SWEEP_FILE, LaunchError, "remove it, or pick another --run-dir") or {}).get(
+        "points", [])
+    names = {plan.name for plan in plans}
+    points = [p for p in earlier if p.get("name") not in names]
+    points += [{"name": plan.name, "values": plan.values} for plan in plans]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json(sweep_dir / SWEEP_FILE, {"points": points})
+
+
+def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> int:
+    """Every array, then the report job after them all; following the report unless --detach."""
+    submitted: list[str] = []
+    tasks: list[tuple[SweepPlan, str]] = []
+    try:
+        for array in arrays:
+            jobs = submit_array(array, out)
+            submitted.append(jobs[0].job_id.split("_")[0])
+            tasks += zip(array.plans, (job.job_id for job in jobs))
+        report_cfg = arrays[0].cfg
+        report = submit("slurm", report_cfg, "report", ReportJob([str(sweep_dir)]), ":".join(submitted), out,
+                        when="afterany")
+    except LaunchError:
+        slurm.cancel(submitted)
+        raise
+    out.write(f"    cancel: scancel {' '.join([*submitted, report.job.job_id])}\n"
+              f"the report job writes {sweep_dir / 'report'}/ when every point has ended\n")
+    if report_cfg.launch.detach:
+        out.write("detached: the jobs run on; follow them with the tail -f lines above\n")
+        return 0
+    follow(report, out)
+    failed = [f"{plan.name} (job {job_id}: {info.state if info else 'unknown to Slurm'})"
+              for plan, job_id in tasks if (info := slurm.job_info(job_id)) is None or info.state != "COMPLETED"]
+    return finish(sweep_dir, len(tasks), failed, out)
+
+
+def submit_array(array: JobArray, out: TextIO) -> list[Any]:
+    from submitit.core.utils import FailedJobError
+
+    executor = make_executor("slurm", array.cfg, array.params)
+    try:
+        with executor.batch():
+            jobs = [executor.submit(stage_job("train", plan.cfg, [plan.run_dir])) for plan in array.plans]
+    except FailedJobError as exc:
+        raise LaunchError(f"sbatch rejected the train job array of {array.names}: {exc}") from None
+    nodes, nproc, _ = stage_resources(array.plans[0].cfg, "train")
+    array_id = jobs[0].job_id.split("_")[0]
+    out.write(f"[train] job array {array_id} submitted (slurm, {len(jobs)} point(s), at most "
+              f"{array.params['array_parallelism']} at once, each {nodes} node(s) x {nproc} process(es))\n")
+    for plan, job in zip(array.plans, jobs):
+        out.write(f"  {plan.name}: job {job.job_id}\n")
+        print_log_paths(Submitted("train", job, "slurm"), out)
+    return jobs
+
+
+def run_in_turn(plans: Sequence[SweepPlan], sweep_dir: Path, executor: str, out: TextIO) -> int:
+    """The points one after another on this machine (a failed one is reported, the rest still run), then the
+    report."""
+    failed = []
+    for plan in plans:
+        out.write(f"===== sweep point {plan.name} =====\n")
+        try:
+            run_chain(plan.cfg, ["train"], [plan.run_dir], executor, out)
+        except StageFailed as exc:
+            out.write(f"sweep point {plan.name} failed:\n{exc}\n")
+            failed.append(plan.name)
+    if len(failed) < len(plans):
+        out.write("===== sweep report =====\n")
+        run_chain(sweep_dir_config(plans[0].cfg), ["report"], [str(sweep_dir)], executor, out)
+    return finish(sweep_dir, len(plans), failed, out)
+
+
+def finish(sweep_dir: Path, count: int, failed: Sequence[str], out: TextIO) -> int:
+    if failed:
+        raise StageFailed(f"{len(failed)} of {count} sweep point(s) failed: {', '.join(failed)}; the report in "
+                          f"{sweep_dir / 'report'} holds the others (their logs say why; rerun the same command to "
+                          "resume them)")
+    out.write(f"sweep finished: {count} point(s); report in {sweep_dir / 'report'}\n")
+    return 0
+
+
+def dry_run_sweep(plans: Sequence[SweepPlan], executor: str, out: TextIO) -> None:
+    """What a real sweep submits: on Slurm each array's script and the report job's; here the first point's."""
+    if executor != "slurm":
+        out.write(f"===== the first point, {plans[0].name} (the points run one after another, then the report "
+                  "of them all) =====\n")
+        dry_run(plans[0].cfg, ["train"], [plans[0].run_dir], executor, out)
+        return
+    arrays = job_arrays(plans)
+    for i, array in enumerate(arrays, 1):
+        out.write(f"===== train: job array {i} of {len(arrays)}, {len(array.plans)} point(s) ({array.names}), at "
+                  f"most {array.params['array_parallelism']} at once: sbatch script =====\n")
+        out.write(sbatch_script(array.cfg, array.params, len(array.plans)) + "\n")
+        out.write(f"===== each task of array {i} runs its point's torchrun on each node; the first: =====\n"
+                  f"{node_command(array.plans[0].cfg, 'train')}\n")
+    ids = ":".join(f"<array {i} id>" for i in range(1, len(arrays) + 1))
+    report_cfg = arrays[0].cfg
+    out.write(f"===== report of the sweep into {report_cfg.train.run_dir}/report/: sbatch script =====\n")
+    out.write(sbatch_script(report_cfg, executor_parameters("slurm", report_cfg, "report", ids, when="afterany"))
+              + "\n")
+    out.write("dry run: nothing was submitted\n")
