@@ -130,10 +130,14 @@ def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> i
     if report_cfg.launch.detach:
         out.write("detached: the jobs run on; follow them with the tail -f lines above\n")
         return 0
-    follow(report, out)
+    report_failed = None
+    try:
+        follow(report, out)
+    except StageFailed as exc:
+        report_failed = str(exc)
     failed = [f"{plan.name} (job {job_id}: {info.state if info else 'unknown to Slurm'})"
               for plan, job_id in tasks if (info := slurm.job_info(job_id)) is None or info.state != "COMPLETED"]
-    return finish(sweep_dir, len(tasks), failed, out)
+    return finish(sweep_dir, len(tasks), failed, out, report_failed)
 
 
 def submit_array(array: JobArray, out: TextIO) -> list[Any]:
@@ -172,11 +176,15 @@ def run_in_turn(plans: Sequence[SweepPlan], sweep_dir: Path, executor: str, out:
     return finish(sweep_dir, len(plans), failed, out)
 
 
-def finish(sweep_dir: Path, count: int, failed: Sequence[str], out: TextIO) -> int:
+def finish(sweep_dir: Path, count: int, failed: Sequence[str], out: TextIO, report_failed: str | None = None) -> int:
+    """0 when every point and the report succeeded, else StageFailed naming what failed."""
+    points = (f"{len(failed)} of {count} sweep point(s) failed: {', '.join(failed)} (their logs say why; rerunning "
+              "the same command resumes them)") if failed else ""
+    if report_failed or len(failed) == count:
+        raise StageFailed("\n".join(filter(None, [report_failed and f"the sweep's report failed: {report_failed}",
+                                                  points, "no report was written"])))
     if failed:
-        raise StageFailed(f"{len(failed)} of {count} sweep point(s) failed: {', '.join(failed)}; the report in "
-                          f"{sweep_dir / 'report'} holds the others (their logs say why; rerun the same command to "
-                          "resume them)")
+        raise StageFailed(f"{points}; the report in {sweep_dir / 'report'} holds the others")
     out.write(f"sweep finished: {count} point(s); report in {sweep_dir / 'report'}\n")
     return 0
 

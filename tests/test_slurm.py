@@ -293,3 +293,18 @@ def test_sweep_is_a_throttled_job_array_then_one_report_of_its_points(launcher, 
                                                                                 ("batch_size=8", "8", "1")]
     assert f"[report {report}] # Training report: 2 run(s)" in result.stdout
     assert result.stdout.rstrip().endswith(f"sweep finished: 2 point(s); report in {sweep / 'report'}")
+
+
+def test_a_failed_sweep_point_is_named_and_the_others_are_still_reported(launcher, tiny_data, tmp_path):
+    """The second point's data dir has no train/: its array task fails, the report job (afterany) still runs."""
+    (tmp_path / "empty").mkdir()
+    sweep = tmp_path / "sweep"
+    result = launcher("--stage", "train", "--procs-per-node", 1, "--run-dir", sweep, "--epochs", 1,
+                      "--preflight-timeout-s", 0, "--max-restarts", 0, *TINY,
+                      "--sweep", f"data_dir={tiny_data},{tmp_path / 'empty'}")
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr
+    array, _ = launcher.job_ids
+    good, bad = (f"data_dir={str(path).replace('/', '_')}" for path in (tiny_data, tmp_path / "empty"))
+    assert f"1 of 2 sweep point(s) failed: {bad} (job {array}_1: FAILED)" in result.stderr
+    with open(sweep / "report" / "summary.csv", newline="") as fh:
+        assert [row["run"] for row in csv.DictReader(fh)] == [good]

@@ -120,5 +120,6 @@ def test_a_failed_point_leaves_the_others_trained_and_reported(no_slurm_path, tm
     assert code == 1, out[-3000:] + err
     good, bad = (f"data_dir={str(path).replace('/', '_')}" for path in (data, tmp_path / "empty"))
     assert f"sweep point {bad} failed:" in out and "===== sweep report =====" in out
-    assert f"1 of 2 sweep point(s) failed: {bad}; the report in {sweep_dir / 'report'} holds the others" in err
+    assert f"1 of 2 sweep point(s) failed: {bad} (their logs say why" in err
+    assert f"; the report in {sweep_dir / 'report'} holds the others" in err
     assert [r["run"] for r in read_rows(sweep_dir / "report" / "summary.csv")] == [good]
