@@ -543,3 +543,17 @@ def test_the_plain_sbatch_script_asks_for_what_submitits_does(no_slurm_path, tmp
     for option in wanted:
         assert f"#SBATCH {option}" in plain and f"#SBATCH {option}" in rendered, option
     assert plain.index("module load x") < len(plain) - 1 and plain[-1].startswith("srun --cpus-per-task 20 ")
+
+
+@pytest.mark.parametrize("stage", ["prep", "report", "download"])
+def test_the_launcher_of_a_stage_without_a_model_does_not_import_torch(stage, tmp_path):
+    """torch takes seconds to import; the launcher needs it only to check a model (train, eval)."""
+    code = textwrap.dedent(f"""
+        import sys, launch
+        status = launch.main(["--stage", "{stage}", "--executor", "local", "--dry-run", "--run-dir", "{tmp_path}",
+                              "--archive-dir", "{tmp_path}", "--url", "https://example.org/a.tar"])
+        print(status, "torch" in sys.modules, file=sys.stderr)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=REPO)
+    assert result.stderr.splitlines()[-1] == "0 False", result.stdout[-2000:] + result.stderr

@@ -32,9 +32,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import torch
-
-from pipeline.core import distributed
 from pipeline.core.config import Config
 
 log = logging.getLogger(__name__)
@@ -195,6 +192,10 @@ def watching(cfg: Config) -> Iterator[HangWatch | None]:
     """The watchdog of this training process; enter it before the process group exists (NCCL reads its variables
     then). Armed by the training loop's first ``step_done`` call."""
     global _active
+    import torch  # here, not above: the launcher reads heartbeats (launcher/follow.py) without importing torch
+
+    from pipeline.core import distributed
+
     if cfg.train.hang_timeout_s <= 0:
         yield None
         return
