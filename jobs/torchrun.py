@@ -90,7 +90,8 @@ def node_rendezvous() -> Rendezvous:
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if env.num_nodes == 1:
         return Rendezvous(1, 0, "127.0.0.1", free_port_pair(), env.job_id, restarts)
-    return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(env.job_id, restarts),
+    unique_id = os.environ.get("SLURM_JOB_ID", env.job_id)  # an array task's own number, not "<array>_<task>"
+    return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(unique_id, restarts),
                       env.job_id, restarts)
 
 

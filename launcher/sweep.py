@@ -19,12 +19,13 @@ from launcher.executors import LaunchError
 from pipeline.core import flags as tv_flags
 from pipeline.core.config import FIELDS, _check_value
 from pipeline.core.errors import UserError
+from pipeline.core.records import POINT_NAME_CHARS
 
 NOT_SWEPT = {"run_dir": "it is the sweep dir, each point gets a run dir in it",
              "executor": "one sweep runs on one executor", "dry_run": "pass --dry-run alone",
              "detach": "pass --detach alone", "array_parallelism": "it is the sweep's own limit"}
 BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+UNSAFE = re.compile(f"[^{POINT_NAME_CHARS}]")
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:

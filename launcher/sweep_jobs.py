@@ -3,9 +3,10 @@ dir, then one report of them all in ``<sweep dir>/report/``.
 
 On Slurm the points become job arrays through submitit's ``executor.batch()``: one array per set of points that
 ask for the same resources (``--sweep nodes=1,2`` makes two), each with ``--array=0-N%P`` where P is
-``--array-parallelism`` (0: all at once). A report job waits for every array to end (``afterany``, so a failed
-point leaves the others' table), and the launcher follows it unless --detach. The arrays' logs go to
-``<sweep dir>/logs/<array id>_<task>/``, each point's torchrun logs to its own run dir. Locally the points run one
+``--array-parallelism`` (0: all at once); a set of one point is a plain job. A report job waits for every array
+to end (``afterany``, so a failed point leaves the others' table), and the launcher follows it unless --detach.
+The arrays' logs go to ``<sweep dir>/logs/<array id>_<task>/`` (a plain job's to ``<job id>/``), each point's
+torchrun logs to its own run dir. Locally the points run one
 after another, a failed one does not stop the rest, and the report follows.
 """
 from __future__ import annotations
@@ -18,10 +19,10 @@ from jobs.stages import ReportJob, check_inputs, stage_job
 from launcher import slurm
 from launcher.dry_run import cpu_warnings, dry_run, node_command, partition_cpus
 from launcher.executors import LaunchError, executor_parameters, make_executor, sbatch_script, stage_resources
-from launcher.follow import StageFailed, Submitted, follow
+from launcher.follow import StageFailed, Submitted, all_results_exist, follow, node_failures
 from launcher.submit import check_script, print_log_paths, run_chain, submit
 from pipeline.core.config import Config
-from pipeline.core.records import SWEEP_FILE, read_json, write_json
+from pipeline.core.records import SWEEP_FILE, read_sweep_points, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,14 @@ class JobArray:
     def names(self) -> str:
         return ", ".join(plan.name for plan in self.plans)
 
+    @property
+    def what(self) -> str:
+        """How it is submitted: one point is a plain job (submitit's batch() sends no array for one)."""
+        if len(self.plans) == 1:
+            return f"one job, 1 point ({self.names})"
+        throttle = self.params["array_parallelism"]
+        return f"a job array, {len(self.plans)} points ({self.names}), at most {throttle} at once"
+
 
 def sweep_dir_config(cfg: Config) -> Config:
     """``cfg`` with the sweep dir as its run dir: the folder of the arrays' and the report's job logs."""
@@ -64,12 +73,13 @@ def job_arrays(plans: Sequence[SweepPlan]) -> list[JobArray]:
         partition = plan.cfg.launch.partition
         cpus.setdefault(partition, partition_cpus(plan.cfg, "slurm"))
         params = executor_parameters("slurm", plan.cfg, "train", node_cpus=cpus[partition])
-        key = repr(sorted(params.items()))
+        key = repr((sorted(params.items()), plan.cfg.launch.max_requeues))  # the executor's, not an sbatch option
         if key not in groups:
             groups[key] = JobArray([], params, sweep_dir_config(plan.cfg), cpus[partition])
         groups[key].plans.append(plan)
     for group in groups.values():
-        group.params["array_parallelism"] = group.cfg.launch.array_parallelism or len(group.plans)
+        group.params["array_parallelism"] = min(group.cfg.launch.array_parallelism or len(group.plans),
+                                                len(group.plans))
     return list(groups.values())
 
 
@@ -101,10 +111,9 @@ def run_sweep(plans: Sequence[SweepPlan], executor: str, out: TextIO) -> int:
 
 def write_manifest(sweep_dir: Path, plans: Sequence[SweepPlan]) -> None:
     """sweep.json: the points of this sweep after those of earlier ones into the same dir (a rerun adds values)."""
-    earlier = (read_json(sweep_dir / SWEEP_FILE, LaunchError, "remove it, or pick another --run-dir") or {}).get(
-        "points", [])
+    earlier = read_sweep_points(sweep_dir, LaunchError) or []
     names = {plan.name for plan in plans}
-    points = [p for p in earlier if p.get("name") not in names]
+    points = [point for point in earlier if point["name"] not in names]
     points += [{"name": plan.name, "values": plan.values} for plan in plans]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / SWEEP_FILE, {"points": points})
@@ -113,12 +122,12 @@ def write_manifest(sweep_dir: Path, plans: Sequence[SweepPlan]) -> None:
 def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> int:
     """Every array, then the report job after them all; following the report unless --detach."""
     submitted: list[str] = []
-    tasks: list[tuple[SweepPlan, str]] = []
+    tasks: list[tuple[SweepPlan, Any]] = []
     try:
         for array in arrays:
             jobs = submit_array(array, out)
             submitted.append(jobs[0].job_id.split("_")[0])
-            tasks += zip(array.plans, (job.job_id for job in jobs))
+            tasks += zip(array.plans, jobs)
         report_cfg = arrays[0].cfg
         report = submit("slurm", report_cfg, "report", ReportJob([str(sweep_dir)]), ":".join(submitted), out,
                         when="afterany")
@@ -135,9 +144,19 @@ def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> i
         follow(report, out)
     except StageFailed as exc:
         report_failed = str(exc)
-    failed = [f"{plan.name} (job {job_id}: {info.state if info else 'unknown to Slurm'})"
-              for plan, job_id in tasks if (info := slurm.job_info(job_id)) is None or info.state != "COMPLETED"]
+    failed = [f"{plan.name} (job {job.job_id}: {why})" for plan, job in tasks if (why := point_failure(job))]
     return finish(sweep_dir, len(tasks), failed, out, report_failed)
+
+
+def point_failure(job: Any) -> str | None:
+    """Why a point's ended job failed, None when every node left a result without an error. Results are read
+    first: Slurm forgets a job MinJobAge (300 s by default) after its end, long before a sweep's report runs."""
+    sub = Submitted("train", job, "slurm")
+    if all_results_exist(sub):
+        failures = node_failures(sub)
+        return failures[0].splitlines()[0][:300] if failures else None
+    info = slurm.job_info(job.job_id)
+    return f"{info.state}, no result" if info else "no result: killed, or its node was lost"
 
 
 def submit_array(array: JobArray, out: TextIO) -> list[Any]:
@@ -150,9 +169,9 @@ def submit_array(array: JobArray, out: TextIO) -> list[Any]:
     except FailedJobError as exc:
         raise LaunchError(f"sbatch rejected the train job array of {array.names}: {exc}") from None
     nodes, nproc, _ = stage_resources(array.plans[0].cfg, "train")
-    array_id = jobs[0].job_id.split("_")[0]
-    out.write(f"[train] job array {array_id} submitted (slurm, {len(jobs)} point(s), at most "
-              f"{array.params['array_parallelism']} at once, each {nodes} node(s) x {nproc} process(es))\n")
+    kind = "job array" if len(jobs) > 1 else "job"
+    out.write(f"[train] {kind} {jobs[0].job_id.split('_')[0]} submitted (slurm, {array.what}; each {nodes} node(s) "
+              f"x {nproc} process(es))\n")
     for plan, job in zip(array.plans, jobs):
         out.write(f"  {plan.name}: job {job.job_id}\n")
         print_log_paths(Submitted("train", job, "slurm"), out)
@@ -170,21 +189,24 @@ def run_in_turn(plans: Sequence[SweepPlan], sweep_dir: Path, executor: str, out:
         except StageFailed as exc:
             out.write(f"sweep point {plan.name} failed:\n{exc}\n")
             failed.append(plan.name)
-    if len(failed) < len(plans):
-        out.write("===== sweep report =====\n")
+    out.write("===== sweep report =====\n")  # also when every point failed here: earlier ones may have records
+    report_failed = None
+    try:
         run_chain(sweep_dir_config(plans[0].cfg), ["report"], [str(sweep_dir)], executor, out)
-    return finish(sweep_dir, len(plans), failed, out)
+    except StageFailed as exc:
+        report_failed = str(exc)
+    return finish(sweep_dir, len(plans), failed, out, report_failed)
 
 
-def finish(sweep_dir: Path, count: int, failed: Sequence[str], out: TextIO, report_failed: str | None = None) -> int:
+def finish(sweep_dir: Path, count: int, failed: Sequence[str], out: TextIO, report_failed: str | None) -> int:
     """0 when every point and the report succeeded, else StageFailed naming what failed."""
     points = (f"{len(failed)} of {count} sweep point(s) failed: {', '.join(failed)} (their logs say why; rerunning "
               "the same command resumes them)") if failed else ""
-    if report_failed or len(failed) == count:
-        raise StageFailed("\n".join(filter(None, [report_failed and f"the sweep's report failed: {report_failed}",
-                                                  points, "no report was written"])))
+    if report_failed:
+        raise StageFailed("\n".join(filter(None, [points, f"the sweep's report failed, {sweep_dir / 'report'} is not "
+                                                          f"up to date: {report_failed}"])))
     if failed:
-        raise StageFailed(f"{points}; the report in {sweep_dir / 'report'} holds the others")
+        raise StageFailed(f"{points}; the report in {sweep_dir / 'report'} holds the points with records")
     out.write(f"sweep finished: {count} point(s); report in {sweep_dir / 'report'}\n")
     return 0
 
@@ -198,12 +220,11 @@ def dry_run_sweep(plans: Sequence[SweepPlan], executor: str, out: TextIO) -> Non
         return
     arrays = job_arrays(plans)
     for i, array in enumerate(arrays, 1):
-        out.write(f"===== train: job array {i} of {len(arrays)}, {len(array.plans)} point(s) ({array.names}), at "
-                  f"most {array.params['array_parallelism']} at once: sbatch script =====\n")
+        out.write(f"===== train {i} of {len(arrays)}: {array.what}; sbatch script =====\n")
         out.write(sbatch_script(array.cfg, array.params, len(array.plans)) + "\n")
-        out.write(f"===== each task of array {i} runs its point's torchrun on each node; the first: =====\n"
+        out.write(f"===== each point of train {i} runs its torchrun on each node; the first: =====\n"
                   f"{node_command(array.plans[0].cfg, 'train')}\n")
-    ids = ":".join(f"<array {i} id>" for i in range(1, len(arrays) + 1))
+    ids = ":".join(f"<train {i} job id>" for i in range(1, len(arrays) + 1))
     report_cfg = arrays[0].cfg
     out.write(f"===== report of the sweep into {report_cfg.train.run_dir}/report/: sbatch script =====\n")
     out.write(sbatch_script(report_cfg, executor_parameters("slurm", report_cfg, "report", ids, when="afterany"))

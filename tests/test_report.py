@@ -375,17 +375,21 @@ def test_report_reads_what_the_real_train_stage_writes(tmp_path):
 
 
 def test_a_sweep_dir_stands_for_its_points_with_records_and_gets_the_one_report(tmp_path, caplog):
-    """sweep.json lists three points; one has no records yet (it failed or waits): left out and named."""
+    """sweep.json lists four points; two have no records yet (one waits, one was resumed to before its only epoch,
+    which leaves the header alone): left out and named."""
     sweep = tmp_path / "sweep"
     one_process(sweep), two_processes(sweep)
     (sweep / "r18-pending").mkdir()
+    write_config(sweep / "r18-forgotten", model="resnet18", epochs=3)
+    (sweep / "r18-forgotten" / "epochs.csv").write_text(",".join(EPOCH_COLUMNS) + "\n")
     write_json(sweep / "sweep.json", {"points": [{"name": n, "values": {}} for n in
-                                                 ("r18-1x1", "r18-pending", "r18-1x2")]})
+                                                 ("r18-1x1", "r18-pending", "r18-1x2", "r18-forgotten")]})
     with caplog.at_level(logging.WARNING):
         result = report([sweep], echo=False)
     assert list(result.summary["run"]) == ["r18-1x1", "r18-1x2"]
     assert list(result.scaling["efficiency_pct"]) == [100.0, 95.0]
-    assert "1 of 3 point(s) have no records yet" in caplog.text and "left out: r18-pending" in caplog.text
+    assert "2 of 4 point(s) have no records yet" in caplog.text
+    assert "left out: r18-pending, r18-forgotten" in caplog.text
     written = {path.relative_to(sweep).as_posix() for path in result.files}
     assert {"report/summary.csv", "report/scaling.csv", "report/epochs-r18-1x1.csv",
             "report/epochs-r18-1x2.csv"} <= written
@@ -397,7 +401,7 @@ def test_a_sweep_json_naming_paths_outside_the_sweep_dir_is_refused(tmp_path, po
     sweep = tmp_path / "sweep"
     one_process(sweep)
     write_json(sweep / "sweep.json", {"points": points})
-    with pytest.raises(ReportError, match="should list the sweep's points"):
+    with pytest.raises(ReportError, match="should list the sweep's points.*fix or remove it"):
         report([sweep], echo=False)
     assert not (sweep / "report").exists()
 

@@ -278,7 +278,8 @@ def test_sweep_is_a_throttled_job_array_then_one_report_of_its_points(launcher, 
                       "--array-parallelism", 1)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr
     array, report = launcher.job_ids
-    assert f"[train] job array {array} submitted (slurm, 2 point(s), at most 1 at once" in result.stdout
+    assert (f"[train] job array {array} submitted (slurm, a job array, 2 points (batch_size=4, batch_size=8), at most 1 "
+            "at once; each 1 node(s) x 1 process(es))") in result.stdout
     assert f"  batch_size=4: job {array}_0\n" in result.stdout and f"  batch_size=8: job {array}_1\n" in result.stdout
     script = (sweep / "logs" / array / f"{array}_submission.sh").read_text().splitlines()
     assert "#SBATCH --array=0-1%1" in script
@@ -305,6 +306,7 @@ def test_a_failed_sweep_point_is_named_and_the_others_are_still_reported(launche
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr
     array, _ = launcher.job_ids
     good, bad = (f"data_dir={str(path).replace('/', '_')}" for path in (tiny_data, tmp_path / "empty"))
-    assert f"1 of 2 sweep point(s) failed: {bad} (job {array}_1: FAILED)" in result.stderr
+    assert f"1 of 2 sweep point(s) failed: {bad} (job {array}_1: node 0: " in result.stderr
+    assert "WorkerFailedError: train failed on node 0" in result.stderr
     with open(sweep / "report" / "summary.csv", newline="") as fh:
         assert [row["run"] for row in csv.DictReader(fh)] == [good]

@@ -3,12 +3,18 @@ reported as one table."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 
 import pytest
+import submitit
 
 import launch
 from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
+from launcher.executors import LaunchError
 from launcher.sweep import sweep_points
+from launcher.sweep_jobs import SweepPlan, point_failure, write_manifest
+from pipeline.core.config import Config
 from train_helpers import TINY_FLAGS, tiny_data
 
 
@@ -71,17 +77,17 @@ def test_dry_run_on_slurm_shows_one_throttled_array_per_resource_shape_and_the_r
                               "--sweep", "nodes=1,2", "--array-parallelism", 1, "--dry-run")
     assert code == 0, err
     assert "sweep: 4 point(s)" in out
-    assert ("job array 1 of 2, 2 point(s) (model=resnet18,nodes=1, model=resnet50,nodes=1), at most 1 at once"
-            in out)
-    assert ("job array 2 of 2, 2 point(s) (model=resnet18,nodes=2, model=resnet50,nodes=2), at most 1 at once"
-            in out)
+    assert ("train 1 of 2: a job array, 2 points (model=resnet18,nodes=1, model=resnet50,nodes=1), at most 1 at "
+            "once; sbatch script" in out)
+    assert ("train 2 of 2: a job array, 2 points (model=resnet18,nodes=2, model=resnet50,nodes=2), at most 1 at "
+            "once; sbatch script" in out)
     lines = out.splitlines()
     assert lines.count("#SBATCH --array=0-1%1") == 2
     assert "#SBATCH --nodes=1" in lines and "#SBATCH --nodes=2" in lines
     assert f"#SBATCH --output={tmp_path / 'sw'}/logs/%A_%a/%A_%a_0_log.out" in lines
     assert f"--log-dir {tmp_path / 'sw'}/model=resnet18,nodes=2/logs/$JOB_ID/node$NODE_RANK" in out
     assert f"===== report of the sweep into {tmp_path / 'sw'}/report/: sbatch script =====" in lines
-    assert "#SBATCH --dependency='afterany:<array 1 id>:<array 2 id>'" in lines
+    assert "#SBATCH --dependency='afterany:<train 1 job id>:<train 2 job id>'" in lines
     assert "dry run: nothing was submitted" in out and not (tmp_path / "sw").exists()
 
 
@@ -121,5 +127,47 @@ def test_a_failed_point_leaves_the_others_trained_and_reported(no_slurm_path, tm
     good, bad = (f"data_dir={str(path).replace('/', '_')}" for path in (data, tmp_path / "empty"))
     assert f"sweep point {bad} failed:" in out and "===== sweep report =====" in out
     assert f"1 of 2 sweep point(s) failed: {bad} (their logs say why" in err
-    assert f"; the report in {sweep_dir / 'report'} holds the others" in err
+    assert f"; the report in {sweep_dir / 'report'} holds the points with records" in err
     assert [r["run"] for r in read_rows(sweep_dir / "report" / "summary.csv")] == [good]
+
+
+def test_a_point_alone_in_its_resource_shape_is_a_plain_job(no_slurm_path, tmp_path, capsys):
+    code, out, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--device", "cpu", "--run-dir",
+                              tmp_path / "sw", "--data-dir", tmp_path, "--sweep", "nodes=1,2", "--dry-run")
+    assert code == 0, err
+    assert "train 1 of 2: one job, 1 point (nodes=1); sbatch script" in out
+    assert "train 2 of 2: one job, 1 point (nodes=2); sbatch script" in out
+    assert "--array" not in out and "#SBATCH --dependency='afterany:<train 1 job id>:<train 2 job id>'" in out
+
+
+def plan(tmp_path, name):
+    cfg = Config()
+    cfg.train = dataclasses.replace(cfg.train, run_dir=str(tmp_path / "sw" / name))
+    return SweepPlan(name, {"lr": name}, cfg)
+
+
+def test_sweep_json_keeps_the_points_of_earlier_sweeps_into_the_same_dir(tmp_path):
+    write_manifest(tmp_path / "sw", [plan(tmp_path, "lr=0.1"), plan(tmp_path, "lr=0.2")])
+    write_manifest(tmp_path / "sw", [plan(tmp_path, "lr=0.2"), plan(tmp_path, "lr=0.4")])
+    points = json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"]
+    assert [p["name"] for p in points] == ["lr=0.1", "lr=0.2", "lr=0.4"]
+
+
+@pytest.mark.parametrize("earlier", ['{"points": ["lr=0.1"]}', '{"points": [{"name": "../x"}]}', "not json"])
+def test_a_broken_earlier_sweep_json_is_refused_and_left_as_it_is(tmp_path, earlier):
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.json").write_text(earlier)
+    with pytest.raises(LaunchError, match="fix or remove it"):
+        write_manifest(tmp_path / "sw", [plan(tmp_path, "lr=0.1")])
+    assert (tmp_path / "sw" / "sweep.json").read_text() == earlier
+
+
+def test_a_points_outcome_comes_from_its_result_not_from_slurms_short_memory(tmp_path):
+    """Slurm forgets an ended job after MinJobAge; the result files submitit leaves tell success from failure."""
+    executor = submitit.LocalExecutor(tmp_path / "logs")
+    executor.update_parameters(timeout_min=5)
+    good, bad = executor.submit(int, "7"), executor.submit(int, "seven")  # the job's process must unpickle them
+    for job in (good, bad):
+        job.wait()
+    assert point_failure(good) is None
+    assert "ValueError: invalid literal for int() with base 10: 'seven'" in point_failure(bad)

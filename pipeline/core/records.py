@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,6 +42,7 @@ EVAL_FILE = "eval.json"
 RUN_STATE_FILE = "run_state.json"
 CHECKPOINT_DIR = "checkpoints"
 SWEEP_FILE = "sweep.json"
+POINT_NAME_CHARS = "A-Za-z0-9._=,+-"  # a sweep point's run dir name: launcher.sweep.point_name makes no other
 
 EPOCH_COLUMNS = (
     "epoch",                # 0-based epoch index
@@ -96,3 +98,20 @@ def read_json(path: Path, error: type[Exception], hint: str) -> dict[str, Any] |
     if not isinstance(data, dict):
         raise error(f"{path} should hold a JSON object, not {type(data).__name__}; {hint}")
     return data
+
+
+def read_sweep_points(sweep_dir: Path, error: type[Exception]) -> list[dict[str, Any]] | None:
+    """The points sweep.json lists (None without one), each checked to name one folder of the sweep dir; a broken
+    file raises ``error`` saying what is wrong."""
+    path = sweep_dir / SWEEP_FILE
+    hint = "fix or remove it (launch.py --sweep writes it anew), or report on the point run dirs one by one"
+    manifest = read_json(path, error, hint)
+    if manifest is None:
+        return None
+    points = manifest.get("points")
+    if not isinstance(points, list) or not points or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and re.fullmatch(f"[{POINT_NAME_CHARS}]+", p["name"])
+            and p["name"].strip(".") for p in points):
+        raise error(f'{path} should list the sweep\'s points as {{"points": [{{"name": RUN_DIR_NAME, ...}}, ...]}}, '
+                    f"each name one folder of the sweep dir (letters, digits, . _ = , + -); {hint}")
+    return points

@@ -8,7 +8,6 @@ the file and says what was expected.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,12 +17,11 @@ import pandas as pd
 from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
-                                   PROVENANCE_FILE, RUN_STATE_FILE, SWEEP_FILE, read_json)
+                                   PROVENANCE_FILE, RUN_STATE_FILE, read_json, read_sweep_points)
 
 log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = {"amp", "model", "finished_at", "device", "channels_last"}
-POINT_NAME = re.compile(r"[A-Za-z0-9._=,+-]+")  # what launcher.sweep.point_name makes
 
 
 class ReportError(UserError, ValueError):
@@ -50,11 +48,11 @@ def expand_sweeps(run_dirs: Sequence[str | Path]) -> list[tuple[Path, Path | Non
     warning."""
     found: list[tuple[Path, Path | None]] = []
     for run_dir in map(Path, run_dirs):
-        manifest = read_json(run_dir / SWEEP_FILE, ReportError, "launch.py --sweep rewrites it; rerun the sweep")
-        if manifest is None:
+        points = read_sweep_points(run_dir, ReportError)
+        if points is None:
             found.append((run_dir, None))
             continue
-        names = sweep_point_names(manifest, run_dir / SWEEP_FILE)
+        names = [point["name"] for point in points]
         ready = [name for name in names if has_records(run_dir / name)]
         if not ready:
             raise ReportError(f"sweep dir {run_dir}: none of its {len(names)} point(s) has records yet (each run dir "
@@ -68,19 +66,16 @@ def expand_sweeps(run_dirs: Sequence[str | Path]) -> list[tuple[Path, Path | Non
     return found
 
 
-def sweep_point_names(manifest: dict[str, Any], path: Path) -> list[str]:
-    """The points' run dir names, each checked to be one plain name inside the sweep dir."""
-    points = manifest.get("points")
-    names = [point.get("name") for point in points if isinstance(point, dict)] if isinstance(points, list) else []
-    if not names or not all(isinstance(n, str) and POINT_NAME.fullmatch(n) and n.strip(".") for n in names):
-        raise ReportError(f"{path} should list the sweep's points as {{\"points\": [{{\"name\": RUN_DIR_NAME, "
-                          "...}]}, each name one folder of the sweep dir (letters, digits, . _ = , + -); launch.py "
-                          "--sweep writes it: rerun the sweep, or report on its run dirs one by one")
-    return names
-
-
 def has_records(run_dir: Path) -> bool:
-    return any((run_dir / name).is_file() and (run_dir / name).stat().st_size > 0 for name in (EPOCHS_FILE, PERF_FILE))
+    """A row in epochs.csv or perf.csv (a header alone is left when a resume forgets the only epoch)."""
+    for name in (EPOCHS_FILE, PERF_FILE):
+        try:
+            with open(run_dir / name, "rb") as fh:
+                if len(fh.read(1 << 16).splitlines()) > 1:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[RunRecords]:
