@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,15 @@ from urllib.parse import unquote, urlsplit
 class ArchiveServer:
     """Serves ``root``; every request is recorded in ``requests`` (name, query, Range header, all headers, status,
     body bytes sent). ``cut_at[name] = n``: the next answer for ``name`` closes the connection once byte
-    ``n`` of the file is sent. ``status[name]``: answer that status instead. ``fail_first[name] = k``: the next k
-    answers are 503. ``announce[name]``: the Content-Length sent, whatever the file holds."""
+    ``n`` of the file is sent; ``cut_range_at[name] = n``: the same, for the next answer to a bounded range
+    (``bytes=a-b``) holding byte ``n``. ``status[name]``: answer that status instead. ``fail_first[name] = k``: the next k
+    answers are 503. ``announce[name]``: the Content-Length sent, whatever the file holds. ``rate_bps``: each
+    connection sends at most that many bytes a second, as servers that cap each connection do."""
 
-    def __init__(self, root: Path, *, ranges: bool = True):
-        self.root, self.ranges = Path(root), ranges
+    def __init__(self, root: Path, *, ranges: bool = True, rate_bps: float | None = None):
+        self.root, self.ranges, self.rate_bps = Path(root), ranges, rate_bps
         self.cut_at: dict[str, int] = {}
+        self.cut_range_at: dict[str, int] = {}
         self.status: dict[str, int] = {}
         self.fail_first: dict[str, int] = {}
         self.announce: dict[str, int] = {}
@@ -66,10 +70,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(record["status"])
             return
         data = path.read_bytes()
-        start = 0
-        wanted = re.fullmatch(r"bytes=(\d+)-", record["range"] or "")
+        start, end = 0, len(data)
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", record["range"] or "")
         if wanted and server.ranges:
             start = int(wanted.group(1))
+            end = min(int(wanted.group(2)) + 1, len(data)) if wanted.group(2) else len(data)
             if start >= len(data):
                 record["status"] = 416
                 self.send_response(416)
@@ -79,25 +84,31 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             record["status"] = 206
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(server.announce.get(name, len(data) - start)))
+        self.send_header("Content-Length", str(server.announce.get(name, end - start)))
         self.send_header("Accept-Ranges", "bytes" if server.ranges else "none")
         self.end_headers()
-        body = data[start:server.cut_at.pop(name, len(data))]
-        self.wfile.write(body)
-        record["sent"] = len(body)
+        cut = server.cut_at.pop(name) if start < server.cut_at.get(name, end) < end else end
+        if wanted and wanted.group(2) and start < server.cut_range_at.get(name, end) < end:
+            cut = server.cut_range_at.pop(name)
+        body = data[start:min(cut, end)]
+        step = len(body) if server.rate_bps is None else max(1, int(server.rate_bps / 20))
+        for offset in range(0, len(body), step):
+            self.wfile.write(body[offset:offset + step])
+            record["sent"] += len(body[offset:offset + step])
+            if server.rate_bps is not None:
+                time.sleep(step / server.rate_bps)
         self.close_connection = True
 
 
 def main() -> None:
-    """``python -m tests.download_helpers ROOT``: serve ROOT (benchmarks use it from another process), print the
-    base URL, serve until killed."""
+    """``python -m tests.download_helpers ROOT [BYTES_PER_S]``: serve ROOT (benchmarks use it from another process),
+    each connection capped at BYTES_PER_S when given; print the base URL, serve until killed."""
     import sys
-    import time
 
-    server = ArchiveServer(Path(sys.argv[1]))
+    server = ArchiveServer(Path(sys.argv[1]), rate_bps=float(sys.argv[2]) if len(sys.argv) > 2 else None)
     print(server.url("").rsplit("/", 2)[0], flush=True)
     while True:
         time.sleep(3600)

@@ -140,3 +140,77 @@ def test_unofficial_name_unchecked_with_a_warning_and_credentials_sent(served, t
     assert sent["X-Api-Key"] == "k1" and sent["Cookie"] == "session=abc123"
     assert "val-subset.tar is not an official archive name" in caplog.text
     assert report["files"]["val-subset.tar"]["checksum"] == "skipped"
+
+
+def ranged(server, out, names, md5, **kwargs):
+    """``fetch`` with every file over 1 KiB in 4 byte ranges."""
+    return fetch(server, out, names, md5, ranges=4, range_min_bytes=1024, **kwargs)
+
+
+def range_requests(server, name):
+    return sorted((r["range"] for r in server.requests if r["name"] == name and r["range"] != "bytes=0-"),
+                  key=lambda text: int(text.split("=")[1].split("-")[0]))
+
+
+def quarters(size):
+    step = -(-size // 4)
+    return [f"bytes={start}-{min(start + step, size) - 1}" for start in range(0, size, step)]
+
+
+def test_a_large_file_comes_in_parallel_byte_ranges_and_is_verified(served, server, tmp_path):
+    root, md5 = served
+    size = (root / TRAIN_TAR).stat().st_size
+    report = ranged(server, tmp_path, [TRAIN_TAR, DEVKIT_TAR], md5)
+    assert range_requests(server, TRAIN_TAR) == quarters(size)
+    assert [r["range"] for r in server.requests if r["name"] == DEVKIT_TAR] == ["bytes=0-"]  # under 1 KiB: one stream
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["checksum"] == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([TRAIN_TAR, DEVKIT_TAR, REPORT_FILE])
+
+
+def test_a_cut_range_is_continued_from_its_own_byte(served, server, tmp_path):
+    root, md5 = served
+    size = (root / TRAIN_TAR).stat().st_size
+    third = quarters(size)[2]
+    cut = int(third.split("=")[1].split("-")[0]) + 100
+    server.cut_range_at[TRAIN_TAR] = cut  # the answer to the third range stops 100 bytes in
+    report = ranged(server, tmp_path, [TRAIN_TAR], md5)
+    assert f"bytes={cut}-{third.split('-')[1]}" in range_requests(server, TRAIN_TAR)
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["retries"] == 1
+
+
+def test_ranges_left_by_a_killed_job_are_each_continued_where_they_stopped(served, server, tmp_path):
+    """What a killed job leaves: the part file at full size, the record of the bytes of each range written."""
+    root, md5 = served
+    data = (root / TRAIN_TAR).read_bytes()
+    bounds = [(int(a), int(b) + 1) for a, b in (q.split("=")[1].split("-") for q in quarters(len(data)))]
+    done = [bounds[0][1] - bounds[0][0], 0, 700, 50]  # the first range complete, the second not begun
+    part = bytearray(len(data))
+    for (start, _), written in zip(bounds, done):
+        part[start:start + written] = data[start:start + written]
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX)).write_bytes(bytes(part))
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(json.dumps(
+        {"total": len(data), "ranges": [[a, b, d] for (a, b), d in zip(bounds, done)]}))
+    report = ranged(server, tmp_path, [TRAIN_TAR], md5)
+    assert range_requests(server, TRAIN_TAR) == ["bytes=0-0"] + [f"bytes={a + d}-{b - 1}" for (a, b), d in
+                                                                  list(zip(bounds, done))[1:]]
+    assert server.sent(TRAIN_TAR) == 1 + len(data) - sum(done)  # the check of the size, then the missing bytes
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["resumed_from"] == sum(done)
+    assert not (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).exists()
+
+
+def test_a_range_record_for_another_file_starts_the_file_again(served, server, tmp_path, caplog):
+    root, md5 = served
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX)).write_bytes(b"x" * 5000)
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(json.dumps({"total": 5000,
+                                                                              "ranges": [[0, 5000, 5000]]}))
+    ranged(server, tmp_path, [TRAIN_TAR], md5)
+    assert "begun in byte ranges, but the server's answer or the record" in caplog.text
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR]
+
+
+def test_without_range_support_a_large_file_comes_in_one_stream(served, tmp_path):
+    root, md5 = served
+    with ArchiveServer(root, ranges=False) as server:
+        ranged(server, tmp_path, [TRAIN_TAR], md5)
+    assert [(r["range"], r["status"]) for r in server.requests] == [("bytes=0-", 200)]
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -58,14 +59,16 @@ class Progress:
         self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", dynamic_ncols=True,
                         leave=False) if interactive else None
         self.enabled = enabled
+        self.lock = threading.Lock()  # several threads may count into one (a file's byte ranges)
 
     def update(self, n: float = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.last_line >= self.every_s:
-            self.last_line = time.monotonic()
-            self.log.info(self.line())
+        with self.lock:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+            elif self.enabled and time.monotonic() - self.last_line >= self.every_s:
+                self.last_line = time.monotonic()
+                self.log.info(self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)

@@ -33,7 +33,8 @@ AT_LEAST = {
     "array_parallelism": (0, "0 is no limit"),
     "momentum": (0.0, ""), "weight_decay": (0.0, ""), "clip_grad_norm": (0.0, "0 is off"), "min_lr": (0.0, ""),
     "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
-    "download_workers": (1, "files at once"), "download_retries": (0, "retries"),
+    "download_workers": (1, "files at once"), "download_ranges": (1, "1 is one stream"),
+    "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"),
 }
 SHOWN_REDACTED = {"url": redact_url, "header": redact_header}  # may hold a token: never echoed in full

@@ -5,12 +5,13 @@ submitit) or ``python -m jobs.download --archive-dir A --url-file links.txt``. E
 ``<name>.part`` and continued with an HTTP Range request after any interruption (a dropped connection, a killed
 job, a Slurm requeue); its MD5 is computed from the bytes as they arrive (a part already on disk is hashed once
 when resumed), and only a file whose MD5 is the expected one is renamed to ``<name>``. Several files download at
-once (``--download-workers`` threads). ``download_report.json`` in the archive dir records each file (links
+once (``--download-workers`` threads), and a large one in parallel byte ranges (pipeline/prep/byte_ranges.py). ``download_report.json`` in the archive dir records each file (links
 redacted, see pipeline.prep.links); a file it lists with the same size and mtime is not fetched again.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import http.client
 import logging
@@ -21,12 +22,13 @@ import time
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.core.atomic import fsync_dir
 from pipeline.core.config import Config
 from pipeline.core.logs import Progress, human_bytes
 from pipeline.core.records import read_json, write_json
+from pipeline.prep import byte_ranges
 from pipeline.prep.archives import OFFICIAL_MD5, TEST_TAR, PrepError
 from pipeline.prep.links import build_opener, check_links, make_request, parse_headers, read_links, redact_url
 
@@ -53,13 +55,23 @@ class _Retry(Exception):
     """A failure worth another try: a timeout, a reset, a cut connection, a 5xx."""
 
 
+class _UseRanges(Exception):
+    """The server takes Range requests for a large file: fetch it in parallel byte ranges."""
+
+    def __init__(self, total: int):
+        super().__init__(total)
+        self.total = total
+
+
 class _Stopped(Exception):
     """Another file failed for good: this one stops too, keeping its part file."""
 
 
 @dataclass
 class Part:
-    """One file on its way: ``<name>.part`` holds ``offset`` bytes, ``md5`` has seen exactly those."""
+    """One file on its way: ``<name>.part`` holds ``offset`` bytes, ``md5`` has seen exactly those. Or one byte
+    range of it (``end`` set): bytes ``start`` to ``offset`` of the range are in their place in the part file,
+    ``written`` is told after each chunk is flushed, and the MD5 waits for the whole file (pipeline/prep/byte_ranges.py)."""
     name: str
     url: str
     path: Path
@@ -68,14 +80,17 @@ class Part:
     md5: Any = field(default_factory=hashlib.md5)
     stats: dict[str, Any] = field(default_factory=lambda: {"retries": 0, "restarts": 0})
     progress: Progress | None = None
+    start: int = 0
+    end: int | None = None  # excluded; None: to the end of the file
+    written: Callable[[int], None] | None = None  # told the bytes of the range now in the file
 
     def restart(self) -> None:
-        self.offset, self.md5 = 0, hashlib.md5()
+        self.offset, self.md5 = self.start, hashlib.md5()
         self.stats["restarts"] += 1
         self.end_progress()
 
     def end_progress(self, done: bool = False) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.end is None:  # a range's progress is the whole file's, closed there
             if done:
                 self.progress.close()
             elif self.progress.bar is not None:
@@ -89,25 +104,31 @@ def fetch(cfg: Config) -> dict[str, Any]:
     return download(read_links(dl.url, dl.url_file), cfg.prep.archive_dir,
                     expected_md5=None if cfg.prep.skip_checksum else OFFICIAL_MD5, headers=dl.header,
                     cookie_file=dl.cookie_file, workers=dl.download_workers, retries=dl.download_retries,
-                    timeout_s=dl.download_timeout_s)
+                    timeout_s=dl.download_timeout_s, ranges=dl.download_ranges,
+                    range_min_bytes=dl.download_range_min_mb << 20)
 
 
 def download(links: Sequence[str], archive_dir: str | Path, *, expected_md5: Mapping[str, str] | None = OFFICIAL_MD5,
              headers: Sequence[str] = (), cookie_file: str = "", workers: int = 4, retries: int = 10,
-             timeout_s: float = 60.0, backoff_s: float = 2.0, progress_every_s: float = 30.0) -> dict[str, Any]:
+             timeout_s: float = 60.0, backoff_s: float = 2.0, progress_every_s: float = 30.0, ranges: int = 1,
+             range_min_bytes: int = 256 << 20) -> dict[str, Any]:
     """Fetch every link into ``archive_dir``; ``expected_md5`` maps file names to MD5s (None checks none, as
-    --skip-checksum; tests pass their own archives' table). Returns the report written to REPORT_FILE."""
+    --skip-checksum; tests pass their own archives' table); a file of at least ``range_min_bytes`` comes in
+    ``ranges`` parallel byte ranges where the server allows. Returns the report written to REPORT_FILE."""
     return Downloader(Path(archive_dir), expected_md5=expected_md5, headers=parse_headers(headers),
                       cookie_file=cookie_file, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
-                      progress_every_s=progress_every_s).run(links, workers)
+                      progress_every_s=progress_every_s, ranges=ranges, range_min_bytes=range_min_bytes
+                      ).run(links, workers)
 
 
 class Downloader:
     """Shared by the download threads: the opener, the report, the disk-space bookkeeping, the stop flag."""
 
     def __init__(self, archive_dir: Path, *, expected_md5: Mapping[str, str] | None, headers: dict[str, str],
-                 cookie_file: str, retries: int, timeout_s: float, backoff_s: float, progress_every_s: float):
+                 cookie_file: str, retries: int, timeout_s: float, backoff_s: float, progress_every_s: float,
+                 ranges: int = 1, range_min_bytes: int = 256 << 20):
         self.archive_dir, self.expected, self.headers = archive_dir, expected_md5, headers
+        self.ranges, self.range_min_bytes = ranges, range_min_bytes
         self.opener = build_opener(cookie_file)
         self.retries, self.timeout_s, self.backoff_s, self.every_s = retries, timeout_s, backoff_s, progress_every_s
         self.lock = threading.Lock()
@@ -122,15 +143,7 @@ class Downloader:
         start = time.monotonic()
         log.info("downloading %d file(s) into %s, %d at a time: %s", len(links), self.archive_dir,
                  min(workers, len(links)), ", ".join(map(redact_url, links)))
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(links))), "download") as pool:
-            futures = [pool.submit(self.fetch_one, url, name) for url, name in zip(links, names)]
-            try:
-                done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            finally:  # a failed file (or Ctrl-C, a requeue) stops the others; they keep their part files
-                self.stop.set()
-        errors = [f.exception() for f in futures if f.exception() and not isinstance(f.exception(), _Stopped)]
-        if errors:
-            raise errors[0]
+        self.run_all(self.fetch_one, list(zip(links, names)), workers)
         files = self.report["files"]
         fetched = sum(files[n]["bytes"] for n in names if files[n]["fetched_in_this_run"])
         seconds = time.monotonic() - start
@@ -138,6 +151,21 @@ class Downloader:
                  human_bytes(fetched), fetched / 1e6 / max(seconds, 1e-9),
                  sum(not files[n]["fetched_in_this_run"] for n in names), self.archive_dir / REPORT_FILE)
         return self.report
+
+    def run_all(self, fn: Callable[..., None], calls: Sequence[tuple[Any, ...]], threads: int | None = None) -> None:
+        """``fn(*args)`` for each of ``calls`` in threads (one each unless ``threads``); the first failure (or Ctrl-C,
+        a requeue) stops them all, and every file keeps what it has written."""
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads or len(calls), len(calls))), "download") as pool:
+            futures = [pool.submit(fn, *args) for args in calls]
+            try:
+                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            finally:
+                if not all(f.done() and f.exception() is None for f in futures):
+                    self.stop.set()
+        raised = [f.exception() for f in futures if f.exception() is not None]
+        errors = [exc for exc in raised if not isinstance(exc, _Stopped)]
+        if errors or raised:
+            raise (errors or raised)[0]
 
     def expected_md5(self, name: str) -> str | None:
         if name not in OFFICIAL_NAMES and name not in (self.expected or {}):
@@ -152,7 +180,7 @@ class Downloader:
             return self.record(name, url, self.check_present(final, expected), fetched=False)
         part = Part(name, url, self.archive_dir / (name + PART_SUFFIX))
         start = time.monotonic()
-        if part.path.exists():
+        if part.path.exists() and not byte_ranges.ranges_path(part.path).exists():  # one stream's part: a prefix
             log.info("%s: resuming after the %s already in %s", name, human_bytes(part.path.stat().st_size),
                      part.path.name)
             part.offset = hash_into(part.md5, part.path)
@@ -160,7 +188,11 @@ class Downloader:
         with self.lock:
             self.active[name] = part
         try:
-            self.transfer_with_retries(part)
+            if not (byte_ranges.ranges_path(part.path).exists() and self.resume_ranges(part)):
+                try:
+                    self.transfer_with_retries(part)
+                except _UseRanges as large:
+                    self.fetch_ranges(part, large.total, None)
         finally:
             part.end_progress()
             with self.lock:
@@ -178,6 +210,54 @@ class Downloader:
         fetched = part.offset - part.stats["resumed_from"]
         self.record(name, url, {"md5": digest, "expected_md5": expected, **part.stats, "seconds": round(seconds, 3),
                                 "mb_per_s": round(fetched / 1e6 / max(seconds, 1e-9), 1)}, fetched=True)
+
+    def resume_ranges(self, part: Part) -> bool:
+        """Continue a file begun in byte ranges (True), or, when the server's file or its Range support changed,
+        drop what it has so that it starts again in one stream (False)."""
+        record = byte_ranges.ranges_path(part.path)
+        try:
+            with self.opener.open(make_request(part.url, self.headers, 0, 1), timeout=self.timeout_s) as response:
+                total = content_range(response.headers)[1] if response.status == 206 else None
+        except (urllib.error.HTTPError, *NETWORK_ERRORS):
+            total = None  # the one-stream request says why, with its retries
+        ranges = byte_ranges.load(record, total) if total is not None and part.path.exists() else None
+        if ranges is None:
+            log.warning("%s: begun in byte ranges, but the server's answer or the record %s no longer matches; the "
+                        "file starts again", part.name, record.name)
+            part.path.unlink(missing_ok=True)
+            record.unlink()
+            return False
+        assert total is not None
+        self.fetch_ranges(part, total, ranges)
+        return True
+
+    def fetch_ranges(self, part: Part, total: int, ranges: list[byte_ranges.ByteRange] | None) -> None:
+        """Every missing byte range (all of them when ``ranges`` is None: a fresh file) into its place in the part
+        file, in parallel, then the MD5 of the whole."""
+        record_path = byte_ranges.ranges_path(part.path)
+        if ranges is None:
+            ranges = byte_ranges.split(total, self.ranges)
+            part.total, part.offset = total, 0
+            self.check_space(part)
+            with open(part.path, "wb") as fh:
+                fh.truncate(total)
+        done = sum(r.done for r in ranges)
+        record = byte_ranges.RangesRecord(record_path, total, ranges)
+        record.save()
+        part.stats["resumed_from"] = done
+        log.info("%s: %s in %d byte ranges in parallel%s", part.name, human_bytes(total), len(ranges),
+                 f", resuming after {human_bytes(done)}" if done else "")
+        progress = Progress(part.name, total - done, unit="B", logger=log, every_s=self.every_s)
+        pieces = [Part(part.name, part.url, part.path, offset=r.start + r.done, total=total, stats=part.stats,
+                       progress=progress, start=r.start, end=r.end, written=functools.partial(record.written, i))
+                  for i, r in enumerate(ranges) if not r.complete]
+        try:
+            self.run_all(self.transfer_with_retries, [(piece,) for piece in pieces])
+        finally:
+            record.save()
+            progress.close()
+        part.offset = hash_into(part.md5, part.path)
+        record_path.unlink()
 
     def transfer_with_retries(self, part: Part) -> None:
         tries = 0
@@ -201,9 +281,12 @@ class Downloader:
                     raise _Stopped() from None
 
     def transfer(self, part: Part) -> bool:
-        """One request, streamed into the part file; True once the file is complete."""
+        """One request, streamed into the part file; True once the file is complete. A fresh file's first request
+        asks for ``bytes=0-`` when ranges may be used: a large file answered with 206 raises _UseRanges."""
+        may_split = self.ranges > 1 and part.end is None and part.offset == 0 and not part.stats["restarts"]
         try:
-            response = self.opener.open(make_request(part.url, self.headers, part.offset), timeout=self.timeout_s)
+            response = self.opener.open(make_request(part.url, self.headers, part.offset, part.end,
+                                                     ranged=may_split), timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             exc.close()
             return self.http_error(part, exc.code, exc.reason, exc.headers)
@@ -211,6 +294,11 @@ class Downloader:
             raise _Retry(describe(exc)) from None
         with response:
             first, total = content_range(response.headers)
+            if may_split and response.status == 206 and first == 0 and (total or 0) >= self.range_min_bytes:
+                raise _UseRanges(total or 0)
+            if part.end is not None and (response.status != 206 or first != part.offset):
+                raise _Retry(f"the server answered HTTP {response.status} from byte {first} to a request for bytes "
+                             f"{part.offset}-{part.end - 1}")
             if response.status == 206 and first != part.offset:
                 part.restart()
                 raise _Retry(f"the server answered from byte {first} instead of {part.offset}; restarting the file")
@@ -223,10 +311,12 @@ class Downloader:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
             part.total = total
-            self.check_space(part)
+            if part.end is None:  # a range's space was checked for the whole file
+                self.check_space(part)
             self.stream(part, response)
-        if part.total is not None and part.offset < part.total:
-            raise _Retry(f"connection closed at byte {part.offset:,} of {part.total:,}")
+        last = part.total if part.end is None else part.end
+        if last is not None and part.offset < last:
+            raise _Retry(f"connection closed at byte {part.offset:,} of {last:,}")
         return True
 
     def http_error(self, part: Part, status: int, reason: str, headers: Any) -> bool:
@@ -251,22 +341,27 @@ class Downloader:
             remaining = None if part.total is None else part.total - part.offset
             part.progress = Progress(part.name, remaining, unit="B", logger=log, every_s=self.every_s)
         try:
-            with open(part.path, "r+b" if part.offset else "wb") as fh:
+            with open(part.path, "r+b" if part.offset or part.end is not None else "wb") as fh:
                 fh.seek(part.offset)
-                fh.truncate()
-                while True:
+                if part.end is None:
+                    fh.truncate()
+                while part.end is None or part.offset < part.end:
                     if self.stop.is_set():
                         raise _Stopped()
                     try:
-                        chunk = response.read(CHUNK)
+                        chunk = response.read(CHUNK if part.end is None else min(CHUNK, part.end - part.offset))
                     except NETWORK_ERRORS as exc:
                         raise _Retry(describe(exc)) from None
                     if not chunk:
                         return
                     fh.write(chunk)
-                    part.md5.update(chunk)
                     part.offset += len(chunk)
                     part.progress.update(len(chunk))
+                    if part.written is None:
+                        part.md5.update(chunk)
+                    else:
+                        fh.flush()
+                        part.written(part.offset - part.start)
         except OSError as exc:  # the disk, not the network: a retry would not help
             raise DownloadError(f"cannot write {part.path}: {exc.strerror or exc}; free some space or pass "
                                 "another --archive-dir (the download resumes from what was written)") from None

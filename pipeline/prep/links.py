@@ -118,9 +118,11 @@ def build_opener(cookie_file: str = "") -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(*([urllib.request.HTTPCookieProcessor(jar)] if jar is not None else []))
 
 
-def make_request(url: str, headers: dict[str, str], offset: int) -> urllib.request.Request:
-    """A GET of ``url`` from byte ``offset`` (a Range request when not 0); a user part in the link becomes a
-    Basic Authorization header, as wget and curl do."""
+def make_request(url: str, headers: dict[str, str], offset: int, end: int | None = None,
+                 ranged: bool = False) -> urllib.request.Request:
+    """A GET of ``url`` from byte ``offset`` up to byte ``end`` (excluded; None: the end of the file), a Range request
+    unless it is the whole file (or ``ranged``: ``bytes=0-`` too, to learn whether the server takes them); a user
+    part in the link becomes a Basic Authorization header, as wget and curl do."""
     parts = urlsplit(url)
     sent = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if parts.username is not None:
@@ -129,6 +131,6 @@ def make_request(url: str, headers: dict[str, str], offset: int) -> urllib.reque
         netloc = parts.netloc.rpartition("@")[2]
         url = urlunsplit(parts._replace(netloc=netloc))
     sent.update(headers)
-    if offset:
-        sent["Range"] = f"bytes={offset}-"
+    if offset or end is not None or ranged:
+        sent["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
     return urllib.request.Request(url, headers=sent)
