@@ -13,14 +13,15 @@ from urllib.parse import unquote, urlsplit
 
 class ArchiveServer:
     """Serves ``root``; every request is recorded in ``requests`` (name, query, Range header, all headers, status,
-    body bytes sent). ``cut_at[name] = n``: the next answer for ``name`` closes the connection once byte
-    ``n`` of the file is sent; ``cut_range_at[name] = n``: the same, for the next answer to a bounded range
-    (``bytes=a-b``) holding byte ``n``. ``status[name]``: answer that status instead. ``fail_first[name] = k``: the next k
+    body bytes sent). ``cut_at[name] = n``: the next answer for ``name`` that holds byte ``n`` of the file closes
+    the connection once byte ``n`` is sent; ``cut_range_at[name] = n``: the same, for the next answer to a bounded
+    range (``bytes=a-b``). ``status[name]``: answer that status instead. ``fail_first[name] = k``: the next k
     answers are 503. ``announce[name]``: the Content-Length sent, whatever the file holds. ``rate_bps``: each
-    connection sends at most that many bytes a second, as servers that cap each connection do."""
+    connection sends at most that many bytes a second, as servers that cap each connection do.
+    ``bounded_ranges=False``: ``bytes=a-b`` requests are answered with the whole file (200)."""
 
-    def __init__(self, root: Path, *, ranges: bool = True, rate_bps: float | None = None):
-        self.root, self.ranges, self.rate_bps = Path(root), ranges, rate_bps
+    def __init__(self, root: Path, *, ranges: bool = True, rate_bps: float | None = None, bounded_ranges: bool = True):
+        self.root, self.ranges, self.rate_bps, self.bounded_ranges = Path(root), ranges, rate_bps, bounded_ranges
         self.cut_at: dict[str, int] = {}
         self.cut_range_at: dict[str, int] = {}
         self.status: dict[str, int] = {}
@@ -72,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = path.read_bytes()
         start, end = 0, len(data)
         wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", record["range"] or "")
-        if wanted and server.ranges:
+        if wanted and server.ranges and (server.bounded_ranges or not wanted.group(2)):
             start = int(wanted.group(1))
             end = min(int(wanted.group(2)) + 1, len(data)) if wanted.group(2) else len(data)
             if start >= len(data):
@@ -94,7 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
         if wanted and wanted.group(2) and start < server.cut_range_at.get(name, end) < end:
             cut = server.cut_range_at.pop(name)
         body = data[start:min(cut, end)]
-        step = len(body) if server.rate_bps is None else max(1, int(server.rate_bps / 20))
+        step = max(1, len(body) if server.rate_bps is None else int(server.rate_bps / 20))
         for offset in range(0, len(body), step):
             self.wfile.write(body[offset:offset + step])
             record["sent"] += len(body[offset:offset + step])

@@ -178,34 +178,89 @@ def test_a_cut_range_is_continued_from_its_own_byte(served, server, tmp_path):
     assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["retries"] == 1
 
 
-def test_ranges_left_by_a_killed_job_are_each_continued_where_they_stopped(served, server, tmp_path):
-    """What a killed job leaves: the part file at full size, the record of the bytes of each range written."""
-    root, md5 = served
+def killed_ranges(root, out, done):
+    """What a killed job leaves of the train archive in 4 ranges: the part file at full size holding ``done`` bytes
+    of each range, and the record of them. Returns the ranges' (start, end)."""
     data = (root / TRAIN_TAR).read_bytes()
     bounds = [(int(a), int(b) + 1) for a, b in (q.split("=")[1].split("-") for q in quarters(len(data)))]
-    done = [bounds[0][1] - bounds[0][0], 0, 700, 50]  # the first range complete, the second not begun
     part = bytearray(len(data))
     for (start, _), written in zip(bounds, done):
         part[start:start + written] = data[start:start + written]
-    (tmp_path / (TRAIN_TAR + PART_SUFFIX)).write_bytes(bytes(part))
-    (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(json.dumps(
+    (out / (TRAIN_TAR + PART_SUFFIX)).write_bytes(bytes(part))
+    (out / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(json.dumps(
         {"total": len(data), "ranges": [[a, b, d] for (a, b), d in zip(bounds, done)]}))
+    return bounds
+
+
+def test_ranges_left_by_a_killed_job_are_each_continued_where_they_stopped(served, server, tmp_path):
+    root, md5 = served
+    size = (root / TRAIN_TAR).stat().st_size
+    done = [-(-size // 4), 0, 700, 50]  # the first range complete, the second not begun
+    bounds = killed_ranges(root, tmp_path, done)
+    server.fail_first[TRAIN_TAR] = 1  # a 503 first: retried, nothing lost
     report = ranged(server, tmp_path, [TRAIN_TAR], md5)
-    assert range_requests(server, TRAIN_TAR) == ["bytes=0-0"] + [f"bytes={a + d}-{b - 1}" for (a, b), d in
-                                                                  list(zip(bounds, done))[1:]]
-    assert server.sent(TRAIN_TAR) == 1 + len(data) - sum(done)  # the check of the size, then the missing bytes
+    missing = [f"bytes={a + d}-{b - 1}" for (a, b), d in list(zip(bounds, done))[1:]]
+    asked = range_requests(server, TRAIN_TAR)
+    assert sorted(set(asked)) == sorted(missing) and len(asked) == len(missing) + 1  # one asked again after the 503
+    assert server.sent(TRAIN_TAR) == size - sum(done)  # only the missing bytes
     assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["resumed_from"] == sum(done)
     assert not (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).exists()
 
 
-def test_a_range_record_for_another_file_starts_the_file_again(served, server, tmp_path, caplog):
+def test_a_refused_link_keeps_the_ranges_already_fetched(served, server, tmp_path):
     root, md5 = served
-    (tmp_path / (TRAIN_TAR + PART_SUFFIX)).write_bytes(b"x" * 5000)
-    (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(json.dumps({"total": 5000,
-                                                                              "ranges": [[0, 5000, 5000]]}))
+    killed_ranges(root, tmp_path, [100, 200, 300, 400])
+    before = json.loads((tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).read_text())
+    server.status[TRAIN_TAR] = 403  # an expired link: the user gets a fresh one and runs again
+    with pytest.raises(DownloadError, match="HTTP 403"):
+        ranged(server, tmp_path, [TRAIN_TAR], md5)
+    assert json.loads((tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).read_text()) == before
+    assert (tmp_path / (TRAIN_TAR + PART_SUFFIX)).stat().st_size == (root / TRAIN_TAR).stat().st_size
+
+
+@pytest.mark.parametrize("record, part_size", [({"total": 5000, "ranges": [[0, 5000, 10]]}, 4000),  # another size
+                                               ({"total": 5000, "ranges": [[0, 2000, 10], [3000, 5000, 0]]}, 5000),
+                                               ("not json", 5000), ({"total": 5000, "ranges": [[0, 5000, 10]]}, None)])
+def test_a_range_record_that_does_not_describe_the_part_file_starts_the_file_again(served, server, tmp_path, caplog,
+                                                                                   record, part_size):
+    root, md5 = served
+    if part_size is not None:
+        (tmp_path / (TRAIN_TAR + PART_SUFFIX)).write_bytes(b"x" * part_size)
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(record if isinstance(record, str) else
+                                                                  json.dumps(record))
     ranged(server, tmp_path, [TRAIN_TAR], md5)
-    assert "begun in byte ranges, but the server's answer or the record" in caplog.text
-    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR]
+    assert "the file starts again" in caplog.text and file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR]
+    assert server.sent(TRAIN_TAR) >= (root / TRAIN_TAR).stat().st_size
+
+
+def test_ranges_of_a_file_that_changed_on_the_server_fall_back_to_one_stream(served, server, tmp_path, caplog):
+    """The record's file had 5000 bytes; the server's answer says another size."""
+    root, md5 = served
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX)).write_bytes(bytes(5000))
+    (tmp_path / (TRAIN_TAR + PART_SUFFIX + ".ranges")).write_text(json.dumps({"total": 5000,
+                                                                              "ranges": [[0, 5000, 0]]}))
+    report = ranged(server, tmp_path, [TRAIN_TAR], md5)
+    assert "the file starts again in one stream" in caplog.text
+    assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["checksum"] == "ok"
+
+
+def test_a_server_answering_ranges_with_the_whole_file_falls_back_to_one_stream(served, tmp_path, caplog):
+    root, md5 = served
+    with ArchiveServer(root, bounded_ranges=False) as server:
+        ranged(server, tmp_path, [TRAIN_TAR], None)  # --skip-checksum: nothing would catch a wrong file
+        statuses = [(r["range"], r["status"]) for r in server.requests]
+    assert statuses[0] == ("bytes=0-", 206) and statuses[-1] == (None, 200)  # the fallback asks for the file
+    assert any(status == 200 for _, status in statuses[1:-1])
+    assert "with the whole file (HTTP 200); the file starts again in one stream" in caplog.text
+    assert (tmp_path / TRAIN_TAR).read_bytes() == (root / TRAIN_TAR).read_bytes()
+
+
+def test_an_empty_file_is_downloaded_with_ranges_on(tmp_path):
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "empty.bin").write_bytes(b"")
+    with ArchiveServer(tmp_path / "served") as server:
+        ranged(server, tmp_path / "out", ["empty.bin"], None)
+    assert (tmp_path / "out" / "empty.bin").read_bytes() == b""
 
 
 def test_without_range_support_a_large_file_comes_in_one_stream(served, tmp_path):

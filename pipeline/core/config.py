@@ -85,8 +85,8 @@ class DownloadConfig:
     download_ranges: int = opt(4, "connections per large file, each fetching a byte range, where the server takes "
                                    "Range requests (servers that cap each connection); 1: one stream per file")
     download_range_min_mb: int = opt(256, "files from this size (MiB) come in --download-ranges byte ranges")
-    download_retries: int = opt(10, "retries of a file after a timeout, reset or 5xx (backoff 2, 4, ... 60 s); "
-                                    "a retry that got bytes resets the count")
+    download_retries: int = opt(10, "retries of a file (or of each byte range) after a timeout, reset or 5xx "
+                                    "(backoff 2, 4, ... 60 s); a retry that got bytes resets the count")
     download_timeout_s: int = opt(60, "seconds without data before a connection is dropped and retried")
 
 

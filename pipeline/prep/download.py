@@ -4,9 +4,10 @@ Door: ``fetch(cfg)``, run by ``python launch.py --stage download --archive-dir A
 submitit) or ``python -m jobs.download --archive-dir A --url-file links.txt``. Each file is written to
 ``<name>.part`` and continued with an HTTP Range request after any interruption (a dropped connection, a killed
 job, a Slurm requeue); its MD5 is computed from the bytes as they arrive (a part already on disk is hashed once
-when resumed), and only a file whose MD5 is the expected one is renamed to ``<name>``. Several files download at
-once (``--download-workers`` threads), and a large one in parallel byte ranges (pipeline/prep/byte_ranges.py). ``download_report.json`` in the archive dir records each file (links
-redacted, see pipeline.prep.links); a file it lists with the same size and mtime is not fetched again.
+when resumed; a file in byte ranges once they are all in), and only a file whose MD5 is the expected one is
+renamed to ``<name>``. Several files download at once (``--download-workers`` threads), and a large one in
+parallel byte ranges (pipeline/prep/byte_ranges.py). ``download_report.json`` in the archive dir records each
+file (links redacted, see pipeline.prep.links); a file it lists with the same size and mtime is not fetched again.
 """
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ class _UseRanges(Exception):
         self.total = total
 
 
+class _RangesUnusable(Exception):
+    """The server no longer answers a file's byte ranges as asked (a 200, another size): one stream instead."""
+
+
 class _Stopped(Exception):
     """Another file failed for good: this one stops too, keeping its part file."""
 
@@ -71,7 +76,7 @@ class _Stopped(Exception):
 class Part:
     """One file on its way: ``<name>.part`` holds ``offset`` bytes, ``md5`` has seen exactly those. Or one byte
     range of it (``end`` set): bytes ``start`` to ``offset`` of the range are in their place in the part file,
-    ``written`` is told after each chunk is flushed, and the MD5 waits for the whole file (pipeline/prep/byte_ranges.py)."""
+    ``written`` is told after each chunk is flushed, and the MD5 waits for the whole file (prep/byte_ranges.py)."""
     name: str
     url: str
     path: Path
@@ -83,6 +88,8 @@ class Part:
     start: int = 0
     end: int | None = None  # excluded; None: to the end of the file
     written: Callable[[int], None] | None = None  # told the bytes of the range now in the file
+    stop: threading.Event | None = None  # a range's: set when another range of the file failed
+    one_stream: bool = False  # never split (its byte ranges were dropped)
 
     def restart(self) -> None:
         self.offset, self.md5 = self.start, hashlib.md5()
@@ -152,16 +159,17 @@ class Downloader:
                  sum(not files[n]["fetched_in_this_run"] for n in names), self.archive_dir / REPORT_FILE)
         return self.report
 
-    def run_all(self, fn: Callable[..., None], calls: Sequence[tuple[Any, ...]], threads: int | None = None) -> None:
+    def run_all(self, fn: Callable[..., None], calls: Sequence[tuple[Any, ...]], threads: int | None = None,
+                stop: threading.Event | None = None) -> None:
         """``fn(*args)`` for each of ``calls`` in threads (one each unless ``threads``); the first failure (or Ctrl-C,
-        a requeue) stops them all, and every file keeps what it has written."""
+        a requeue) sets ``stop`` (the downloader's own by default), and every file keeps what it has written."""
         with concurrent.futures.ThreadPoolExecutor(max(1, min(threads or len(calls), len(calls))), "download") as pool:
             futures = [pool.submit(fn, *args) for args in calls]
             try:
                 concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
             finally:
                 if not all(f.done() and f.exception() is None for f in futures):
-                    self.stop.set()
+                    (stop or self.stop).set()
         raised = [f.exception() for f in futures if f.exception() is not None]
         errors = [exc for exc in raised if not isinstance(exc, _Stopped)]
         if errors or raised:
@@ -180,7 +188,12 @@ class Downloader:
             return self.record(name, url, self.check_present(final, expected), fetched=False)
         part = Part(name, url, self.archive_dir / (name + PART_SUFFIX))
         start = time.monotonic()
-        if part.path.exists() and not byte_ranges.ranges_path(part.path).exists():  # one stream's part: a prefix
+        record_path = byte_ranges.ranges_path(part.path)
+        ranges = byte_ranges.load(record_path, part.path) if record_path.exists() else None
+        if record_path.exists() and ranges is None:  # load said why
+            part.path.unlink(missing_ok=True)
+            record_path.unlink()
+        if ranges is None and part.path.exists():  # one stream's part: a prefix of the file
             log.info("%s: resuming after the %s already in %s", name, human_bytes(part.path.stat().st_size),
                      part.path.name)
             part.offset = hash_into(part.md5, part.path)
@@ -188,11 +201,7 @@ class Downloader:
         with self.lock:
             self.active[name] = part
         try:
-            if not (byte_ranges.ranges_path(part.path).exists() and self.resume_ranges(part)):
-                try:
-                    self.transfer_with_retries(part)
-                except _UseRanges as large:
-                    self.fetch_ranges(part, large.total, None)
+            self.fetch_part(part, ranges)
         finally:
             part.end_progress()
             with self.lock:
@@ -200,64 +209,62 @@ class Downloader:
         digest = part.md5.hexdigest()
         if expected is not None and digest != expected:
             part.path.unlink(missing_ok=True)
+            record_path.unlink(missing_ok=True)
             raise DownloadError(f"checksum mismatch for {name} from {redact_url(url)}: MD5 {digest}, expected "
                                 f"{expected}; the damaged {part.path.name} was removed and nothing is kept under "
                                 f"{name}. Run the download again (a fresh link if it happens twice), or pass "
                                 "--skip-checksum for a mirror or subset you trust")
         os.replace(part.path, final)
         fsync_dir(self.archive_dir)
+        record_path.unlink(missing_ok=True)  # after the rename: a part file is never without its ranges' record
         seconds = time.monotonic() - start
         fetched = part.offset - part.stats["resumed_from"]
         self.record(name, url, {"md5": digest, "expected_md5": expected, **part.stats, "seconds": round(seconds, 3),
                                 "mb_per_s": round(fetched / 1e6 / max(seconds, 1e-9), 1)}, fetched=True)
 
-    def resume_ranges(self, part: Part) -> bool:
-        """Continue a file begun in byte ranges (True), or, when the server's file or its Range support changed,
-        drop what it has so that it starts again in one stream (False)."""
-        record = byte_ranges.ranges_path(part.path)
-        try:
-            with self.opener.open(make_request(part.url, self.headers, 0, 1), timeout=self.timeout_s) as response:
-                total = content_range(response.headers)[1] if response.status == 206 else None
-        except (urllib.error.HTTPError, *NETWORK_ERRORS):
-            total = None  # the one-stream request says why, with its retries
-        ranges = byte_ranges.load(record, total) if total is not None and part.path.exists() else None
-        if ranges is None:
-            log.warning("%s: begun in byte ranges, but the server's answer or the record %s no longer matches; the "
-                        "file starts again", part.name, record.name)
-            part.path.unlink(missing_ok=True)
-            record.unlink()
-            return False
-        assert total is not None
-        self.fetch_ranges(part, total, ranges)
-        return True
+    def fetch_part(self, part: Part, ranges: list[byte_ranges.ByteRange] | None) -> None:
+        """The file into its part file: in one stream, or in byte ranges (those recorded, or new ones when the server
+        takes Range requests for a large file); ranges the server stops honouring fall back to one stream."""
+        while True:
+            try:
+                if ranges is None:
+                    self.transfer_with_retries(part)
+                else:
+                    self.fetch_ranges(part, ranges)
+                return
+            except _UseRanges as large:
+                ranges = byte_ranges.split(large.total, self.ranges)
+            except _RangesUnusable as exc:
+                log.warning("%s: %s; the file starts again in one stream (--download-ranges 1 does so from the "
+                            "start)", part.name, exc)
+                part.path.unlink(missing_ok=True)
+                byte_ranges.ranges_path(part.path).unlink(missing_ok=True)
+                part.offset, part.md5, part.one_stream, ranges = 0, hashlib.md5(), True, None
 
-    def fetch_ranges(self, part: Part, total: int, ranges: list[byte_ranges.ByteRange] | None) -> None:
-        """Every missing byte range (all of them when ``ranges`` is None: a fresh file) into its place in the part
-        file, in parallel, then the MD5 of the whole."""
-        record_path = byte_ranges.ranges_path(part.path)
-        if ranges is None:
-            ranges = byte_ranges.split(total, self.ranges)
-            part.total, part.offset = total, 0
-            self.check_space(part)
+    def fetch_ranges(self, part: Part, ranges: list[byte_ranges.ByteRange]) -> None:
+        """Every missing byte range into its place in the part file, in parallel, then the MD5 of the whole."""
+        total = ranges[-1].end
+        done = sum(r.done for r in ranges)
+        part.total, part.offset, part.stats["resumed_from"] = total, done, done
+        self.check_space(part)
+        record = byte_ranges.RangesRecord(byte_ranges.ranges_path(part.path), part.path, total, ranges)
+        if not part.path.exists():  # the record first: a part file never exists without it
+            record.save()
             with open(part.path, "wb") as fh:
                 fh.truncate(total)
-        done = sum(r.done for r in ranges)
-        record = byte_ranges.RangesRecord(record_path, total, ranges)
-        record.save()
-        part.stats["resumed_from"] = done
         log.info("%s: %s in %d byte ranges in parallel%s", part.name, human_bytes(total), len(ranges),
                  f", resuming after {human_bytes(done)}" if done else "")
         progress = Progress(part.name, total - done, unit="B", logger=log, every_s=self.every_s)
+        file_stop = threading.Event()  # one range failing stops the others of this file
         pieces = [Part(part.name, part.url, part.path, offset=r.start + r.done, total=total, stats=part.stats,
-                       progress=progress, start=r.start, end=r.end, written=functools.partial(record.written, i))
-                  for i, r in enumerate(ranges) if not r.complete]
+                       progress=progress, start=r.start, end=r.end, written=functools.partial(record.written, i),
+                       stop=file_stop) for i, r in enumerate(ranges) if not r.complete]
         try:
-            self.run_all(self.transfer_with_retries, [(piece,) for piece in pieces])
+            self.run_all(self.transfer_with_retries, [(piece,) for piece in pieces], stop=file_stop)
         finally:
             record.save()
             progress.close()
         part.offset = hash_into(part.md5, part.path)
-        record_path.unlink()
 
     def transfer_with_retries(self, part: Part) -> None:
         tries = 0
@@ -270,20 +277,36 @@ class Downloader:
             except _Retry as exc:
                 tries = 1 if part.offset > before else tries + 1  # progress made: the count starts again
                 if tries > self.retries:
+                    where = (f"from byte {part.offset:,}" if part.end is None else "where each byte range stopped; a "
+                             "server that refuses several connections needs --download-ranges 1")
                     raise DownloadError(f"{part.name}: gave up after {self.retries} retries: {exc} "
-                                        f"({redact_url(part.url)}); run the download again, it resumes from byte "
-                                        f"{part.offset:,}") from None
-                part.stats["retries"] += 1
+                                        f"({redact_url(part.url)}); run the download again, it resumes "
+                                        f"{where}") from None
+                with self.lock:  # a file's ranges share its stats
+                    part.stats["retries"] += 1
                 delay = min(self.backoff_s * 2 ** (tries - 1), MAX_BACKOFF_S)
                 log.warning("%s: %s; retry %d of %d in %.1f s, from byte %d", part.name, exc, tries, self.retries,
                             delay, part.offset)
-                if self.stop.wait(delay):
+                if self.wait_stopped(part, delay):
                     raise _Stopped() from None
+
+    def stopped(self, part: Part) -> bool:
+        return self.stop.is_set() or (part.stop is not None and part.stop.is_set())
+
+    def wait_stopped(self, part: Part, delay: float) -> bool:
+        """Sleep ``delay`` seconds unless stopped first (True)."""
+        deadline = time.monotonic() + delay
+        while not self.stopped(part):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.stop.wait(min(left, 0.2))
+        return True
 
     def transfer(self, part: Part) -> bool:
         """One request, streamed into the part file; True once the file is complete. A fresh file's first request
         asks for ``bytes=0-`` when ranges may be used: a large file answered with 206 raises _UseRanges."""
-        may_split = self.ranges > 1 and part.end is None and part.offset == 0 and not part.stats["restarts"]
+        may_split = self.ranges > 1 and part.end is None and part.offset == 0 and not part.one_stream
         try:
             response = self.opener.open(make_request(part.url, self.headers, part.offset, part.end,
                                                      ranged=may_split), timeout=self.timeout_s)
@@ -296,9 +319,10 @@ class Downloader:
             first, total = content_range(response.headers)
             if may_split and response.status == 206 and first == 0 and (total or 0) >= self.range_min_bytes:
                 raise _UseRanges(total or 0)
-            if part.end is not None and (response.status != 206 or first != part.offset):
-                raise _Retry(f"the server answered HTTP {response.status} from byte {first} to a request for bytes "
-                             f"{part.offset}-{part.end - 1}")
+            if part.end is not None and (response.status != 206 or first != part.offset or total != part.total):
+                what = "the whole file" if response.status != 206 else f"byte {first} on of a {total}-byte file"
+                raise _RangesUnusable(f"the server answered a request for bytes {part.offset}-{part.end - 1} of "
+                                      f"{part.total} with {what} (HTTP {response.status})")
             if response.status == 206 and first != part.offset:
                 part.restart()
                 raise _Retry(f"the server answered from byte {first} instead of {part.offset}; restarting the file")
@@ -320,6 +344,12 @@ class Downloader:
         return True
 
     def http_error(self, part: Part, status: int, reason: str, headers: Any) -> bool:
+        if status == 416 and part.end is not None:
+            raise _RangesUnusable(f"the server has no bytes {part.offset}-{part.end - 1} (HTTP 416): the file changed")
+        if status == 416 and part.offset == 0 and content_range(headers)[1] == 0:  # bytes=0- of an empty file
+            part.path.write_bytes(b"")
+            part.total = 0
+            return True
         if status == 416 and part.offset:  # nothing after our offset: complete, unless the file shrank
             total = content_range(headers)[1]
             if total == part.offset:
@@ -346,7 +376,7 @@ class Downloader:
                 if part.end is None:
                     fh.truncate()
                 while part.end is None or part.offset < part.end:
-                    if self.stop.is_set():
+                    if self.stopped(part):
                         raise _Stopped()
                     try:
                         chunk = response.read(CHUNK if part.end is None else min(CHUNK, part.end - part.offset))
