@@ -6,8 +6,8 @@ ask for the same resources (``--sweep nodes=1,2`` makes two), each with ``--arra
 ``--array-parallelism`` (0: all at once); a set of one point is a plain job. A report job waits for every array
 to end (``afterany``, so a failed point leaves the others' table), and the launcher follows it unless --detach.
 The arrays' logs go to ``<sweep dir>/logs/<array id>_<task>/`` (a plain job's to ``<job id>/``), each point's
-torchrun logs to its own run dir. Locally the points run one
-after another, a failed one does not stop the rest, and the report follows.
+torchrun logs to its own run dir. Locally the points run one after another, a failed one does not stop the rest,
+and the report follows.
 """
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> i
     tasks: list[tuple[SweepPlan, Any]] = []
     try:
         for array in arrays:
-            jobs = submit_array(array, out)
-            submitted.append(jobs[0].job_id.split("_")[0])
+            array_id, jobs = submit_array(array, out)
+            submitted.append(array_id)
             tasks += zip(array.plans, jobs)
         report_cfg = arrays[0].cfg
         report = submit("slurm", report_cfg, "report", ReportJob([str(sweep_dir)]), ":".join(submitted), out,
@@ -159,7 +159,8 @@ def point_failure(job: Any) -> str | None:
     return f"{info.state}, no result" if info else "no result: killed, or its node was lost"
 
 
-def submit_array(array: JobArray, out: TextIO) -> list[Any]:
+def submit_array(array: JobArray, out: TextIO) -> tuple[str, list[Any]]:
+    """(the array's job id, its submitit jobs: ``<id>_<task>``, or the one plain job)."""
     from submitit.core.utils import FailedJobError
 
     executor = make_executor("slurm", array.cfg, array.params)
@@ -169,13 +170,14 @@ def submit_array(array: JobArray, out: TextIO) -> list[Any]:
     except FailedJobError as exc:
         raise LaunchError(f"sbatch rejected the train job array of {array.names}: {exc}") from None
     nodes, nproc, _ = stage_resources(array.plans[0].cfg, "train")
+    array_id = jobs[0].job_id.split("_")[0]
     kind = "job array" if len(jobs) > 1 else "job"
-    out.write(f"[train] {kind} {jobs[0].job_id.split('_')[0]} submitted (slurm, {array.what}; each {nodes} node(s) "
-              f"x {nproc} process(es))\n")
+    out.write(f"[train] {kind} {array_id} submitted (slurm, {array.what}; each {nodes} node(s) x {nproc} "
+              "process(es))\n")
     for plan, job in zip(array.plans, jobs):
         out.write(f"  {plan.name}: job {job.job_id}\n")
         print_log_paths(Submitted("train", job, "slurm"), out)
-    return jobs
+    return array_id, jobs
 
 
 def run_in_turn(plans: Sequence[SweepPlan], sweep_dir: Path, executor: str, out: TextIO) -> int:

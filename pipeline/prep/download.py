@@ -191,8 +191,7 @@ class Downloader:
         record_path = byte_ranges.ranges_path(part.path)
         ranges = byte_ranges.load(record_path, part.path) if record_path.exists() else None
         if record_path.exists() and ranges is None:  # load said why
-            part.path.unlink(missing_ok=True)
-            record_path.unlink()
+            discard(part.path)
         if ranges is None and part.path.exists():  # one stream's part: a prefix of the file
             log.info("%s: resuming after the %s already in %s", name, human_bytes(part.path.stat().st_size),
                      part.path.name)
@@ -208,8 +207,7 @@ class Downloader:
                 self.active.pop(name)
         digest = part.md5.hexdigest()
         if expected is not None and digest != expected:
-            part.path.unlink(missing_ok=True)
-            record_path.unlink(missing_ok=True)
+            discard(part.path)
             raise DownloadError(f"checksum mismatch for {name} from {redact_url(url)}: MD5 {digest}, expected "
                                 f"{expected}; the damaged {part.path.name} was removed and nothing is kept under "
                                 f"{name}. Run the download again (a fresh link if it happens twice), or pass "
@@ -237,8 +235,7 @@ class Downloader:
             except _RangesUnusable as exc:
                 log.warning("%s: %s; the file starts again in one stream (--download-ranges 1 does so from the "
                             "start)", part.name, exc)
-                part.path.unlink(missing_ok=True)
-                byte_ranges.ranges_path(part.path).unlink(missing_ok=True)
+                discard(part.path)
                 part.offset, part.md5, part.one_stream, ranges = 0, hashlib.md5(), True, None
 
     def fetch_ranges(self, part: Part, ranges: list[byte_ranges.ByteRange]) -> None:
@@ -435,6 +432,12 @@ class Downloader:
                                           "mtime_ns": stat.st_mtime_ns, "checksum": checksum,
                                           "fetched_in_this_run": fetched}
             write_json(self.archive_dir / REPORT_FILE, self.report)
+
+
+def discard(part_path: Path) -> None:
+    """A part file and its byte ranges' record, when either is there."""
+    part_path.unlink(missing_ok=True)
+    byte_ranges.ranges_path(part_path).unlink(missing_ok=True)
 
 
 def hash_into(md5: Any, path: Path) -> int:
