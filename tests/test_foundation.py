@@ -81,10 +81,12 @@ def test_partly_set_torchrun_environment_is_an_error():
         read_env({k: v for k, v in full.items() if k != "MASTER_PORT"})
 
 
-def test_append_row_refuses_a_table_with_other_columns(tmp_path):
+def test_append_row_adds_new_columns_to_an_older_table_and_refuses_other_columns(tmp_path):
     path = tmp_path / "epochs.csv"
     append_row(path, {"a": 1, "b": 2}, ("a", "b"))
     append_row(path, {"a": 3}, ("a", "b"))
     assert path.read_text() == "a,b\n1,2\n3,\n"
+    append_row(path, {"a": 4, "c": 5}, ("a", "b", "c"))  # a newer version records one more column
+    assert path.read_text() == "a,b,c\n1,2,\n3,,\n4,,5\n"
     with pytest.raises(ValueError, match="other columns"):
-        append_row(path, {"a": 1}, ("a", "c"))
+        append_row(path, {"a": 1}, ("a", "d"))

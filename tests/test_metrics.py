@@ -51,20 +51,24 @@ class FakeClock:
         self.now_s += seconds
 
 
-def test_throughput_leaves_out_warmup_and_counts_the_data_wait(monkeypatch):
+def test_throughput_leaves_out_warmup_and_tells_the_loader_wait_from_the_devices_wait_and_phases(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(metrics, "time", clock)
     timer = ThroughputTimer(CPU, warmup_steps=2)
     for step in range(6):
-        clock.sleep(1.0 if step < 2 else 0.125)  # slow warm-up steps, then 125 ms waiting for data
-        timer.data_ready()
-        clock.sleep(0.375)  # 375 ms of compute
+        clock.sleep(1.0 if step < 2 else 0.125)  # slow warm-up steps, then 125 ms until the input is ready...
+        timer.data_ready(loader_wait_s=0.05)  # ...of which 50 ms blocked on the loader, the rest decoding
+        clock.sleep(0.25)  # forward and backward
+        timer.backward_done()
+        clock.sleep(0.125)  # optimizer
         timer.step_done(images=10)
     result = timer.result()
     assert result.measured_steps == 4 and result.warmup_steps == 2
     assert result.img_per_s_all_ranks == 20.0  # 40 images in 4 x 500 ms; with the warm-up it would be 60 / 4.75 s
     assert result.img_per_s_per_rank == result.img_per_s_all_ranks
-    assert result.data_wait_frac == 0.25  # 4 x 125 ms of 2 s
+    assert result.data_wait_frac == pytest.approx(0.1)  # 4 x 50 ms of 2 s: what the loader alone cost
+    assert result.device_wait_frac == pytest.approx(0.25)  # 4 x 125 ms: the time the model waited for its input
+    assert (result.input_wait_ms, result.fwd_bwd_ms, result.optimizer_ms) == pytest.approx((125, 250, 125))
 
 
 def test_throughput_of_an_epoch_without_measured_steps_is_nan():

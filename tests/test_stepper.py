@@ -32,7 +32,7 @@ def run(s: Stepper, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]
     generator = torch.Generator().manual_seed(1)
     for step in range(steps):
         images, targets = torch.randn(8, 3, generator=generator), torch.randint(0, 4, (8,), generator=generator)
-        s.step(images, targets, batch_key=(0, step))
+        s.step(images, targets)
         model_w.append(s.raw_model.weight.detach().clone())
         ema_w.append(s.ema.module.weight.detach().clone())
     return model_w, ema_w

@@ -10,13 +10,14 @@ Collectives use only dtypes that nccl, hccl and gloo all reduce (``COLLECTIVE_DT
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
@@ -80,6 +81,27 @@ class Accelerator:
     def synchronize(self) -> None:
         if self.module is not None:
             self.module.synchronize(self.device)
+
+    def synchronize_current_stream(self) -> None:
+        """Wait for the work queued on this thread's current stream only, not the device's other streams."""
+        if self.module is not None:
+            self.module.current_stream(self.device).synchronize()
+
+    def current_stream(self) -> Any:
+        """This thread's current stream on the device; None on the CPU, which has none."""
+        return self.module.current_stream(self.device) if self.module is not None else None
+
+    def new_stream(self) -> Any:
+        """A stream of its own for work to overlap the current stream's; None on the CPU."""
+        return self.module.Stream(self.device) if self.module is not None else None
+
+    def on_stream(self, stream: Any) -> ContextManager:
+        """Queue the block's device work on ``stream`` (a no-op on the CPU)."""
+        return self.module.stream(stream) if self.module is not None else contextlib.nullcontext()
+
+    def timing_event(self) -> Any:
+        """An event whose device timestamp can be read (``elapsed_time``); None on the CPU."""
+        return self.module.Event(enable_timing=True) if self.module is not None else None
 
     def peak_memory_mib(self) -> float:
         """Peak memory of this process: allocated on the accelerator, or max resident set size on the CPU."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,17 +100,80 @@ def warmup_steps_for(steps_in_epoch: int) -> int:
 class Throughput:
     img_per_s_all_ranks: float
     img_per_s_per_rank: float
-    data_wait_frac: float
+    data_wait_frac: float    # host time blocked on the loader / step time
     measured_steps: int
     warmup_steps: int
+    device_wait_frac: float = float("nan")  # time the device waited for its input / step time
+    input_wait_ms: float = float("nan")     # per step, mean over ranks: the device waiting for its input
+    fwd_bwd_ms: float = float("nan")        # per step: input ready to backward done
+    optimizer_ms: float = float("nan")      # per step: backward done to the step's end (optimizer, schedule, EMA)
+
+
+class StepClock:
+    """Where each step's time goes, on the device's own clock: marks at input ready, backward done and step done.
+
+    On an accelerator the marks are timing events on the training stream, read only when the figures are asked
+    for (completed pairs are folded in as they land, so a long epoch keeps few events); the time from one step's
+    end to the next step's input being ready is the device waiting for its input, whoever made it wait (the
+    loader, the decode on the side stream, or a host too slow to queue work). On the CPU, where work is done
+    when its call returns, the marks are the host's clock."""
+
+    PHASES = ("input", "fwd_bwd", "optimizer")
+    FOLD_AFTER = 64  # pending event pairs before the completed ones are read
+
+    def __init__(self, device: torch.device):
+        self.accelerator = Accelerator.of(device)
+        self.totals_ms = dict.fromkeys(self.PHASES, 0.0)
+        self.pending: list[tuple[str, Any, Any]] = []  # (phase, start mark, end mark) not read yet
+        self.last: Any = None
+
+    def _now(self) -> Any:
+        event = self.accelerator.timing_event()
+        if event is None:
+            return time.perf_counter()
+        event.record()
+        return event
+
+    def start(self) -> None:
+        """The clock starts now (the previous step's end, for the first input wait)."""
+        self.last = self._now()
+
+    def mark(self, phase: str) -> None:
+        """``phase`` ends now (it began at the previous mark)."""
+        now = self._now()
+        if self.last is not None:
+            self.pending.append((phase, self.last, now))
+        self.last = now
+        if len(self.pending) > self.FOLD_AFTER:
+            self._fold(wait=False)
+
+    def _fold(self, *, wait: bool) -> None:
+        """Add up the pairs whose end has been reached (all of them with ``wait``, after a device sync)."""
+        if wait:
+            self.accelerator.synchronize()
+        left = []
+        for phase, begin, end in self.pending:
+            if isinstance(end, float):
+                self.totals_ms[phase] += 1000 * (end - begin)
+            elif wait or end.query():
+                self.totals_ms[phase] += begin.elapsed_time(end)
+            else:
+                left.append((phase, begin, end))
+        self.pending = left
+
+    def totals(self) -> dict[str, float]:
+        """Milliseconds per phase over the measured steps (waits for the device)."""
+        self._fold(wait=True)
+        return dict(self.totals_ms)
 
 
 class ThroughputTimer:
     """Steady-state images per second of one epoch (or one performance run).
 
-    Call ``data_ready()`` when a batch arrives and ``step_done(n)`` after its optimizer step. The clock
-    starts after the warm-up steps (with a device sync) and stops at ``result()`` (another sync); the
-    host time spent blocked on the loader in between is the data wait.
+    Call ``data_ready(loader_wait_s)`` when a batch is handed over, ``backward_done()`` between backward and
+    optimizer, and ``step_done(n)`` after the step. The clock starts after the warm-up steps (with a device sync)
+    and stops at ``result()`` (another sync). Two waits are told apart: the host's time blocked on the loader,
+    and the device's time waiting for its input (StepClock), which also counts a decode on the device.
     """
 
     def __init__(self, device: torch.device, warmup_steps: int):
@@ -118,37 +182,46 @@ class ThroughputTimer:
         self.steps = 0
         self.images = 0
         self.data_wait_s = 0.0
+        self.clock = StepClock(device)
         self.start: float | None = None
-        self.last = time.perf_counter()
         if warmup_steps == 0:
             self._start_clock()
 
     def _start_clock(self) -> None:
         synchronize(self.device)
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
+        self.clock.start()
 
-    def data_ready(self) -> None:
-        now = time.perf_counter()
+    def data_ready(self, loader_wait_s: float) -> None:
         if self.start is not None:
-            self.data_wait_s += now - self.last
-        self.last = now
+            self.data_wait_s += loader_wait_s
+            self.clock.mark("input")
+
+    def backward_done(self) -> None:
+        if self.start is not None:
+            self.clock.mark("fwd_bwd")
 
     def step_done(self, images: int) -> None:
         self.steps += 1
         if self.start is not None:
             self.images += images
+            self.clock.mark("optimizer")
         elif self.steps >= self.warmup_steps:
             self._start_clock()
-        self.last = time.perf_counter()
 
     def result(self) -> Throughput:
         """The steady-state figures over all processes (a collective: every rank must call it)."""
-        synchronize(self.device)
+        phases_ms = self.clock.totals()  # syncs the device
         elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
-        images, elapsed_sum, wait_sum = distributed.all_reduce_sum([self.images, elapsed, self.data_wait_s])
+        measured = max(self.steps - self.warmup_steps, 0)
+        images, elapsed_sum, wait_sum, *phase_sums = distributed.all_reduce_sum(
+            [self.images, elapsed, self.data_wait_s] + [phases_ms[p] for p in StepClock.PHASES])
         world = distributed.world_size()
         mean_elapsed_s = elapsed_sum / world
         all_ranks = images / mean_elapsed_s if images and mean_elapsed_s > 0 else float("nan")
+        per_step = [total / (world * measured) if measured else float("nan") for total in phase_sums]
         return Throughput(img_per_s_all_ranks=all_ranks, img_per_s_per_rank=all_ranks / world,
                           data_wait_frac=wait_sum / elapsed_sum if elapsed_sum > 0 else float("nan"),
-                          measured_steps=max(self.steps - self.warmup_steps, 0), warmup_steps=self.warmup_steps)
+                          measured_steps=measured, warmup_steps=self.warmup_steps,
+                          device_wait_frac=phase_sums[0] / (1000 * elapsed_sum) if elapsed_sum > 0 else float("nan"),
+                          input_wait_ms=per_step[0], fwd_bwd_ms=per_step[1], optimizer_ms=per_step[2])

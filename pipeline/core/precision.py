@@ -49,16 +49,17 @@ class Precision:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *,
-                          clip_grad_norm: float = 0.0) -> None:
-        """Backward pass and optimizer step, through the GradScaler when there is one; with ``clip_grad_norm``
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass, of the loss scaled by the GradScaler when there is one."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, *, clip_grad_norm: float = 0.0) -> None:
+        """The optimizer step after ``backward``, through the GradScaler when there is one; with ``clip_grad_norm``
         the gradients' total norm is clipped to it first (unscaled, so the bound means the same in fp16)."""
         if self.scaler is None:
-            loss.backward()
             clip_gradients(optimizer, clip_grad_norm)
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
         if clip_grad_norm > 0:
             self.scaler.unscale_(optimizer)
             clip_gradients(optimizer, clip_grad_norm)

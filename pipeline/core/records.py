@@ -54,32 +54,40 @@ EPOCH_COLUMNS = (
     "epoch_time_s",         # wall clock of the training part of the epoch, s
     "img_per_s_all_ranks",  # training images/s summed over all processes, steady state
     "img_per_s_per_rank",   # the same divided by the world size
-    "data_wait_frac",       # share of the steady-state step time spent waiting for the loader, 0..1
+    "data_wait_frac",       # share of the steady-state step time the host spent blocked on the loader, 0..1
     "world_size", "nodes", "amp", "model",
     "peak_mem_mib",         # peak device memory of rank 0, MiB (max RSS on CPU)
     "finished_at",          # ISO 8601 time the epoch's record was written
     "ema_val_acc1", "ema_val_acc5",  # the model EMA over the whole val set, %; empty when EMA is off
+    "device_wait_frac",     # share of the steady-state step time the device waited for its input (decode included)
 )
 PERF_COLUMNS = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
-                "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at")
+                "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at",
+                "device_wait_frac",
+                "input_wait_ms", "fwd_bwd_ms", "optimizer_ms")  # per step, this rank's device clock, mean over ranks
 EVAL_KEYS = ("checkpoint", "weights", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
 
 
 def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) -> None:
-    """Add one row to a CSV table, rewriting it atomically (tables are small: one row per epoch)."""
+    """Add one row to a CSV table, rewriting it atomically (tables are small: one row per epoch). A table written
+    by an earlier version with fewer columns gets the new ones (empty in its old rows), so a run resumed on newer
+    code goes on in the same file."""
     path = Path(path)
     unknown = set(row) - set(columns)
     if unknown:
         raise ValueError(f"columns {sorted(unknown)} are not in the table's columns")
     existing = path.read_text() if path.exists() else ""
-    if existing and existing.splitlines()[0].split(",") != list(columns):
-        raise ValueError(f"{path} has other columns than {list(columns)}; use a new run dir")
+    old_rows: list[dict[str, str]] = []
+    if existing:
+        reader = csv.DictReader(io.StringIO(existing))
+        if not set(reader.fieldnames or ()) <= set(columns):
+            raise ValueError(f"{path} has other columns than {list(columns)}; use a new run dir")
+        old_rows = list(reader)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
-    if not existing:
-        writer.writeheader()
-    writer.writerow(row)
-    atomic_write_text(path, existing + out.getvalue())
+    writer.writeheader()
+    writer.writerows(old_rows + [row])
+    atomic_write_text(path, out.getvalue())
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

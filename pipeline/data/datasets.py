@@ -42,6 +42,9 @@ from pipeline.prep.datadir import CIFAR_FOLDER, DataDirError
 log = logging.getLogger(__name__)
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
+# Pixels an image may have (about 8200 x 8200); ILSVRC2012's largest are far below. A few KB of JPEG can claim
+# 9000 x 9000 and decode to 243 MB, under PIL's own bomb limit (89 M pixels): such a file is skipped and named.
+MAX_IMAGE_PIXELS = 64 * 2 ** 20
 MAX_CONSECUTIVE_FAILURES = 50  # more unreadable images in a row than this means a broken data dir, not bad luck
 PREP_HINT = "prepare it with `python launch.py --stage prep --archive-dir ARCHIVES --data-dir {data_dir}`"
 SampleKey = int | tuple[int, int] | tuple[int, int, int]  # index, (epoch, index) or (epoch, index, copy)
@@ -88,6 +91,18 @@ def scan_split(split_dir: str, wnids: tuple[str, ...]) -> tuple[np.ndarray, np.n
     return paths, np.array([label for _, label in samples], dtype=np.int64)
 
 
+class TooManyPixelsError(ValueError):
+    """An image header claiming more than MAX_IMAGE_PIXELS (a decompression bomb, or not a photo)."""
+
+
+def check_pixels(header: Image.Image) -> None:
+    """Raise TooManyPixelsError before decoding an image whose header claims too many pixels."""
+    width, height = header.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise TooManyPixelsError(f"its header claims {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                 "allowed (a decompression bomb or not a photo)")
+
+
 class ImageFiles(Dataset):
     """Images on disk with labels; ``[i]`` is (RGB PIL image, label) and raises on an unreadable file."""
 
@@ -102,6 +117,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         with Image.open(self.describe(index)) as img:
+            check_pixels(img)
             return img.convert("RGB"), int(self.labels[index])
 
 

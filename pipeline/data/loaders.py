@@ -34,6 +34,9 @@ dropped); ``skipped_images(loader)`` says how many images could not be read.
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +52,8 @@ from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import Precision
 from pipeline.data.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, NoDraw
 from pipeline.train.preemption import STOP_SIGNALS
-from pipeline.data.transforms import (BatchTransform, batch_mix, eval_transform, normalization, train_extras,
-                                      train_transform)
+from pipeline.data.transforms import (BatchTransform, batch_mix, eval_transform, mean_colour_uint8, normalization,
+                                      photometric_transform, train_transform)
 
 __all__ = ["DataDirError", "DatasetInfo", "ShardSampler", "EpochSampler", "RepeatedAugmentationSampler",
            "DeviceBatcher", "dataset_info",
@@ -183,7 +186,10 @@ def device_batcher(cfg: Config, precision: Precision, *, mix_classes: int = 0, s
     if cfg.data.decode == "device":
         train = bool(mix_classes)
         decoder = DeviceDecoder(train=train, crop_size=cfg.data.train_crop_size if train else cfg.data.val_crop_size,
-                                resize_size=cfg.data.val_resize_size, extras=train_extras(cfg.data) if train else None)
+                                resize_size=cfg.data.val_resize_size,
+                                photometric=photometric_transform(cfg.data) if train else None,
+                                erase_p=cfg.data.random_erase if train else 0.0,
+                                erase_value=tuple(mean_colour_uint8(cfg.data.dataset)))
     return DeviceBatcher(precision.device, *normalization(cfg.data.dataset), channels_last=precision.channels_last,
                          mix=mix, mix_seed=sample_seed(seed, rank, -1), decoder=decoder)
 
@@ -191,9 +197,31 @@ def device_batcher(cfg: Config, precision: Precision, *, mix_classes: int = 0, s
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore the stop signals: a scheduler's SIGTERM to the process group (preemption, scancel)
     reaches them too, and a worker dying of it would fail the run; the trainer gets it as well and decides
-    (pipeline.train.preemption). The DataLoader still ends its workers by its own means."""
+    (pipeline.train.preemption). The DataLoader still ends its workers by its own means, and at exit
+    ``stop_workers_at_exit`` kills those still alive (multiprocessing's own exit handler would send them the
+    SIGTERM they ignore, then wait forever)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """Kill this process's live daemonic children, the DataLoader workers among them, and reap them: they would get
+    SIGTERM at exit anyway (multiprocessing ends daemonic children so), which loader workers ignore."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each killed worker as a crash
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
+
+
+@functools.cache
+def stop_workers_at_exit() -> None:
+    """Once per process: at interpreter exit, before multiprocessing's handler (atexit runs last-registered
+    first), kill loader workers still alive, so a script or test that raises inside a loop ends instead of
+    hanging in multiprocessing's join."""
+    atexit.register(_kill_loader_workers)
 
 
 def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
@@ -203,6 +231,7 @@ def _loader_options(cfg: Config, device: torch.device, seed: int) -> dict:
     options = dict(batch_size=cfg.train.batch_size, num_workers=workers, pin_memory=pin,
                    generator=torch.Generator().manual_seed(seed))
     if workers > 0:
+        stop_workers_at_exit()
         options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor,
                        worker_init_fn=ignore_stop_signals)
     return options

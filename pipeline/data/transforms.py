@@ -73,10 +73,10 @@ def _erasing(cfg: DataConfig) -> list[v2.Transform]:
     return [v2.RandomErasing(p=cfg.random_erase, value=mean_colour_uint8(cfg.dataset))] if cfg.random_erase > 0 else []
 
 
-def train_extras(cfg: DataConfig) -> v2.Compose | None:
-    """The augmentations after crop and flip, on a uint8 CHW tensor (the device path runs them on the device);
-    None when the recipe has none."""
-    steps = _photometric(cfg) + _erasing(cfg)
+def photometric_transform(cfg: DataConfig) -> v2.Compose | None:
+    """The colour and auto-augment steps after crop and flip, on a uint8 CHW tensor (the device path runs them on
+    the device, image by image; its RandomErasing is batched there); None when the recipe has none."""
+    steps = _photometric(cfg)
     return v2.Compose(steps) if steps else None
 
 

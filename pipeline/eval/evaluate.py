@@ -35,6 +35,7 @@ from pipeline.core.records import EVAL_FILE, write_json
 from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import (DeviceBatcher, build_val_loader, cpu_decoded_images, dataset_info, device_batcher,
                                    skipped_images)
+from pipeline.data.prefetch import DeviceInputs
 from pipeline.models.registry import build_model, read_state_dict
 from pipeline.train.checkpoint import BEST, CheckpointError, NotATrainingCheckpointError, checkpoint_dir, load_checkpoint
 
@@ -80,9 +81,8 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
     skipped_before = skipped_images(loader) + to_device.skipped  # the workers' and, decoding on the device, its own
     criterion = nn.CrossEntropyLoss()
     with Progress(desc, total=len(loader), unit="batch", logger=log, enabled=distributed.is_main_process()) as bar:
-        for images, targets in loader:
+        for images, targets in DeviceInputs(loader, to_device, precision.device):  # the next batch decoded while this one runs
             if len(targets):
-                images, targets = to_device(images, targets)
                 with precision.autocast():
                     logits = model(images)
                 logits = logits.float()

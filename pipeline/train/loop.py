@@ -29,6 +29,7 @@ from pipeline.core import distributed
 from pipeline.core.config import ConfigError
 from pipeline.core.logs import format_seconds
 from pipeline.data.loaders import DeviceBatcher
+from pipeline.data.prefetch import DeviceInputs
 from pipeline.train import watchdog
 from pipeline.core.metrics import (RunningSums, Throughput, ThroughputTimer, Totals, batch_sums, peak_memory_mib,
                                    warmup_steps_for)
@@ -60,15 +61,24 @@ class Stepper:
     ema_warmup_steps: int = 0  # until then the EMA restarts from the model at each update
     clip_grad_norm: float = 0.0  # 0: no clipping
 
-    def step(self, images: torch.Tensor, targets: torch.Tensor, batch_key: tuple[int, int]) -> torch.Tensor:
-        """Forward, backward, optimizer and schedule step, EMA update of the batch ``batch_key`` (epoch, index in
-        the epoch); returns the batch's ``batch_sums``."""
-        images, targets = self.to_device(images, targets, batch_key=batch_key)
+    def inputs(self, batches: Iterable[tuple], first: tuple[int, int]) -> DeviceInputs:
+        """The loader's ``batches`` as the model's input, one prepared ahead; ``first`` is the (epoch, index) of
+        the first, which with the ones after it seeds each batch's mix."""
+        epoch, index = first
+        return DeviceInputs(batches, self.to_device, self.precision.device, ((epoch, i) for i in itertools.count(index)))
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor,
+             on_backward: Callable[[], None] | None = None) -> torch.Tensor:
+        """Forward, backward, optimizer and schedule step, EMA update of a batch from ``inputs``; returns the
+        batch's ``batch_sums``. ``on_backward()`` is called between the backward pass and the optimizer step."""
         with self.precision.autocast():
             logits = self.model(images)
             loss = self.criterion(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward_and_step(loss, self.optimizer, clip_grad_norm=self.clip_grad_norm)
+        self.precision.backward(loss)
+        if on_backward is not None:
+            on_backward()
+        self.precision.step(self.optimizer, clip_grad_norm=self.clip_grad_norm)
         self.scheduler.step()
         if self.ema is not None:
             self.update_ema()
@@ -99,18 +109,16 @@ class LogWindow:
 
     def reset(self) -> None:
         self.sums = RunningSums(self.device)
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
         self.data_wait_s = 0.0
         self.steps = 0
 
-    def data_ready(self) -> None:
-        now = time.perf_counter()
-        self.data_wait_s += now - self.last
+    def data_ready(self, loader_wait_s: float) -> None:
+        self.data_wait_s += loader_wait_s
 
     def step_done(self, batch: torch.Tensor) -> None:
         self.sums.add(batch)
         self.steps += 1
-        self.last = time.perf_counter()
 
     def scalars(self, lr: float) -> dict[str, float]:
         """The window's figures under the trackers' tags (pipeline/train/tracking.py); one host sync."""
@@ -173,9 +181,10 @@ class StepBook:
         self.timer = ThroughputTimer(device, warmup_steps)
         self.print_freq, self.prefix = max(print_freq, 1), prefix
 
-    def data_ready(self) -> None:
-        self.timer.data_ready()
-        self.window.data_ready()
+    def data_ready(self, loader_wait_s: float) -> None:
+        """A batch is handed over after ``loader_wait_s`` of host time blocked on the loader."""
+        self.timer.data_ready(loader_wait_s)
+        self.window.data_ready(loader_wait_s)
 
     def step_done(self, batch: torch.Tensor, images: int, step: int, total: int, lr: float) -> None:
         self.sums.add(batch)
@@ -278,9 +287,10 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
     watch = LossWatch.of(stepper, f"epoch {epoch}")
     step, stopped = start_step, False
     stepper.model.train()  # validation left it in eval mode
-    for images, targets in skip_batches(loader, start_step):
-        book.data_ready()
-        batch = stepper.step(images, targets, (epoch, step))
+    inputs = stepper.inputs(skip_batches(loader, start_step), (epoch, start_step))
+    for images, targets in inputs:
+        book.data_ready(inputs.loader_wait_s)
+        batch = stepper.step(images, targets, on_backward=book.timer.backward_done)
         step += 1
         watch.add(batch, step)
         book.step_done(batch, len(images), step, total, stepper.lr)
@@ -313,10 +323,10 @@ def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler |
                     prefix="Perf:", on_log=on_log)
     watch = LossWatch.of(stepper, "the performance run")
     stepper.model.train()
-    batches = itertools.islice(endless_batches(loader, sampler), max_steps)
-    for step, (images, targets) in enumerate(batches, start=1):
-        book.data_ready()
-        batch = stepper.step(images, targets, (0, step))
+    inputs = stepper.inputs(itertools.islice(endless_batches(loader, sampler), max_steps), (0, 1))
+    for step, (images, targets) in enumerate(inputs, start=1):
+        book.data_ready(inputs.loader_wait_s)
+        batch = stepper.step(images, targets, on_backward=book.timer.backward_done)
         watch.add(batch, step)
         book.step_done(batch, len(images), step, max_steps, stepper.lr)
         if step % book.print_freq == 0:

@@ -182,6 +182,7 @@ class Trainer:
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": round(tp.img_per_s_all_ranks, 2),
                 "img_per_s_per_rank": round(tp.img_per_s_per_rank, 2), "data_wait_frac": round(tp.data_wait_frac, 4),
+                "device_wait_frac": round(tp.device_wait_frac, 4),
                 "world_size": self.env.world_size, "nodes": self.env.nodes, "amp": self.cfg.train.amp,
                 "model": self.cfg.model.model, "finished_at": now_iso()}
 
@@ -269,9 +270,10 @@ class Trainer:
         train = result.totals
         distributed.on_main_process(
             log.info, "Epoch %d trained in %.1f s: train loss %.4f Acc@1 %.3f Acc@5 %.3f | val %s%s | %.1f img/s all "
-            "ranks (%.1f per rank), data wait %.1f%%", epoch, row["epoch_time_s"], train.loss, train.acc1, train.acc5,
-            val.line(), f" | EMA {ema_val.line()}" if ema_val else "", row["img_per_s_all_ranks"],
-            row["img_per_s_per_rank"], 100 * result.throughput.data_wait_frac)
+            "ranks (%.1f per rank), loader wait %.1f%%, device waiting for input %.1f%%", epoch, row["epoch_time_s"],
+            train.loss, train.acc1, train.acc5, val.line(), f" | EMA {ema_val.line()}" if ema_val else "",
+            row["img_per_s_all_ranks"], row["img_per_s_per_rank"], 100 * result.throughput.data_wait_frac,
+            100 * result.throughput.device_wait_frac)
         keep = pos.epoch % self.cfg.train.save_every == 0 or pos.epoch == self.cfg.train.epochs
         state = self.state.state_dict(0, pos.epoch, None)
         distributed.on_main_process(self.save, state, keep_epoch=keep, best=is_best)
@@ -287,13 +289,17 @@ class Trainer:
                         cfg.train.max_steps)
             return self.outcome(finished=False, preempted=True)
         row = {"steps": cfg.train.max_steps, "warmup_steps": tp.warmup_steps, "batch_size": cfg.train.batch_size,
-               "channels_last": cfg.model.channels_last, "device": self.device.type, **self.common_columns(tp)}
+               "channels_last": cfg.model.channels_last, "device": self.device.type, **self.common_columns(tp),
+               "input_wait_ms": round(tp.input_wait_ms, 3), "fwd_bwd_ms": round(tp.fwd_bwd_ms, 3),
+               "optimizer_ms": round(tp.optimizer_ms, 3)}
         distributed.on_main_process(append_row, self.run_dir / PERF_FILE, row, PERF_COLUMNS)
         distributed.on_main_process(
             log.info, "performance: %s, %d steps (%d warm-up left out), batch %d x %d processes, amp %s: "
-            "%.1f img/s all ranks, %.1f per rank, data wait %.1f%%", cfg.model.model, cfg.train.max_steps,
+            "%.1f img/s all ranks, %.1f per rank, loader wait %.1f%%, device waiting for input %.1f%%; per step: input "
+            "%.1f ms, forward+backward %.1f ms, optimizer %.1f ms", cfg.model.model, cfg.train.max_steps,
             tp.warmup_steps, cfg.train.batch_size, self.env.world_size, cfg.train.amp, tp.img_per_s_all_ranks,
-            tp.img_per_s_per_rank, 100 * tp.data_wait_frac)
+            tp.img_per_s_per_rank, 100 * tp.data_wait_frac, 100 * tp.device_wait_frac, tp.input_wait_ms, tp.fwd_bwd_ms,
+            tp.optimizer_ms)
         self.state.position.global_step = cfg.train.max_steps
         return self.outcome(finished=True, preempted=False, perf=row)
 
