@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,7 @@ from pipeline.core.config import Config
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import setup_precision
 from pipeline.data.datasets import seeded_cpu_rng
-from pipeline.data.device_decode import DrawCrop, EncodedFiles, EncodedImage
+from pipeline.data.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, EncodedImage
 from pipeline.data.loaders import build_train_loader, build_val_loader, device_batcher, skipped_images
 from pipeline.eval.evaluate import validate
 from pipeline.models.registry import build_model
@@ -40,7 +41,8 @@ def small_config(data_dir, decode: str, *, workers: int = 0, batch_size: int = 4
     return cfg
 
 
-def decoded_batches(cfg: Config, *, train: bool, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def decoded_batches(cfg: Config, *, train: bool, epoch: int = 0,
+                    batched: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The uint8 images and labels the model's input is made from, whichever path decodes them."""
     env = DistEnv()
     precision = setup_precision(CPU, "none", False)
@@ -50,6 +52,8 @@ def decoded_batches(cfg: Config, *, train: bool, epoch: int = 0) -> list[tuple[t
         to_device = device_batcher(cfg, precision, mix_classes=3)
     else:
         loader, to_device = build_val_loader(cfg, env, CPU), device_batcher(cfg, precision)
+    if to_device.decoder is not None:
+        to_device.decoder.batched = batched
     decode = to_device.decoder or (lambda images, targets, device: (images, targets))
     return [decode(images, targets, CPU) for images, targets in loader]
 
@@ -62,10 +66,11 @@ def assert_within_one_level(cpu: list, device: list) -> None:
         assert difference.max() <= 1 and difference.float().mean() < 0.25  # rounding only: another box differs by tens
 
 
+@pytest.mark.parametrize("batched", [False, True])  # per image (the CPU's default) and as on accelerators
 @pytest.mark.parametrize("train", [True, False])
-def test_device_path_gives_the_cpu_paths_crops_and_pixels_within_one_level(image_dir, train):
+def test_device_path_gives_the_cpu_paths_crops_and_pixels_within_one_level(image_dir, train, batched):
     cpu = decoded_batches(small_config(image_dir, "cpu"), train=train, epoch=2)
-    device = decoded_batches(small_config(image_dir, "device", workers=2), train=train, epoch=2)
+    device = decoded_batches(small_config(image_dir, "device", workers=2), train=train, epoch=2, batched=batched)
     assert_within_one_level(cpu, device)
 
 
@@ -95,7 +100,7 @@ def test_crop_boxes_are_torchvisions_random_resized_crop_draws(size):
         with seeded_cpu_rng(seed):
             expected = crop.make_params([image])
         with seeded_cpu_rng(seed):
-            sample = DrawCrop()(EncodedImage(torch.empty(0, dtype=torch.uint8), False, image, "x"))
+            sample = DrawCrop()(EncodedImage(b"", False, image, "x"))
         assert sample.box == (expected["top"], expected["left"], expected["height"], expected["width"])
 
 
@@ -112,6 +117,13 @@ def replace_with(path, kind: str) -> None:
     elif kind == "truncated":  # no end-of-image marker: PIL in the worker raises
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif kind == "bomb":  # a few hundred bytes whose header claims 9000 x 9000 pixels (243 MB decoded)
+        data = bytearray(path.read_bytes())
+        sof = data.find(b"\xff\xc0")
+        data[sof + 5:sof + 9] = (9000).to_bytes(2, "big") * 2
+        path.write_bytes(bytes(data))
+    elif kind == "not_an_image":
+        path.write_bytes(b"<html>an expired link</html>")
     elif kind == "no_scan":  # a valid header and end marker but no image data: both decoders fail on the device side
         data = path.read_bytes()
         path.write_bytes(data[: data.find(b"\xff\xda")] + b"\xff\xd9")
@@ -168,6 +180,35 @@ def test_a_train_batch_with_an_unreadable_file_stays_full(tmp_path, caplog):
         batches = decoded_batches(small_config(root, "device"), train=True)
     assert [len(t) for _, t in batches] == [4, 4] and all(images.shape[0] == 4 for images, _ in batches)
     assert str(bad) in caplog.text
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_image_that_takes_a_failed_ones_place_keeps_its_own_label(tmp_path, batched):
+    root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=1, val_per_class=1, size=(64, 52))
+    first, second = sorted((root / "train").rglob("*.JPEG"))  # labels 0 and 1
+    replace_with(first, "no_scan")  # read by the worker, rejected on the device
+    files = EncodedFiles(np.array([str(first).encode(), str(second).encode()]), np.array([0, 1]))
+    with seeded_cpu_rng(0):
+        samples = [(DrawCrop()(files[i][0]), int(files.labels[i]), 0) for i in range(2)]
+    batch, labels = EncodedCollate()(samples)
+    decoder = DeviceDecoder(train=True, crop_size=32, resize_size=36, batched=batched)
+    images, targets = decoder(batch, labels, CPU)
+    assert decoder.skipped == 1 and torch.equal(images[0], images[1])  # the same pixels, with the same box and flip
+    assert targets.tolist() == [1, 1]  # ...and the same label: the failed file's label 0 went with it
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_header_claiming_too_many_pixels_and_a_file_that_is_no_image_are_skipped_and_named(tmp_path, caplog,
+                                                                                                decode):
+    root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=2, size=(64, 52))
+    bomb, junk = sorted((root / "val").rglob("*.JPEG"))[:2]
+    replace_with(bomb, "bomb")
+    replace_with(junk, "not_an_image")
+    with caplog.at_level(logging.WARNING):
+        batches = decoded_batches(small_config(root, decode), train=False)
+    assert sum(len(t) for _, t in batches) == 2  # the two good images of four
+    assert f"{bomb}: TooManyPixelsError: its header claims 9000 x 9000 pixels" in caplog.text
+    assert str(junk) in caplog.text and "BytesIO" not in caplog.text  # named by its path, not by a buffer
 
 
 @pytest.mark.slow
