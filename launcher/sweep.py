@@ -24,6 +24,9 @@ from pipeline.core.records import POINT_NAME_CHARS
 NOT_SWEPT = {"run_dir": "it is the sweep dir, each point gets a run dir in it",
              "executor": "one sweep runs on one executor", "dry_run": "pass --dry-run alone",
              "detach": "pass --detach alone", "array_parallelism": "it is the sweep's own limit"}
+# Values that may hold a token: a point's values name its run dir and are saved in sweep.json, so never swept.
+SECRET_KEYS = {"url": "a link may hold a token", "header": "a header value is a credential",
+               "cookie_file": "cookies are credentials"}
 BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 UNSAFE = re.compile(f"[^{POINT_NAME_CHARS}]")
 
@@ -65,6 +68,10 @@ def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[tuple[str, Any]]]
     for item in items:
         key, sep, values = item.partition("=")
         name = key.strip().lstrip("-").replace("-", "_")
+        if name in SECRET_KEYS:  # the values are not echoed
+            raise LaunchError(f"--sweep {name}=...: {name} cannot be swept: {SECRET_KEYS[name]}, and a point's values "
+                              "name its run dir and are saved in sweep.json; a sweep trains, so download options "
+                              "have no effect on it")
         texts = [v.strip() for v in values.split(",")]
         if not sep or not name or not all(texts):
             raise LaunchError(f"--sweep {item!r}: expected KEY=V1,V2,..., e.g. --sweep model=resnet18,resnet50")
