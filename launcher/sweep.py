@@ -20,6 +20,7 @@ from pipeline.core import flags as tv_flags
 from pipeline.core.config import FIELDS, _check_value
 from pipeline.core.errors import UserError
 from pipeline.core.records import POINT_NAME_CHARS
+from pipeline.core.validate import NAME_MAX
 
 NOT_SWEPT = {"run_dir": "it is the sweep dir, each point gets a run dir in it",
              "executor": "one sweep runs on one executor", "dry_run": "pass --dry-run alone",
@@ -118,6 +119,10 @@ def sweep_points(args: argparse.Namespace) -> list[Point]:
         point.run_dirs = [str(Path(run_dirs[0]) / name)]
         points.append(Point(name, values, point))
     names = [point.name for point in points]
+    too_long = next((name for name in names if len(name.encode()) > NAME_MAX), None)
+    if too_long:
+        raise LaunchError(f"--sweep: the run dir name of point {too_long[:60]}... is {len(too_long.encode())} bytes, "
+                          f"more than a file name may be ({NAME_MAX}); sweep fewer keys or shorter values")
     if len(set(names)) != len(names):
         raise LaunchError("--sweep: two points get the same run dir name; give values that differ in letters, "
                           "digits or . _ - +")
