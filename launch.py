@@ -121,7 +121,7 @@ def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None
 def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
     """Every point of --sweep resolved and checked before any is submitted (launcher/sweep_jobs.py runs them)."""
     plans = []
-    for point in sweep_points(args):
+    for point in sweep_points(args, out):
         try:
             cfg, run_dirs = resolve_config(point.args)
             validate(cfg, ["train"])

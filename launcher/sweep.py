@@ -13,7 +13,7 @@ import itertools
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence, TextIO
 
 from launcher.executors import LaunchError
 from pipeline.core import flags as tv_flags
@@ -63,8 +63,9 @@ def convert(name: str, text: str) -> Any:
         raise LaunchError(str(exc)) from None
 
 
-def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
-    """``KEY=V1,V2`` items as [(field name, [(text, typed value), ...]), ...]; bad input is a LaunchError."""
+def parse_sweeps(items: Sequence[str], notes: list[str]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """``KEY=V1,V2`` items as [(field name, [(text, typed value), ...]), ...], a value equal to an earlier one
+    dropped with a line added to ``notes``; bad input is a LaunchError."""
     axes: list[tuple[str, list[tuple[str, Any]]]] = []
     for item in items:
         key, sep, values = item.partition("=")
@@ -83,10 +84,21 @@ def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[tuple[str, Any]]]
             raise LaunchError(f"--sweep {item!r}: {name} cannot be swept: {NOT_SWEPT[name]}")
         if any(name == other for other, _ in axes):
             raise LaunchError(f"--sweep {item!r}: {name} is swept twice; give all its values in one --sweep")
-        if len(set(texts)) != len(texts):
-            raise LaunchError(f"--sweep {item!r}: a value is repeated")
-        axes.append((name, [(text, convert(name, text)) for text in texts]))
+        axes.append((name, distinct_values(name, [(text, convert(name, text)) for text in texts], notes)))
     return axes
+
+
+def distinct_values(name: str, values: list[tuple[str, Any]], notes: list[str]) -> list[tuple[str, Any]]:
+    """``values`` without those equal to an earlier one once typed (``lr=0.1,0.10``), each drop noted: two points
+    would train the same config into two run dirs."""
+    kept: dict[str, tuple[str, Any]] = {}
+    for text, value in values:
+        if repr(value) in kept:
+            first = kept[repr(value)][0]
+            notes.append(f"--sweep {name}: {text} is the same value as {first} ({value!r}); swept once, as {first}")
+        else:
+            kept[repr(value)] = (text, value)
+    return list(kept.values())
 
 
 def point_name(point: Sequence[tuple[str, str]]) -> str:
@@ -100,15 +112,18 @@ class Point(NamedTuple):
     args: argparse.Namespace  # the command line of this point alone
 
 
-def sweep_points(args: argparse.Namespace) -> list[Point]:
-    """Each point of the grid, in order."""
+def sweep_points(args: argparse.Namespace, out: TextIO | None = None) -> list[Point]:
+    """Each point of the grid, in order; a repeated value's note goes to ``out``."""
     if args.stage != "train":
         raise LaunchError(f"--sweep is for --stage train (got --stage {args.stage}); report on the sweep afterwards "
                           "with --stage report --run-dir SWEEP_DIR")
     run_dirs = getattr(args, "run_dirs", None)
     if not run_dirs or len(run_dirs) != 1:
         raise LaunchError("--sweep needs one --run-dir: the sweep dir, which gets one run dir per point")
-    axes = parse_sweeps(args.sweeps)
+    notes: list[str] = []
+    axes = parse_sweeps(args.sweeps, notes)
+    if out:
+        out.write("".join(f"note: {note}\n" for note in notes))
     points = []
     for combo in itertools.product(*(values for _, values in axes)):
         values = {key: text for (key, _), (text, _) in zip(axes, combo)}

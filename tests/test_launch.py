@@ -130,6 +130,11 @@ def test_bad_input_is_a_clear_error(argv, message, no_slurm_path, tmp_path, caps
     (b'[launch]\njob_name = "a\\nb"\n', "launch.job_name (--job-name) = 'a\\nb' holds control character(s)"),
     (b'[launch]\nsbatch = ["comment=\\u0007"]\n', "holds control character(s) '\\x07'"),
     (b"[model]\nmodel = 'builtins:print'\n", "model 'builtins:print' is not a model factory"),
+    (b"lr = 0.5\n[model]\nmodel = 'resnet18'\n", "unknown key 'lr' at the top level; keys belong in sections "
+                                                   "[data], [prep], [download], [model], [optim], [train], [eval], "
+                                                   "[launch] (lr belongs in [optim])"),
+    (b"colour = 'red'\n", "unknown key 'colour' at the top level; keys belong in sections [data]"),
+    (b"[launch]\nnodes = 1\n[launch.extra]\n", "unknown key 'extra' in [launch]"),
 ])
 def test_bad_config_file_is_one_line(content, message, no_slurm_path, tmp_path, capsys):
     config = tmp_path / "bad.toml"
