@@ -116,8 +116,12 @@ def private_jobs_root(cfg: Config) -> Path:
     """``<run dir>/logs``, made readable by its owner only before submitit writes a job's inputs there: the
     pickled job (``<id>_submitted.pkl``) holds the resolved config, --header and --url values included."""
     root = Path(job_folder(cfg)).parent
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o700)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+    except PermissionError:
+        raise LaunchError(f"cannot make {root} private (mode 0700) for the jobs' inputs: it or a folder above it "
+                          "belongs to someone else; pass a --run-dir of your own") from None
     return root
 
 def seal_job_inputs(jobs: Sequence[Any]) -> None:

@@ -34,3 +34,16 @@ def test_a_sweep_over_a_credential_is_refused_without_echoing_it(sweep, no_slurm
                               "--data-dir", tmp_path, "--sweep", sweep)
     assert code == 2 and "cannot be swept" in err and len(err.strip().splitlines()) == 1, err
     assert "s3cret" not in out + err and not (tmp_path / "sw").exists()
+
+
+def test_a_logs_folder_that_cannot_be_made_private_is_one_line(monkeypatch, no_slurm_path, tmp_path, capsys):
+    from pathlib import Path
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(Path, "chmod", refuse)  # as for a run dir another user made
+    code, _, err = run_main(capsys, "--stage", "download", "--executor", "local", "--url", "http://127.0.0.1:9/x.tar",
+                            "--archive-dir", tmp_path / "archives", "--run-dir", tmp_path / "run")
+    assert code == 2 and f"cannot make {tmp_path}/run/logs private (mode 0700)" in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("run/logs/*"))
