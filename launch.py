@@ -39,7 +39,7 @@ from launcher.sweep_jobs import SweepPlan
 from pipeline.core.config import FIELDS, Config, LaunchConfig, add_config_arguments, build_config, read_toml
 from pipeline.core.errors import UserError
 from pipeline.core.records import CONFIG_FILE
-from pipeline.core.validate import check_text, validate
+from pipeline.core.validate import check_run_dirs, validate
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -121,11 +121,11 @@ def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None
 def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
     """Every point of --sweep resolved and checked before any is submitted (launcher/sweep_jobs.py runs them)."""
     plans = []
-    for point in sweep_points(args):
+    for point in sweep_points(args, out):
         try:
             cfg, run_dirs = resolve_config(point.args)
             validate(cfg, ["train"])
-            check_text("--run-dir", run_dirs[0])
+            check_run_dirs(run_dirs)
         except UserError as exc:
             raise LaunchError(f"sweep point {point.name}: {exc}") from None
         plans.append(SweepPlan(point.name, point.values, cfg))
@@ -146,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, run_dirs = resolve_config(args)
         stages = stage_chain(args.stage, cfg)
         validate(cfg, stages)
-        for run_dir in run_dirs:
-            check_text("--run-dir", run_dir)
+        check_run_dirs(run_dirs)
         executor = choose_executor(cfg.launch.executor, out)
         check_launch(cfg.launch, stages, executor)
         parse_sbatch_options(cfg.launch.sbatch)

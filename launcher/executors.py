@@ -112,14 +112,37 @@ def executor_parameters(executor: str, cfg: Config, stage: str, after: str | Non
 def job_folder(cfg: Config) -> str:
     return str(Path(cfg.train.run_dir) / "logs" / "%j")
 
+def private_jobs_root(cfg: Config) -> Path:
+    """``<run dir>/logs``, made readable by its owner only before submitit writes a job's inputs there: the
+    pickled job (``<id>_submitted.pkl``) holds the resolved config, --header and --url values included."""
+    root = Path(job_folder(cfg)).parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+    except PermissionError:
+        raise LaunchError(f"cannot make {root} private (mode 0700) for the jobs' inputs: it or a folder above it "
+                          "belongs to someone else; pass a --run-dir of your own") from None
+    return root
+
+def seal_job_inputs(jobs: Sequence[Any]) -> None:
+    """Each submitted job's folder 0700 and its pickled inputs 0600 (submitit writes them with the umask's mode)."""
+    for job in jobs:
+        if job.paths.folder.is_dir():
+            job.paths.folder.chmod(0o700)
+        if job.paths.submitted_pickle.is_file():
+            job.paths.submitted_pickle.chmod(0o600)
+
 def make_executor(executor: str, cfg: Config, params: dict[str, Any]) -> Any:
     import submitit
 
+    from launcher.local_executor import LocalExecutor  # no logs/%j folder (submitit's local controller makes one)
+
+    private_jobs_root(cfg)
     folder = job_folder(cfg)
     if executor == "slurm":
         ex: Any = submitit.SlurmExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
     elif executor == "local":
-        ex = submitit.LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+        ex = LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
     else:
         ex = submitit.DebugExecutor(folder)
     ex.update_parameters(**params)

@@ -7,7 +7,8 @@ from typing import Any, Callable, TextIO
 from jobs.stages import stage_job
 from launcher import slurm
 from launcher.dry_run import cpu_warnings, partition_cpus
-from launcher.executors import LaunchError, executor_parameters, make_executor, sbatch_script, stage_resources
+from launcher.executors import (LaunchError, executor_parameters, make_executor, sbatch_script, seal_job_inputs,
+                                stage_resources)
 from launcher.follow import StageFailed, Submitted, follow
 from pipeline.core.config import Config
 
@@ -41,6 +42,7 @@ def submit(executor: str, cfg: Config, stage: str, fn: Callable[[], Any], after:
         job = make_executor(executor, cfg, params).submit(fn)
     except FailedJobError as exc:
         raise LaunchError(f"sbatch rejected the {stage} job: {exc}") from None
+    seal_job_inputs([job])
     sub = Submitted(stage, job, executor)
     nodes, nproc, _ = stage_resources(cfg, stage)
     waits = f", starts after job {after.replace(':', ', ')} {WAITS[when]}" if after else ""

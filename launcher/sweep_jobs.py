@@ -18,7 +18,8 @@ from typing import Any, Sequence, TextIO
 from jobs.stages import ReportJob, check_inputs, stage_job
 from launcher import slurm
 from launcher.dry_run import cpu_warnings, dry_run, node_command, partition_cpus
-from launcher.executors import LaunchError, executor_parameters, make_executor, sbatch_script, stage_resources
+from launcher.executors import (LaunchError, executor_parameters, make_executor, sbatch_script, seal_job_inputs,
+                                stage_resources)
 from launcher.follow import StageFailed, Submitted, all_results_exist, follow, node_failures
 from launcher.submit import check_script, print_log_paths, run_chain, submit
 from pipeline.core.config import Config
@@ -169,6 +170,7 @@ def submit_array(array: JobArray, out: TextIO) -> tuple[str, list[Any]]:
             jobs = [executor.submit(stage_job("train", plan.cfg, [plan.run_dir])) for plan in array.plans]
     except FailedJobError as exc:
         raise LaunchError(f"sbatch rejected the train job array of {array.names}: {exc}") from None
+    seal_job_inputs(jobs)
     nodes, nproc, _ = stage_resources(array.plans[0].cfg, "train")
     array_id = jobs[0].job_id.split("_")[0]
     kind = "job array" if len(jobs) > 1 else "job"

@@ -130,6 +130,11 @@ def test_bad_input_is_a_clear_error(argv, message, no_slurm_path, tmp_path, caps
     (b'[launch]\njob_name = "a\\nb"\n', "launch.job_name (--job-name) = 'a\\nb' holds control character(s)"),
     (b'[launch]\nsbatch = ["comment=\\u0007"]\n', "holds control character(s) '\\x07'"),
     (b"[model]\nmodel = 'builtins:print'\n", "model 'builtins:print' is not a model factory"),
+    (b"lr = 0.5\n[model]\nmodel = 'resnet18'\n", "unknown key 'lr' at the top level; keys belong in sections "
+                                                   "[data], [prep], [download], [model], [optim], [train], [eval], "
+                                                   "[launch] (lr belongs in [optim])"),
+    (b"colour = 'red'\n", "unknown key 'colour' at the top level; keys belong in sections [data]"),
+    (b"[launch]\nnodes = 1\n[launch.extra]\n", "unknown key 'extra' in [launch]"),
 ])
 def test_bad_config_file_is_one_line(content, message, no_slurm_path, tmp_path, capsys):
     config = tmp_path / "bad.toml"
@@ -190,9 +195,18 @@ def test_dry_run_torchrun_line_pastes_into_a_shell(no_slurm_path, tmp_path, caps
     (["--job-name", "x\nsrun rm -rf ~"], "holds control character(s) '\\n'"),
     (["--sbatch", "comment=a\rb"], "launch.sbatch (--sbatch) = 'comment=a\\rb' holds"),
     (["--data-dir", "{tmp}/d\x1b[2J"], "holds control character(s) '\\x1b'"),
+    (["--train-crop-size", "100000"], "data.train_crop_size (--train-crop-size) = 100000: must be at most 2048"),
+    (["--val-resize-size", "4096"], "val_resize_size (--val-resize-size) = 4096: must be at most 2048"),
+    (["--val-resize-size", "200", "--val-crop-size", "224"], "data.val_crop_size = 224 is larger than val_resize"),
+    (["--mem", "abc"], "launch.mem (--mem) = 'abc': write Slurm's format"),
+    (["--mem", "200 GB"], "launch.mem (--mem) = '200 GB'"),
+    (["--download-ranges", "100000"], "download.download_ranges (--download-ranges) = 100000: must be at most 64"),
+    (["--run-dir", "{tmp}/file"], "train.run_dir (--run-dir) {tmp}/file is a file, not a folder"),
+    (["--archive-dir", "{tmp}/file"], "prep.archive_dir (--archive-dir) {tmp}/file is a file, not a folder"),
 ])
 def test_bad_value_is_one_line_before_anything_is_submitted(flags, message, no_slurm_path, tmp_path, capsys):
     """Every value a launcher can judge is refused by the validation of the resolved config (pipeline.core.validate)."""
+    (tmp_path / "file").write_text("x")
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     code, out, err = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", *flags)
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err

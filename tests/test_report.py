@@ -180,17 +180,6 @@ def test_status_of_an_unfinished_run_comes_from_its_run_state(tmp_path, state, s
     assert report([run_dir], echo=False).summary["status"].tolist() == [status]
 
 
-def test_an_epoch_recorded_twice_keeps_its_newest_row(tmp_path, caplog):
-    run_dir = one_process(tmp_path)
-    lines = (run_dir / "epochs.csv").read_text().splitlines()
-    rerun = lines[3].replace(",25.25,", ",26.0,")  # epoch 2 again, after a crash before its checkpoint
-    (run_dir / "epochs.csv").write_text("\n".join(lines + [rerun]) + "\n")
-    with caplog.at_level(logging.WARNING):
-        result = report([run_dir], echo=False)
-    assert list(result.epochs["r18-1x1"]["val_acc1"]) == [10.0, 30.5, 26.0]
-    assert result.summary.loc[0, "epochs_done"] == 3 and "more than once" in caplog.text
-
-
 def parse_markdown_tables(markdown: str) -> dict[str, list[list[str]]]:
     """Each pipe table under its '## ' heading, as rows of cells (header first, separator dropped)."""
     tables, heading = {}, ""

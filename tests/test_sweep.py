@@ -57,6 +57,19 @@ def test_bad_key_or_value_is_one_line_and_nothing_is_submitted(sweep, message, n
     assert "submitted" not in out and not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize("sweep, kept, note", [
+    ("lr=0.1,0.10,0.2", ["lr=0.1", "lr=0.2"], "--sweep lr: 0.10 is the same value as 0.1 (0.1); swept once, as 0.1"),
+    ("amp=bf16,bf16", ["amp=bf16"], "--sweep amp: bf16 is the same value as bf16 ('bf16'); swept once, as bf16"),
+    ("channels_last=true,yes", ["channels_last=true"], "--sweep channels_last: yes is the same value as true (True)"),
+])
+def test_values_equal_once_typed_make_one_point_with_a_note(sweep, kept, note, no_slurm_path, tmp_path, capsys):
+    code, out, err = run_main(capsys, "--stage", "train", "--executor", "local", "--run-dir", tmp_path / "sw",
+                              "--data-dir", tmp_path, "--sweep", sweep, "--dry-run")
+    assert code == 0, err
+    assert f"note: {note}" in out and f"sweep: {len(kept)} point(s)\n" in out
+    assert all(f"  {name}: {tmp_path / 'sw' / name}\n" in out for name in kept)
+
+
 def test_dry_run_lists_the_points_and_the_first_script(no_slurm_path, tmp_path, capsys):
     code, out, err = run_main(capsys, "--stage", "train", "--executor", "local", "--run-dir", tmp_path / "sw",
                               "--data-dir", tmp_path, "--sweep", "model=resnet18,resnet50", "--sweep", "nodes=1",

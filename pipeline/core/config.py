@@ -296,6 +296,10 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
     """Defaults, then the file's tables, then the flags: the one place precedence is applied."""
     cfg = Config()
     for section, table in (file_values or {}).items():
+        if not isinstance(table, dict) and section not in SECTIONS:  # ``lr = 0.1`` above every [section] line
+            hint = f" ({section} belongs in [{FIELDS[section][0]}])" if section in FIELDS else ""
+            raise ConfigError(f"{where}: unknown key {section!r} at the top level; keys belong in sections "
+                              f"{', '.join(f'[{name}]' for name in SECTIONS)}{hint}")
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown section [{section}]; known sections: {sorted(SECTIONS)}")
         if not isinstance(table, dict):

@@ -8,10 +8,13 @@ a prep job does not import your model.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+from urllib.parse import urlsplit
 
 from pipeline.core.config import Config, ConfigError
 from pipeline.prep.links import check_links, load_cookies, parse_headers, read_links, redact_header, redact_url
@@ -37,6 +40,14 @@ AT_LEAST = {
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"),
 }
+# field: (highest allowed, why)
+AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),
+           "download_ranges": (64, "connections per file; servers refuse or throttle more")}
+SLURM_MEMORY = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)  # sbatch --mem: a number of MiB, or with a unit suffix
+WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; its legacy pickle (protocol 2 and later)
+FOLDERS = {"train": ("run_dir", "--run-dir"), "data": ("data_dir", "--data-dir"),
+           "prep": ("archive_dir", "--archive-dir")}  # section: (field, flag) of a folder a stage writes or reads
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, Lustre, GPFS)
 SHOWN_REDACTED = {"url": redact_url, "header": redact_header}  # may hold a token: never echoed in full
 UNIT_INTERVAL = {"random_erase": "a probability", "warmup_decay": "a fraction of lr",
                  "ema_decay": "a decay per update", "ema_decay_per_image": "a decay before the adjustment for scale"}
@@ -49,6 +60,10 @@ def validate(cfg: Config, stages: Iterable[str] = ("prep", "train", "eval", "rep
     for section, name, value in _fields(cfg):
         _check_field(section, name, value)
     _check_relations(cfg, stages)
+    check_folders(cfg)
+    if "train" in stages:
+        check_trackers_installed(cfg)
+        check_weights_file(cfg.model.pretrained)
     if stages & set(MODEL_STAGES):
         check_model(cfg, pretrained="train" in stages)
     if "train" in stages:
@@ -86,6 +101,12 @@ def _check_field(section: str, name: str, value: Any) -> None:
     if name in AT_LEAST and value < AT_LEAST[name][0]:
         low, unit = AT_LEAST[name]
         raise ConfigError(f"{where} = {value}: must be at least {low}{f' ({unit})' if unit else ''}")
+    if name in AT_MOST and value > AT_MOST[name][0]:
+        high, unit = AT_MOST[name]
+        raise ConfigError(f"{where} = {value}: must be at most {high} ({unit})")
+    if name == "mem" and value and not SLURM_MEMORY.fullmatch(value):
+        raise ConfigError(f"{where} = {value!r}: write Slurm's format, a number of MiB (4096) or one with a unit "
+                          "K, M, G or T (200G); empty lets Slurm decide")
     if name in UNIT_INTERVAL and not 0 <= value <= 1:
         raise ConfigError(f"{where} = {value}: must lie in [0, 1] ({UNIT_INTERVAL[name]})")
     if name in BELOW_ONE and not 0 <= value < 1:
@@ -103,6 +124,10 @@ def _check_relations(cfg: Config, stages: set[str]) -> None:
         raise ConfigError(f"model.ema_decay = {cfg.model.ema_decay} (per update, as given) and ema_decay_per_image = "
                           f"{cfg.model.ema_decay_per_image} (torchvision's --model-ema-decay, adjusted for scale) are "
                           "both set: keep one (--ema-decay 0 or --model-ema-decay 0 turns the other off)")
+    if cfg.data.val_crop_size > cfg.data.val_resize_size:
+        raise ConfigError(f"data.val_crop_size = {cfg.data.val_crop_size} is larger than val_resize_size = "
+                          f"{cfg.data.val_resize_size}: the eval crop is cut from the resized image; raise "
+                          "--val-resize-size or lower --val-crop-size")
     if cfg.data.decode == "device" and cfg.data.dataset != "imagenet":
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")
@@ -121,6 +146,51 @@ def _check_relations(cfg: Config, stages: set[str]) -> None:
     if cfg.model.sync_bn and cfg.train.device == "cpu" and launch.nodes * launch.gpus_per_node > 1:
         raise ConfigError("model.sync_bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
                           "on CPU use --no-sync-bn")
+
+
+def check_folders(cfg: Config) -> None:
+    """The run, data and archive dirs are folders where they exist (a file there fails a job after its wait)."""
+    for section, (name, flag) in FOLDERS.items():
+        path = Path(getattr(getattr(cfg, section), name))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{section}.{name} ({flag}) {path} is a file, not a folder; pass a folder (it is made "
+                              "where it does not exist)")
+
+
+def check_run_dirs(run_dirs: Sequence[str]) -> None:
+    """The --run-dir values of one command: printable, folders where they exist, each given once."""
+    seen: dict[Path, str] = {}
+    for run_dir in run_dirs:
+        check_text("--run-dir", run_dir)
+        path = Path(run_dir)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--run-dir {run_dir} is a file, not a folder; pass a run dir")
+        if path.resolve() in seen:
+            raise ConfigError(f"--run-dir {run_dir} is given twice (also as {seen[path.resolve()]}); give each run "
+                              "dir once")
+        seen[path.resolve()] = run_dir
+
+
+def check_trackers_installed(cfg: Config) -> None:
+    """--wandb (and --tensorboard) need their package where the job runs: found without importing it."""
+    for package in ("tensorboard", "wandb"):
+        if getattr(cfg.train, package) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.{package} (--{package}) needs the {package} package, which is not installed: "
+                              f"pip install {package}, or pass --no-{package}")
+
+
+def check_weights_file(pretrained: str) -> None:
+    """A --pretrained path that exists is a file torch.save wrote (by its first bytes); names are the model's."""
+    path = Path(pretrained).expanduser()
+    if not pretrained or not path.exists():
+        return  # a torchvision weights name, or missing: check_model says which
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained (--pretrained) {pretrained} is a folder, not a weights file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith(WEIGHTS_MAGIC):
+        raise ConfigError(f"model.pretrained (--pretrained) {pretrained} is not a PyTorch weights file (torch.save "
+                          "writes a zip archive or a pickle; this starts otherwise); pass a state dict or checkpoint")
 
 
 def check_model(cfg: Config, pretrained: bool = False) -> None:
@@ -186,6 +256,21 @@ def check_download(cfg: Config) -> None:
         raise ConfigError("the download stage has no links: pass --url URL (repeatable) or --url-file FILE")
     for url in found:
         check_text(f"a link of download.url_file (--url-file) {dl.url_file}", url, redact_url(url))
+        check_port(url)
     check_links(found)
     parse_headers(dl.header)
     load_cookies(dl.cookie_file)
+
+
+def check_port(url: str) -> None:
+    """A link's port, where it names one, is a number in 1..65535 (the link is shown by host and port only: it may
+    hold a token)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        text = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise ConfigError(f"link {parts.scheme}://{parts.hostname}:{text}/...: port {text} is not a number in "
+                          "1..65535")

@@ -15,17 +15,13 @@ from typing import Any, Sequence
 import pandas as pd
 
 from pipeline.core.config import Config, ConfigError, load_config
-from pipeline.core.errors import UserError
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
                                    PROVENANCE_FILE, RUN_STATE_FILE, read_json, read_sweep_points)
+from pipeline.report.checks import ReportError, check_row_count, check_values, finite_numbers
 
 log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = {"amp", "model", "finished_at", "device", "channels_last"}
-
-
-class ReportError(UserError, ValueError):
-    """A run dir the report cannot use; the message names the dir or file and what was expected."""
 
 
 @dataclass
@@ -111,7 +107,6 @@ def load_run(run_dir: Path, name: str) -> RunRecords:
                           f"epoch, written by the train stage) or {PERF_FILE} (performance mode, --max-steps). "
                           "Has the training finished its first epoch? Is it the right --run-dir?")
     if epochs is not None:
-        epochs = unique_epochs(epochs, run_dir / EPOCHS_FILE)
         if perf is not None:
             log.info("%s: both %s and %s; the report shows the epochs", run_dir, EPOCHS_FILE, PERF_FILE)
             perf = None
@@ -127,6 +122,7 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
     """A records CSV with exactly ``columns``, numbers as numbers; None when absent or without rows."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
+    check_row_count(path)
     try:
         table = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -142,20 +138,9 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
                           "pipeline? Re-run the training into a new run dir, or fix the header.")
     for column in found:
         if column not in TEXT_COLUMNS:
-            try:
-                table[column] = pd.to_numeric(table[column])
-            except (ValueError, TypeError):
-                raise ReportError(f"{path}: column {column} holds values that are not numbers") from None
+            table[column] = finite_numbers(table, column, path)
+    check_values(table, path)
     return table if len(table) else None
-
-
-def unique_epochs(epochs: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """One row per epoch, sorted; an epoch recorded twice (re-run after a crash) keeps its newest row."""
-    unique = epochs.drop_duplicates("epoch", keep="last").sort_values("epoch", kind="stable")
-    if len(unique) < len(epochs):
-        log.warning("%s records %d epoch(s) more than once; the newest row of each is used", path,
-                    len(epochs) - len(unique))
-    return unique.reset_index(drop=True)
 
 
 def read_config(run_dir: Path) -> Config:
