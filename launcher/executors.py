@@ -135,14 +135,12 @@ def seal_job_inputs(jobs: Sequence[Any]) -> None:
 def make_executor(executor: str, cfg: Config, params: dict[str, Any]) -> Any:
     import submitit
 
-    from launcher.local_executor import LocalExecutor  # no logs/%j folder (submitit's local controller makes one)
-
     private_jobs_root(cfg)
     folder = job_folder(cfg)
     if executor == "slurm":
         ex: Any = submitit.SlurmExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
     elif executor == "local":
-        ex = LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+        ex = submitit.LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
     else:
         ex = submitit.DebugExecutor(folder)
     ex.update_parameters(**params)

@@ -81,13 +81,3 @@ def test_a_sweep_point_name_longer_than_a_file_name_is_refused_before_any_point_
     assert "is 284 bytes, more than a file name may be (255)" in err
     assert not (tmp_path / "sw").exists()
 
-
-def test_a_local_job_makes_only_its_own_folder_in_logs(no_slurm_path, tmp_path, capsys):
-    from test_report import one_process
-
-    run_dir = one_process(tmp_path)
-    code, out, err = run_main(capsys, "--stage", "report", "--executor", "local", "--run-dir", run_dir)
-    assert code == 0, err
-    job_id = next(line.split()[2] for line in out.splitlines() if line.startswith("[report] job"))
-    assert [p.name for p in (run_dir / "logs").iterdir()] == [job_id]  # no empty logs/%j/ beside it
-    assert (run_dir / "logs" / job_id / f"{job_id}_0_log.out").is_file()
