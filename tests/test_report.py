@@ -1,6 +1,7 @@
 """The report stage on hand-written records: exact tables, scaling efficiency, Markdown = CSV, plots, errors."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core.config import Config, build_config, save_config
-from pipeline.core.records import EPOCH_COLUMNS, PERF_COLUMNS, append_row, write_json
+from pipeline.core.records import COLUMNS_ADDED_LATER, EPOCH_COLUMNS, PERF_COLUMNS, append_row, write_json
 from pipeline.prep.synthetic import make_image_folder
 from pipeline.report.build import ReportError, parquet_available, report
 from pipeline.report.markdown import TITLES
@@ -52,7 +53,8 @@ def make_run(root: Path, name: str, *, world_size: int, nodes: int, fps: Sequenc
             "val_acc1": val_acc1[epoch], "val_acc5": val_acc5[epoch], "val_top1_correct": 2 * val_acc1[epoch],
             "val_top5_correct": 2 * val_acc5[epoch], "val_total": 200, "lr": 0.1 / 3 if epoch < 2 else 0.01,
             "epoch_time_s": 60.5 if epoch == 0 else 50.25, "img_per_s_all_ranks": img_per_s,
-            "img_per_s_per_rank": img_per_s / world_size, "data_wait_frac": 0.0125, "world_size": world_size,
+            "img_per_s_per_rank": img_per_s / world_size, "data_wait_frac": 0.0125, "device_wait_frac": 0.25,
+            "world_size": world_size,
             "nodes": nodes, "amp": "bf16", "model": model, "peak_mem_mib": 1024.0,
             "finished_at": f"2025-01-01T0{epoch}:00:00+00:00",
             "ema_val_acc1": ema[epoch] if ema else "", "ema_val_acc5": ema[epoch] + 10 if ema else ""}, EPOCH_COLUMNS)
@@ -67,7 +69,8 @@ def make_perf_run(root: Path, name: str, *, img_per_s: float, world_size: int = 
         "steps": 100, "warmup_steps": 10, "batch_size": 64, "img_per_s_all_ranks": img_per_s,
         "img_per_s_per_rank": img_per_s / world_size, "data_wait_frac": 0.01, "world_size": world_size, "nodes": 1,
         "amp": "bf16", "model": "mobilenet_v2", "channels_last": True, "device": "cuda",
-        "finished_at": "2025-01-01T00:00:00+00:00"}, PERF_COLUMNS)
+        "finished_at": "2025-01-01T00:00:00+00:00", "device_wait_frac": 0.125, "input_wait_ms": 12.5,
+        "fwd_bwd_ms": 70.25, "optimizer_ms": 17.25}, PERF_COLUMNS)
     return run_dir
 
 
@@ -158,8 +161,9 @@ def test_per_epoch_table_values_and_ema_columns(tmp_path):
     table = epochs["r18-1x1"]
     assert list(table.columns) == ["epoch", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1",
                                    "val_acc5", "img_per_s_all_ranks", "img_per_s_per_rank", "data_wait_pct",
-                                   "epoch_time_s", "lr"]
+                                   "device_wait_pct", "epoch_time_s", "lr"]
     assert list(table["epoch"]) == [0, 1, 2] and list(table["val_acc1"]) == [10.0, 30.5, 25.25]
+    assert list(table["device_wait_pct"]) == [25.0] * 3
     assert list(table["train_loss"]) == [2.0, 1.75, 1.5] and list(table["data_wait_pct"]) == [1.2] * 3  # 1.25 rounds
     assert list(table["lr"]) == [0.0333333, 0.0333333, 0.01]  # 6 significant digits
     assert list(epochs["ema"]["ema_val_acc1"]) == [1.5, 2.5] and list(epochs["ema"]["ema_val_acc5"]) == [11.5, 12.5]
@@ -311,7 +315,7 @@ def test_a_run_dir_without_records_is_an_error_naming_it(runs, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda header: header.replace("val_acc5,", "val_acc_5,"), r"missing \['val_acc5'\], unexpected \['val_acc_5'\]"),
+    (lambda header: header.replace(",val_acc5,", ",val_acc_5,"), r"missing \['val_acc5'\], unexpected \['val_acc_5'\]"),
     (lambda header: header.replace(",ema_val_acc1,ema_val_acc5", ""), r"missing \['ema_val_acc1', 'ema_val_acc5'\]"),
     (lambda header: header.replace("train_acc1,train_acc5", "train_acc5,train_acc1"), "in another order"),
 ])
@@ -401,3 +405,23 @@ def test_a_sweep_without_any_records_says_so(tmp_path):
     write_json(sweep / "sweep.json", {"points": [{"name": "a"}]})
     with pytest.raises(ReportError, match="none of its 1 point"):
         report([sweep], echo=False)
+
+
+def test_a_run_dir_from_before_the_device_wait_columns_is_reported_with_them_empty(tmp_path):
+    run_dir = one_process(tmp_path)
+    rows = list(csv.DictReader((run_dir / "epochs.csv").open()))
+    old_columns = [c for c in EPOCH_COLUMNS if c not in COLUMNS_ADDED_LATER]
+    with (run_dir / "epochs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old_columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    result = report([run_dir], echo=False)
+    assert result.epochs["r18-1x1"]["device_wait_pct"].isna().all()
+    assert result.summary["img_per_s_all_ranks"].tolist() == [100.0]
+
+
+def test_a_perf_run_shows_where_its_step_time_goes(tmp_path):
+    summary = report([make_perf_run(tmp_path, "perf", img_per_s=500.0)], echo=False).summary
+    row = summary.iloc[0]
+    assert (row["device_wait_pct"], row["input_wait_ms"], row["fwd_bwd_ms"], row["optimizer_ms"]) == \
+        (12.5, 12.5, 70.25, 17.25)

@@ -65,6 +65,8 @@ PERF_COLUMNS = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "i
                 "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at",
                 "device_wait_frac",
                 "input_wait_ms", "fwd_bwd_ms", "optimizer_ms")  # per step, this rank's device clock, mean over ranks
+# Columns an earlier version did not write: its tables are read with them empty (append_row adds them on a resume).
+COLUMNS_ADDED_LATER = ("device_wait_frac", "input_wait_ms", "fwd_bwd_ms", "optimizer_ms")
 EVAL_KEYS = ("checkpoint", "weights", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
 
 

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import pandas as pd
 
 from pipeline.core.config import Config, ConfigError, load_config
-from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
-                                   PROVENANCE_FILE, RUN_STATE_FILE, read_json, read_sweep_points)
+from pipeline.core.records import (COLUMNS_ADDED_LATER, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE,
+                                   PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE, RUN_STATE_FILE, read_json,
+                                   read_sweep_points)
 from pipeline.report.checks import ReportError, check_row_count, check_values, finite_numbers
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
         raise ReportError(f"{path} is not a readable CSV table ({exc}); it should hold the columns "
                           f"{list(columns)} of pipeline/core/records.py") from None
     found = list(table.columns)
+    if found == [c for c in columns if c in found or c not in COLUMNS_ADDED_LATER]:  # an earlier version's table
+        table = table.reindex(columns=list(columns))
+        found = list(columns)
     if found != list(columns):
         missing = [c for c in columns if c not in found]
         unexpected = [c for c in found if c not in columns]

@@ -25,7 +25,8 @@ TITLES = {
     "epoch": "epoch", "train_loss": "train loss", "train_acc1": "train Acc@1 %", "train_acc5": "train Acc@5 %",
     "val_loss": "val loss", "val_acc1": "val Acc@1 %", "val_acc5": "val Acc@5 %",
     "ema_val_acc1": "EMA val Acc@1 %", "ema_val_acc5": "EMA val Acc@5 %",
-    "data_wait_pct": "data wait %", "epoch_time_s": "epoch time s", "lr": "lr",
+    "data_wait_pct": "data wait %", "device_wait_pct": "device input wait %", "input_wait_ms": "input ms/step",
+    "fwd_bwd_ms": "fwd+bwd ms/step", "optimizer_ms": "optimizer ms/step", "epoch_time_s": "epoch time s", "lr": "lr",
     "base_world_size": "base world size", "base_img_per_s_all_ranks": "base img/s",
     "ideal_img_per_s": "ideal img/s", "speedup": "speedup", "efficiency_pct": "efficiency %",
 }
@@ -34,7 +35,9 @@ SUMMARY_NOTE = (
     "eval stage's exact counts (eval.json) of the model's weights or their EMA ('eval weights'). img/s: training "
     "images per second, steady state (warm-up steps left out), the mean over the epochs in 'img/s from': the "
     "first epoch is left out when there are more, as it includes start-up; a performance-mode run gives its "
-    "perf.csv figure. Train time: the training part of the epochs, validation left out. Epochs are 0-based.")
+    "perf.csv figure. Data wait: the host blocked on the loader; device input wait: the accelerator idle between "
+    "one step's end and the next step's input (decoding on the device included; on the CPU, the host's time to make "
+    "the input); a performance run splits its step into input, forward+backward and optimizer. Train time: the training part of the epochs, validation left out. Epochs are 0-based.")
 SCALING_NOTE = (
     "Runs of the same model, AMP mode, batch per process and device at several world sizes. Base: the smallest "
     "world size present (its runs averaged). ideal = world size / base world size x base img/s; "

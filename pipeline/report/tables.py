@@ -28,7 +28,8 @@ EMA_COLUMNS = ("ema_val_acc1", "ema_val_acc5")
 SUMMARY_COLUMNS = ("run", "model", "nodes_x_procs", "world_size", "amp", "batch_per_proc", "epochs_done",
                    "epochs_planned", "best_epoch", "best_val_acc1", "best_val_acc5", "final_val_acc1",
                    "final_val_acc5", "eval_acc1", "eval_acc5", "eval_weights", "img_per_s_all_ranks",
-                   "img_per_s_per_rank", "fps_basis", "train_time_s", "status")
+                   "img_per_s_per_rank", "data_wait_pct", "device_wait_pct", "input_wait_ms", "fwd_bwd_ms",
+                   "optimizer_ms", "fps_basis", "train_time_s", "status")
 PROVENANCE_KEYS = ("git_commit", "torch", "torchvision", "cuda", "device_name", "hostname", "seed")
 PROVENANCE_COLUMNS = ("run", *PROVENANCE_KEYS, "config")
 SCALING_GROUP = ("model", "amp", "batch_per_proc", "device_name")
@@ -36,7 +37,7 @@ SCALING_COLUMNS = ("run", *SCALING_GROUP, "world_size", "img_per_s_all_ranks", "
                    "base_img_per_s_all_ranks", "ideal_img_per_s", "speedup", "efficiency_pct")
 INTEGER_COLUMNS = ("epoch", "world_size", "batch_per_proc", "epochs_done", "epochs_planned", "best_epoch",
                    "base_world_size")
-DECIMALS = {"acc": 2, "loss": 4, "img_per_s": 1, "time_s": 1, "pct": 1, "speedup": 2}  # by part of the name
+DECIMALS = {"acc": 2, "loss": 4, "img_per_s": 1, "time_s": 1, "pct": 1, "speedup": 2, "_ms": 2}  # by part of the name
 LR_SIGNIFICANT_DIGITS = 6
 UNFINISHED = {"training": "running or killed", "preempted": "preempted, resumes when requeued", "failed": "failed"}
 # status of a run short of its epochs, by its run_state.json; without one: "running/cut off"
@@ -68,6 +69,7 @@ def epoch_table(run: RunRecords) -> pd.DataFrame:
     epochs = run.epochs
     table = epochs[list(EPOCH_TABLE_COLUMNS)].copy()
     table.insert(table.columns.get_loc("epoch_time_s"), "data_wait_pct", 100 * epochs["data_wait_frac"])
+    table.insert(table.columns.get_loc("epoch_time_s"), "device_wait_pct", 100 * epochs["device_wait_frac"])
     for column in reversed(EMA_COLUMNS):  # after val_acc5, in order; only where the run kept an EMA
         if epochs[column].notna().any():
             table.insert(table.columns.get_loc("val_acc5") + 1, column, epochs[column])
@@ -107,7 +109,9 @@ def epochs_summary(run: RunRecords) -> dict[str, Any]:
             "best_val_acc1": best["val_acc1"], "best_val_acc5": best["val_acc5"],
             "final_val_acc1": last["val_acc1"], "final_val_acc5": last["val_acc5"],
             "img_per_s_all_ranks": steady["img_per_s_all_ranks"].mean(),
-            "img_per_s_per_rank": steady["img_per_s_per_rank"].mean(), "fps_basis": basis,
+            "img_per_s_per_rank": steady["img_per_s_per_rank"].mean(),
+            "data_wait_pct": 100 * steady["data_wait_frac"].mean(),
+            "device_wait_pct": 100 * steady["device_wait_frac"].mean(), "fps_basis": basis,
             "train_time_s": epochs["epoch_time_s"].sum(), "status": status}
 
 
@@ -117,6 +121,8 @@ def perf_summary(run: RunRecords) -> dict[str, Any]:
     basis = f"perf: {perf['steps']} steps, first {perf['warmup_steps']} left out"
     return {"model": perf["model"], "world_size": perf["world_size"], "nodes": perf["nodes"], "amp": perf["amp"],
             "img_per_s_all_ranks": perf["img_per_s_all_ranks"], "img_per_s_per_rank": perf["img_per_s_per_rank"],
+            "data_wait_pct": 100 * perf["data_wait_frac"], "device_wait_pct": 100 * perf["device_wait_frac"],
+            **{phase: perf[phase] for phase in ("input_wait_ms", "fwd_bwd_ms", "optimizer_ms")},
             "fps_basis": basis, "status": "perf"}
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ def broadcast_buffers_from_rank0(*models: nn.Module) -> None:
     for buffer in (b for model in models for b in model.buffers()):
         if buffer.is_floating_point():
             dist.broadcast(buffer, src=0)
+
+
+def rounded(value: float, digits: int) -> float | str:
+    """A figure for the records: rounded, or empty when nothing was measured (NaN), as the report reads it."""
+    return round(value, digits) if math.isfinite(value) else ""
 
 
 class Trainer:
@@ -180,9 +186,9 @@ class Trainer:
             write_json(self.run_dir / PROVENANCE_FILE, record)
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
-        return {"img_per_s_all_ranks": round(tp.img_per_s_all_ranks, 2),
-                "img_per_s_per_rank": round(tp.img_per_s_per_rank, 2), "data_wait_frac": round(tp.data_wait_frac, 4),
-                "device_wait_frac": round(tp.device_wait_frac, 4),
+        return {"img_per_s_all_ranks": rounded(tp.img_per_s_all_ranks, 2),
+                "img_per_s_per_rank": rounded(tp.img_per_s_per_rank, 2),
+                "data_wait_frac": rounded(tp.data_wait_frac, 4), "device_wait_frac": rounded(tp.device_wait_frac, 4),
                 "world_size": self.env.world_size, "nodes": self.env.nodes, "amp": self.cfg.train.amp,
                 "model": self.cfg.model.model, "finished_at": now_iso()}
 
@@ -290,8 +296,8 @@ class Trainer:
             return self.outcome(finished=False, preempted=True)
         row = {"steps": cfg.train.max_steps, "warmup_steps": tp.warmup_steps, "batch_size": cfg.train.batch_size,
                "channels_last": cfg.model.channels_last, "device": self.device.type, **self.common_columns(tp),
-               "input_wait_ms": round(tp.input_wait_ms, 3), "fwd_bwd_ms": round(tp.fwd_bwd_ms, 3),
-               "optimizer_ms": round(tp.optimizer_ms, 3)}
+               "input_wait_ms": rounded(tp.input_wait_ms, 3), "fwd_bwd_ms": rounded(tp.fwd_bwd_ms, 3),
+               "optimizer_ms": rounded(tp.optimizer_ms, 3)}
         distributed.on_main_process(append_row, self.run_dir / PERF_FILE, row, PERF_COLUMNS)
         distributed.on_main_process(
             log.info, "performance: %s, %d steps (%d warm-up left out), batch %d x %d processes, amp %s: "
