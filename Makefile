@@ -43,8 +43,10 @@ test-cluster:
 clean-demo:
 	rm -rf $(DEMO_DIR)
 
-# What a lent GPU machine lacks (it installs nothing): pure-Python packages copied from .venv, carried there with
-# the working tree for benchmarks/gpu_check.sh.
-gpu-deps: venv
-	rm -rf .gpu-deps && mkdir -p .gpu-deps
-	cp -r $$($(PY) -c "import os, tomli_w; print(os.path.dirname(tomli_w.__file__))") .gpu-deps/
+# What a lent GPU machine lacks (it has torch, torchvision, pandas, tabulate and the rest, and installs nothing):
+# the pure-Python packages below, fetched here without building .venv, carried with the working tree for
+# benchmarks/gpu_check.sh.
+GPU_DEPS ?= tomli-w
+gpu-deps:
+	rm -rf .gpu-deps
+	$(PYTHON) -m pip install -q --no-deps --target .gpu-deps $(GPU_DEPS)

@@ -24,8 +24,10 @@ import json
 import logging
 import os
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -41,6 +43,7 @@ from pipeline.core.metrics import Throughput, ThroughputTimer, warmup_steps_for
 from pipeline.core.precision import Precision, setup_precision
 from pipeline.core.records import PERF_FILE
 from pipeline.data.loaders import build_val_loader, device_batcher
+from pipeline.data.prefetch import DeviceInputs
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.registry import build_model
 from pipeline.prep.synthetic import make_image_folder
@@ -80,6 +83,18 @@ def cycle(loader: Iterable, steps: int) -> Iterable:
             done += 1
 
 
+def with_wait(batches: Iterable) -> Iterator[tuple[float, Any]]:
+    """(host seconds blocked on ``batches``, batch) pairs: the reference's loader wait, as its loop sees it."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, batch
+
+
 def reference_train(data_dir: Path, args: argparse.Namespace, model_name: str, device: torch.device) -> Throughput:
     """Throughput of the reference's plain fp32 NCHW loop (one process)."""
     folder, loader = reference_loader(data_dir, "train", args, device)
@@ -88,28 +103,70 @@ def reference_train(data_dir: Path, args: argparse.Namespace, model_name: str, d
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss()
     timer = ThroughputTimer(device, warmup_steps_for(args.steps))
-    for images, targets in cycle(loader, args.steps):
-        timer.data_ready()
+    for waited, (images, targets) in with_wait(cycle(loader, args.steps)):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        timer.data_ready(waited)
         loss = criterion(model(images), targets)
         optimizer.zero_grad()
         loss.backward()
+        timer.backward_done()
         optimizer.step()
         timer.step_done(len(images))
     return timer.result()
 
 
 def ours_train(data_dir: Path, args: argparse.Namespace, model: str, amp: str, decode: str,
-               work_dir: Path) -> tuple[float, float]:
-    """(img/s all ranks, data wait fraction) of train(cfg) in performance mode, from its perf.csv row."""
+               work_dir: Path, *, steps: int | None = None) -> dict[str, Any]:
+    """train(cfg) in performance mode: its perf.csv row (img/s, waits, step phases) and peak device memory."""
     cfg = Config()
     cfg.data.data_dir, cfg.data.workers, cfg.data.decode = str(data_dir), args.workers, decode
     cfg.model.model, cfg.model.channels_last = model, True
     cfg.train.run_dir, cfg.train.device, cfg.train.amp = str(work_dir / f"ours-{model}-{decode}"), args.device, amp
-    cfg.train.batch_size, cfg.train.max_steps, cfg.train.print_freq = args.batch_size, args.steps, 5
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.print_freq = args.batch_size, steps or args.steps, 5
+    accelerator = Accelerator.of(torch.device(args.device))
+    if accelerator.module is not None:
+        accelerator.module.reset_peak_memory_stats()
     perf = train(cfg)["perf"]
     assert (Path(cfg.train.run_dir) / PERF_FILE).exists()
-    return perf["img_per_s_all_ranks"], perf["data_wait_frac"]
+    return {**perf, "peak_mem_mib": accelerator.peak_memory_mib()}
+
+
+def synthetic_ceiling(args: argparse.Namespace, model_name: str, amp: str, device: torch.device, *,
+                      compiled: bool) -> Throughput:
+    """The model alone: our precision and layout on one fixed batch already on the device, no loader, no decode
+    (what the data path can at best let the model reach)."""
+    torch.manual_seed(0)
+    precision = setup_precision(device, amp, channels_last=True)
+    model = precision.prepare_model(build_model(model_name, num_classes=args.classes)).train()
+    step_model = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    images = torch.randn(args.batch_size, 3, CROP, CROP, device=device).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, args.classes, (args.batch_size,), device=device)
+    criterion = nn.CrossEntropyLoss()
+    timer = ThroughputTimer(device, warmup_steps_for(args.steps) + (10 if compiled else 0))  # compiling is warm-up
+    for _ in range(args.steps + (10 if compiled else 0)):
+        timer.data_ready(0.0)
+        with precision.autocast():
+            loss = criterion(step_model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        timer.backward_done()
+        precision.step(optimizer)
+        timer.step_done(len(images))
+    return timer.result()
+
+
+def host_syncs_per_step(data_dir: Path, args: argparse.Namespace, model: str, amp: str, work_dir: Path) -> float:
+    """Synchronizing CUDA calls per training step of ``--decode device``, counted by torch's sync debug mode."""
+    steps = 12
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ours_train(data_dir, args, model, amp, "device", work_dir / "sync-debug", steps=steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 @torch.inference_mode()
@@ -119,9 +176,10 @@ def timed_eval(model: nn.Module, loader: Iterable, steps: int, precision: Precis
     loader batch the model's input."""
     model.eval()
     timer = ThroughputTimer(precision.device, warmup_steps_for(steps))
-    for images, targets in cycle(loader, steps):
-        timer.data_ready()
-        images, _ = to_device(images, targets)
+    inputs = DeviceInputs(cycle(loader, steps), lambda images, targets, batch_key: to_device(images, targets),
+                          precision.device)
+    for images, _ in inputs:
+        timer.data_ready(inputs.loader_wait_s)
         with precision.autocast():
             model(images)
         timer.step_done(len(images))
@@ -146,6 +204,54 @@ def eval_runs(data_dir: Path, args: argparse.Namespace, device: torch.device, mo
         runs[decode] = timed_eval(fast_model, build_val_loader(cfg, DistEnv(), device), args.eval_steps, fast,
                                   device_batcher(cfg, fast))
     return runs
+
+
+def figures(tp: Throughput) -> dict[str, float]:
+    return {"train_img_per_s": tp.img_per_s_all_ranks, "train_data_wait_frac": tp.data_wait_frac,
+            "train_device_wait_frac": tp.device_wait_frac, "input_wait_ms": tp.input_wait_ms,
+            "fwd_bwd_ms": tp.fwd_bwd_ms, "optimizer_ms": tp.optimizer_ms}
+
+
+def model_runs(data_dir: Path, args: argparse.Namespace, device: torch.device, model: str, amp: str,
+               work_dir: Path) -> dict[str, dict[str, float]]:
+    """Every run of one model: the reference, each decode path, and on request the ceiling and the sync count."""
+    runs = {"reference": figures(reference_train(data_dir, args, model, device))}
+    for decode in args.decode:
+        perf = ours_train(data_dir, args, model, amp, decode, work_dir)
+        runs[decode] = {"train_img_per_s": perf["img_per_s_all_ranks"], "train_data_wait_frac": perf["data_wait_frac"],
+                        "train_device_wait_frac": perf["device_wait_frac"], "input_wait_ms": perf["input_wait_ms"],
+                        "fwd_bwd_ms": perf["fwd_bwd_ms"], "optimizer_ms": perf["optimizer_ms"],
+                        "peak_mem_mib": perf["peak_mem_mib"]}
+    for path, tp in eval_runs(data_dir, args, device, model, amp).items():
+        runs[path].update(eval_img_per_s=tp.img_per_s_all_ranks)
+    if "device" in runs and args.sync_debug and device.type == "cuda":
+        runs["device"]["host_syncs_per_step"] = host_syncs_per_step(data_dir, args, model, amp, work_dir)
+    if args.ceiling:
+        runs["model alone"] = figures(synthetic_ceiling(args, model, amp, device, compiled=False))
+        runs["model alone, compiled"] = figures(synthetic_ceiling(args, model, amp, device, compiled=True))
+    return runs
+
+
+RUN_NAMES = {"reference": "reference", "cpu": "ours, --decode cpu", "device": "ours, --decode device",
+             "model alone": "model alone (synthetic batch)", "model alone, compiled": "model alone, torch.compile"}
+
+
+def table_rows(model: str, runs: dict[str, dict[str, float]]) -> list[list[str]]:
+    ref = runs["reference"]
+
+    def text(value: Any, spec: str) -> str:  # empty where nothing was measured (None, NaN, or "" in perf.csv)
+        return format(value, spec) if isinstance(value, (int, float)) and value == value else ""
+
+    rows = []
+    for path, f in runs.items():
+        eval_ratio = f["eval_img_per_s"] / ref["eval_img_per_s"] if "eval_img_per_s" in f else None
+        phases = " | ".join(text(f.get(k), ".1f") for k in ("input_wait_ms", "fwd_bwd_ms", "optimizer_ms"))
+        rows.append([model, RUN_NAMES.get(path, path), text(f["train_img_per_s"], ".1f"),
+                     text(f["train_data_wait_frac"], ".0%"), text(f["train_device_wait_frac"], ".0%"),
+                     text(f.get("eval_img_per_s"), ".1f"), text(f["train_img_per_s"] / ref["train_img_per_s"], ".2f"),
+                     text(eval_ratio, ".2f"), phases, text(f.get("peak_mem_mib"), ".0f"),
+                     text(f.get("host_syncs_per_step"), ".1f")])
+    return rows
 
 
 def add_odd_files(data_dir: Path, every: int) -> int:
@@ -183,6 +289,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, default=10, help="classes of the synthetic data")
     parser.add_argument("--train-per-class", type=int, default=64, help="synthetic train images per class")
     parser.add_argument("--val-per-class", type=int, default=32, help="synthetic val images per class")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the model alone on a synthetic batch on the device, with and without "
+                             "torch.compile (the data path's ceiling)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="CUDA: count synchronizing calls per step of --decode device (torch's sync debug mode)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/train"))
     return parser
 
@@ -204,27 +315,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%d of the synthetic JPEGs rewritten as CMYK or grayscale", add_odd_files(data_dir, 50))
         log.info("data %s: %.0f MB read into the page cache", data_dir, warm_page_cache(data_dir) / 1e6)
         for model in args.model:
-            reference = reference_train(data_dir, args, model, device)
-            trains = {"reference": (reference.img_per_s_all_ranks, reference.data_wait_frac)}
-            trains.update({decode: ours_train(data_dir, args, model, amp, decode, work_dir) for decode in args.decode})
-            evals = eval_runs(data_dir, args, device, model, amp)
-            results[model] = {path: {"train_img_per_s": trains[path][0], "train_data_wait_frac": trains[path][1],
-                                     "eval_img_per_s": evals[path].img_per_s_all_ranks,
-                                     "eval_data_wait_frac": evals[path].data_wait_frac} for path in trains}
-    rows = []
-    for model, paths in results.items():
-        ref = paths["reference"]
-        for path, f in paths.items():
-            name = "reference" if path == "reference" else f"ours, --decode {path}"
-            rows.append([model, name, f"{f['train_img_per_s']:.1f}", f"{f['train_data_wait_frac']:.0%}",
-                         f"{f['eval_img_per_s']:.1f}", f"{f['eval_data_wait_frac']:.0%}",
-                         f"{f['train_img_per_s'] / ref['train_img_per_s']:.2f}",
-                         f"{f['eval_img_per_s'] / ref['eval_img_per_s']:.2f}"])
+            results[model] = model_runs(data_dir, args, device, model, amp, work_dir)
+    rows = [row for model, runs in results.items() for row in table_rows(model, runs)]
     setup = (f"{args.device}, batch {args.batch_size}, {args.workers} workers, {args.steps} train steps, "
              f"{args.eval_steps} eval batches, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
              f"reference: ImageFolder, fp32, NCHW; ours: {amp} autocast, channels_last")
-    table = tabulate(rows, headers=["model", "", "train img/s", "data wait", "eval img/s", "data wait",
-                                    "train x ref", "eval x ref"], tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, headers=["model", "", "train img/s", "loader wait", "device wait", "eval img/s",
+                                    "train x ref", "eval x ref", "ms/step input | fwd+bwd | optimizer",
+                                    "peak MiB", "host syncs/step"], tablefmt="github", disable_numparse=True)
     (args.out / "bench_train.md").write_text(f"{setup}\n\n{table}\n")
     (args.out / "bench_train.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
     print(setup)

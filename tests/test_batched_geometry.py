@@ -69,3 +69,16 @@ def test_random_erasing_fills_each_images_own_box_with_the_erase_colour(p, erase
     assert len({tuple(mask.nonzero()[0].tolist()) for mask in filled}) > 1  # each sample draws its own box
     again = decoder._extras(images.clone(), seeds=list(range(8)))
     assert torch.equal(out, again)  # seeded per sample: the same boxes on a resume
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_batched_geometry_on_cuda_matches_the_cpus_within_one_level():
+    images = photos(3)
+    boxes = torch.tensor([[3, 4, 40, 50], [10, 20, 300, 200], [0, 0, 500, 375], [2, 10, 10, 250], [5, 5, 100, 100],
+                          [0, 0, 41, 33]])
+    flips = torch.tensor([False, True, False, True, True, False])
+    on_cpu = resample(images, *train_plans(boxes, flips, 56), 56)
+    cuda = torch.device("cuda", 0)
+    on_cuda = resample([image.to(cuda) for image in images], *train_plans(boxes.to(cuda), flips.to(cuda), 56), 56)
+    assert_within_one_level(list(on_cpu), on_cuda.cpu())

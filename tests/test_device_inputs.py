@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from pipeline.core.config import Config
@@ -109,5 +110,30 @@ def test_the_next_input_is_prepared_when_one_is_handed_over_under_the_same_keys(
         assert len(drawn) == min(len(got) + 2, len(expected))  # this batch and the next one are drawn already
         got.append((images, targets))
     assert len(got) == len(expected) == 4
+    for (a, ta), (b, tb) in zip(expected, got):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_inputs_prepared_on_a_side_stream_equal_the_same_batches_made_on_the_training_stream(tmp_path, decode):
+    """The look-ahead on its own stream hands over exactly what the training stream would have made, while the
+    training stream is kept busy (the hand-over must wait for the side stream, and memory must not be reused)."""
+    cuda = torch.device("cuda", 0)
+    data_dir = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=32, val_per_class=1, size=(96, 80))
+    cfg = device_config(data_dir, batch_size=8, workers=2)
+    cfg.data.decode, cfg.data.mixup_alpha = decode, 0.4
+    to_device = device_batcher(cfg, setup_precision(cuda, "none", False), mix_classes=2)
+    loader, sampler = build_train_loader(cfg, DistEnv(), cuda, seed=0)
+    sampler.set_epoch(0)
+    expected = [to_device(images, targets, batch_key=(0, i)) for i, (images, targets) in enumerate(loader)]
+    busy = torch.randn(4096, 4096, device=cuda)
+    got = []
+    for images, targets in DeviceInputs(loader, to_device, cuda, ((0, i) for i in range(100))):
+        for _ in range(4):
+            busy = busy @ busy / busy.norm()  # the "step": long work on the training stream
+        got.append((images.clone(), targets.clone()))
+    assert len(got) == len(expected) == 8
     for (a, ta), (b, tb) in zip(expected, got):
         assert torch.equal(a, b) and torch.equal(ta, tb)
