@@ -56,7 +56,7 @@ def test_unreadable_archive_or_archive_dir(archives, open_dir, unreadable):
 def test_data_dir_that_is_a_file(archives, tmp_path, where):
     (tmp_path / "file").write_text("not a folder")
     data_dir = tmp_path / "file" if where == "data dir" else tmp_path / "file" / "data"
-    message = f"--data-dir {data_dir} is a file" if where == "data dir" else f"cannot create --data-dir {data_dir}"
+    message = f"(--data-dir) {data_dir} is a file" if where == "data dir" else f"cannot create --data-dir {data_dir}"
     assert_one_line_error(prep(archives.archive_dir, data_dir), message)
     assert (tmp_path / "file").read_text() == "not a folder"
 
