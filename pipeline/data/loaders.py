@@ -6,8 +6,8 @@
     to_device = device_batcher(cfg, precision, mix_classes=info.num_classes, seed=cfg.train.seed, rank=env.rank)
     for epoch in ...:
         sampler.set_epoch(epoch)                               # new order and new augmentation per epoch
-        for step, (images, targets) in enumerate(train_loader):  # CPU: uint8 NCHW images, int64 labels
-            images, targets = to_device(images, targets, batch_key=(epoch, step))  # the model's input
+        for images, targets in DeviceInputs(train_loader, to_device, device, ((epoch, i) for i in count())):
+            ...                                                # the model's input, the next one prepared meanwhile
 
 Loader contract: both loaders yield ``(images, targets)`` on the CPU (pinned when the device is not the
 CPU): images uint8 N x 3 x H x W as decoded and augmented, targets int64 labels. ``DeviceBatcher`` is
@@ -20,7 +20,9 @@ through pinning and the host-to-device copy and takes the per-pixel float work o
 
 With ``decode = "device"`` (ImageNet) the workers hand on file bytes and the random choices instead, and the
 DeviceBatcher's decoder decodes and augments the batch on the device first (pipeline.data.device_decode): the same
-order and crop boxes, pixels within one level of the PIL path.
+order and crop boxes, pixels within one level of the PIL path. ``DeviceInputs`` (pipeline.data.prefetch) calls
+the DeviceBatcher one batch ahead, on a stream of its own on accelerators, so the next input is made while the
+current step runs.
 
 Train: every rank draws len(train) // world_size images per epoch from a DistributedSampler (shuffled with
 the run seed, tail dropped), also in a single process, so the order and the augmentation of an epoch
