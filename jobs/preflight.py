@@ -5,7 +5,7 @@ asked for by TorchrunJob through $JOBS_PREFLIGHT_DIR and $JOBS_PREFLIGHT_HOSTS),
 so the job pays for one torchrun and one import of torch per process, not two. Standalone, for a test or by hand::
 
     torchrun --nnodes 2 --nproc-per-node 4 ... -m jobs.preflight --config C \\
-        --timeout-s 120 --heartbeat-dir <run dir>/logs/<job>/preflight-<port> --hosts node1,node2
+        --timeout-s 120 --heartbeat-dir <run dir>/logs/<job>/preflight-<run id> --hosts node1,node2
 
 Each process logs the environment that decides whether the job can communicate (host, ranks,
 MASTER_ADDR/PORT, backend, NCCL_*/HCCL_*/GLOO_* variables, versions) and drops a heartbeat file in the

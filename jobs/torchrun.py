@@ -2,7 +2,8 @@
 
 A job of N nodes is N submitit tasks, one per node; each task starts one torchrun with a static
 rendezvous on the first host of the allocation, so global rank = node rank * P + local rank and
-rank 0 (the one that writes checkpoints and tables) is on the first node::
+rank 0 (the one that writes checkpoints and tables) is on the first node (one node: ``--standalone``, where
+torchrun binds a free port itself; a port picked here and bound later by torchrun could be taken between)::
 
     python -m torch.distributed.run --nnodes N --nproc-per-node P --node-rank K \\
         --master-addr <first host> --master-port <port from the job id> --rdzv-id <job id> \\
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -51,13 +53,18 @@ class Rendezvous:
     nnodes: int
     node_rank: int
     master_addr: str
-    master_port: int  # the stage's torchrun (master_port + 1 stays free, as earlier pre-flights used it)
+    master_port: int  # the stage's torchrun (master_port + 1 stays free, as earlier pre-flights used it); 0: one node
     job_id: str
     restarts: int = 0  # times Slurm requeued the job
+    nonce: str = ""  # one node: tells this start from an earlier one of the same job and restart count
 
     @property
     def run_id(self) -> str:
-        return f"{self.job_id}-{self.restarts}"
+        return "-".join(part for part in (self.job_id, str(self.restarts), self.nonce) if part)
+
+    @property
+    def master(self) -> str:
+        return f"{self.master_addr}:{self.master_port}" if self.nnodes > 1 else "torchrun's own (--standalone)"
 
 
 def rendezvous_port(job_id: str, restart_count: int) -> int:
@@ -66,30 +73,14 @@ def rendezvous_port(job_id: str, restart_count: int) -> int:
     return PORT_BASE + (number * 16 + 2 * restart_count) % PORT_SPAN
 
 
-def free_port_pair() -> int:
-    """An even port p with p and p + 1 free on this host (single-node jobs need no agreement)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1] & ~1
-        try:
-            for candidate in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", candidate))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("found no two free adjacent ports on this host")
-
-
 def node_rendezvous() -> Rendezvous:
     """This node's place in the job, from submitit's view of Slurm (or of the local executor)."""
     import submitit
 
     env = submitit.JobEnvironment()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    if env.num_nodes == 1:
-        return Rendezvous(1, 0, "127.0.0.1", free_port_pair(), env.job_id, restarts)
+    if env.num_nodes == 1:  # torchrun --standalone: no port to agree on; a fresh id keeps attempts' files apart
+        return Rendezvous(1, 0, "127.0.0.1", 0, env.job_id, restarts, nonce=uuid.uuid4().hex[:8])
     unique_id = os.environ.get("SLURM_JOB_ID", env.job_id)  # an array task's own number, not "<array>_<task>"
     return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(unique_id, restarts),
                       env.job_id, restarts)
@@ -107,10 +98,13 @@ def node_hosts(rdzv: Rendezvous) -> list[str]:
 def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
                      master_port: int | str, run_id: str, max_restarts: int, log_dir: str | Path, module: str,
                      args: Sequence[str]) -> list[str]:
-    """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display)."""
+    """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display).
+    One node runs ``--standalone``: torchrun binds a free port for its rendezvous itself (``master_*`` unused)."""
+    rendezvous = ["--standalone"] if nnodes == 1 else [
+        "--node-rank", str(node_rank), "--master-addr", master_addr, "--master-port", str(master_port),
+        "--rdzv-id", run_id]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
-           "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node_rank),
-           "--master-addr", master_addr, "--master-port", str(master_port), "--rdzv-id", run_id,
+           "--nproc-per-node", str(nproc_per_node), *rendezvous,
            "--max-restarts", str(max_restarts), "--log-dir", str(log_dir), "--tee", "3",
            "--log-line-prefix-template", "[rank${rank}]: "]
     return cmd + ["-m", module, *args]
@@ -282,10 +276,9 @@ class TorchrunJob:
         nproc = launch.gpus_per_node
         env = process_env(nproc)
         world = rdzv.nnodes * nproc
-        log.info("%s: node %d of %d, %d processes here, world size %d, master %s:%d, config %s",
-                 self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master_addr, rdzv.master_port,
-                 config_path)
-        preflight_dir = job_dir / f"preflight-{rdzv.master_port}"
+        log.info("%s: node %d of %d, %d processes here, world size %d, rendezvous %s, config %s",
+                 self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master, config_path)
+        preflight_dir = job_dir / f"preflight-{rdzv.run_id}"
         if world > 1 and self.graceful_stop and launch.preflight_timeout_s > 0:
             env.update(preflight_env(preflight_dir, node_hosts(rdzv)))
             log.info("each training process first runs the pre-flight: an all-reduce over %d ranks, bounded by %d s",
