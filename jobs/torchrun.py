@@ -13,7 +13,7 @@ Requeue: Slurm sends USR2 ``signal_delay_s`` before the time limit (or on ``scan
 submitit calls ``checkpoint()`` on the first task, which asks the training processes to save (SIGUSR1:
 they agree on a step boundary, write latest.pt and exit 0), waits for them within a bound, and returns
 itself for the requeue. The requeued job derives a fresh port from its restart count and resumes
-(resume = auto). USR2 itself is ignored below torchrun: its default action would kill the workers.
+(resume = auto, or the path given to --resume until the job has saved a checkpoint: jobs/resume.py). USR2 itself is ignored below torchrun: its default action would kill the workers.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from jobs.preflight import FAILED_FILE, preflight_env
+from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
 
 log = logging.getLogger("jobs.node")
@@ -272,7 +273,7 @@ class TorchrunJob:
         launch = self.cfg.launch
         job_dir = Path(self.cfg.train.run_dir) / "logs" / rdzv.job_id
         config_path = job_dir / f"{self.stage}_config.toml"
-        save_config(self.cfg, config_path)
+        save_config(resume_for_this_start(self.cfg, job_dir) if self.stage == "train" else self.cfg, config_path)
         nproc = launch.gpus_per_node
         env = process_env(nproc)
         world = rdzv.nnodes * nproc
