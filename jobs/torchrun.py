@@ -13,7 +13,12 @@ Requeue: Slurm sends USR2 ``signal_delay_s`` before the time limit (or on ``scan
 submitit calls ``checkpoint()`` on the first task, which asks the training processes to save (SIGUSR1:
 they agree on a step boundary, write latest.pt and exit 0), waits for them within a bound, and returns
 itself for the requeue. The requeued job derives a fresh port from its restart count and resumes
-(resume = auto, or the path given to --resume until the job has saved a checkpoint: jobs/resume.py). USR2 itself is ignored below torchrun: its default action would kill the workers.
+(resume = auto, or the path given to --resume until the job has saved a checkpoint: jobs/resume.py). USR2
+itself is ignored below torchrun: its default action would kill the workers.
+
+Failures: torchrun restarts the group (``--max-restarts``) only for what a restart can cure, a lost process or
+connection; a process that raises anything else records it (jobs/failures.py), this job stops the torchrun at once
+and its error names that rank's exception instead of what the restarts would have said.
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from jobs import failures
 from jobs.preflight import FAILED_FILE, preflight_env
 from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
@@ -186,10 +192,11 @@ class RunningTorchrun:
     def _reap(self) -> None:
         self.returncode = self.proc.wait()
 
-    def wait(self, timeout_s: float | None = None) -> int | None:
-        """Exit code, or None when ``timeout_s`` passed first; sleeps instead of blocking in waitpid."""
+    def wait(self, timeout_s: float | None = None, until: Callable[[], bool] = lambda: False) -> int | None:
+        """Exit code, or None when ``timeout_s`` passed or ``until()`` came true first; sleeps instead of blocking
+        in waitpid."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.returncode is None and (deadline is None or time.monotonic() < deadline):
+        while self.returncode is None and (deadline is None or time.monotonic() < deadline) and not until():
             time.sleep(0.2)
         if self.returncode is not None:
             for thread in self._threads:
@@ -212,13 +219,16 @@ class RunningTorchrun:
 
 
 def failure_report(what: str, returncode: int, tail: Sequence[str], log_dir: Path, rdzv: Rendezvous,
-                   max_restarts: int) -> str:
-    """Name the first failed rank, its exit code and its log file, from torchrun's own summary."""
+                   max_restarts: int, first: failures.Failure | None = None) -> str:
+    """Name the first failed rank, its exit code and its log file, from torchrun's own summary; and the first
+    error a process raised (``first``), which the restarts may have hidden."""
     text = "".join(tail)
     root = text.split("Root Cause", 1)[-1]
     rank = re.search(r"rank\s*:\s*(\d+) \(local_rank: (\d+)\)", root)
     code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     where = f"{what} failed on node {rdzv.node_rank} ({socket.gethostname()})"
+    if first is not None:
+        where += f" (first error: {first.line()}, attempt {first.attempt})"
     if not rank:
         last = "".join(tail[-20:])
         return f"{where}: torchrun exited with code {returncode}; its last lines:\n{last}"
@@ -285,22 +295,30 @@ class TorchrunJob:
             log.info("each training process first runs the pre-flight: an all-reduce over %d ranks, bounded by %d s",
                      world, launch.preflight_timeout_s)
         log_dir = job_dir / f"node{rdzv.node_rank}"
+        failure_dir = job_dir / f"failures-{rdzv.run_id}"
+        env[failures.DIR_ENV] = str(failure_dir)
         cmd = node_command(rdzv, nproc_per_node=nproc, max_restarts=launch.max_restarts, log_dir=log_dir,
                            module=self.module, args=["--config", str(config_path)])
         log.info("running: %s", shlex.join(cmd))
-        returncode = self.run(cmd, env)
+        returncode = self.run(cmd, env, until=lambda: failures.deterministic_failure(failure_dir) is not None)
+        where = f"{self.stage} failed on node {rdzv.node_rank} ({socket.gethostname()})"
+        failure = failures.deterministic_failure(failure_dir)
+        if failure is not None:
+            raise WorkerFailedError(failures.report(failure, where))
         if returncode != 0:
             assert self._running is not None
             what = "pre-flight" if (preflight_dir / FAILED_FILE).exists() else self.stage
+            first = failures.read_failures(failure_dir)
             raise WorkerFailedError(failure_report(what, returncode, list(self._running.tail), log_dir,
-                                                   rdzv, launch.max_restarts))
+                                                   rdzv, launch.max_restarts, first[0] if first else None))
         return {"stage": self.stage, "node": rdzv.node_rank, "host": socket.gethostname(), "world_size": world,
                 "log_dir": str(log_dir)}
 
-    def run(self, cmd: list[str], env: dict[str, str], timeout_s: float | None = None) -> int | None:
-        """Run one torchrun to its end (None if ``timeout_s`` passed and it was killed)."""
+    def run(self, cmd: list[str], env: dict[str, str], timeout_s: float | None = None,
+            until: Callable[[], bool] = lambda: False) -> int | None:
+        """Run one torchrun to its end (None if ``timeout_s`` passed or ``until()`` came true: then it is killed)."""
         self._running = RunningTorchrun(cmd, env)
-        returncode = self._running.wait(timeout_s)
+        returncode = self._running.wait(timeout_s, until)
         if returncode is None:
             self._running.kill()
             self._running.wait(10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,17 @@ def submit_stage(cfg: Config, stage: str = "train") -> Submitted:
     return submit_local(cfg, stage_job(stage, cfg, [cfg.train.run_dir]), stage)
 
 
-def follow_to_end(sub: Submitted) -> tuple[list[Any] | StageFailed, str]:
-    """The job's results (or its StageFailed) and everything its log said."""
+def follow_to_end(sub: Submitted, bound_s: float = 600) -> tuple[list[Any] | StageFailed, str]:
+    """The job's results (or its StageFailed) and everything its log said; the job is cancelled after ``bound_s``
+    (the test then fails on what it got)."""
     out = io.StringIO()
+    timer = threading.Timer(bound_s, sub.job.cancel)
+    timer.start()
     try:
         result: list[Any] | StageFailed = follow(sub, out, poll_s=0.5)
     except StageFailed as exc:
         result = exc
     finally:
+        timer.cancel()
         sub.job.cancel()  # nothing left running if the test fails
     return result, out.getvalue()
