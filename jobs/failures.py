@@ -22,6 +22,7 @@ from pathlib import Path
 
 DIR_ENV = "JOBS_FAILURE_DIR"  # set by TorchrunJob for its processes: one folder per start of the job
 LINGER_S = 30.0  # a process with a deterministic failure waits this long for its job to stop the torchrun
+ECHO_GRACE_S = 5.0  # a process that lost a connection waits this long for a peer's own error to appear
 # RuntimeErrors of gloo/NCCL/the store that a new group can cure (torch raises some as plain RuntimeError)
 CONNECTION_ERRORS = re.compile(r"Connection (refused|reset|closed)|connectFullMesh|Broken pipe|Socket Timeout|"
                                r"Transport endpoint|ncclRemoteError|ncclSystemError|unhandled system error")
@@ -76,10 +77,18 @@ def record(exc: BaseException, status: int) -> Failure | None:
 
 
 def failed(exc: BaseException, status: int) -> None:
-    """Record a failure; when it is deterministic and a job watches, wait for the job to stop this torchrun."""
+    """Record a failure for the job watching (if any). A deterministic one, or a lost connection that turns out to
+    echo a peer's deterministic failure (the peer closes its sockets before it records its error), then waits
+    for the job to stop this torchrun; a lost connection alone ends the process, for torchrun to restart."""
     failure = record(exc, status)
-    if failure is not None and failure.deterministic:
-        time.sleep(LINGER_S)  # the job kills this process well before; if not, it exits and the restart finds it
+    if failure is None:
+        return
+    folder = os.environ[DIR_ENV]
+    deadline = time.monotonic() + (0 if failure.deterministic else ECHO_GRACE_S)
+    while time.monotonic() < deadline and deterministic_failure(folder) is None:
+        time.sleep(0.2)
+    if deterministic_failure(folder) is not None:
+        time.sleep(LINGER_S)  # the job kills this process well before; if not, it exits and a restart finds it
 
 
 def read_failures(folder: str | Path) -> list[Failure]:

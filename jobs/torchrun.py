@@ -2,8 +2,9 @@
 
 A job of N nodes is N submitit tasks, one per node; each task starts one torchrun with a static
 rendezvous on the first host of the allocation, so global rank = node rank * P + local rank and
-rank 0 (the one that writes checkpoints and tables) is on the first node (one node: ``--standalone``, where
-torchrun binds a free port itself; a port picked here and bound later by torchrun could be taken between)::
+rank 0 (the one that writes checkpoints and tables) is on the first node (one node: ``--rdzv-endpoint
+localhost:0``, torchrun binds a free port itself; a port picked here and bound later by torchrun could be taken
+in between. Not ``--standalone``: it replaces the run id, which names the heartbeat folders the launcher reads)::
 
     python -m torch.distributed.run --nnodes N --nproc-per-node P --node-rank K \\
         --master-addr <first host> --master-port <port from the job id> --rdzv-id <job id> \\
@@ -71,7 +72,7 @@ class Rendezvous:
 
     @property
     def master(self) -> str:
-        return f"{self.master_addr}:{self.master_port}" if self.nnodes > 1 else "torchrun's own (--standalone)"
+        return f"{self.master_addr}:{self.master_port}" if self.nnodes > 1 else "localhost, a port torchrun binds"
 
 
 def rendezvous_port(job_id: str, restart_count: int) -> int:
@@ -86,7 +87,7 @@ def node_rendezvous() -> Rendezvous:
 
     env = submitit.JobEnvironment()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    if env.num_nodes == 1:  # torchrun --standalone: no port to agree on; a fresh id keeps attempts' files apart
+    if env.num_nodes == 1:  # torchrun binds the port: none to agree on; a fresh id keeps starts' files apart
         return Rendezvous(1, 0, "127.0.0.1", 0, env.job_id, restarts, nonce=uuid.uuid4().hex[:8])
     unique_id = os.environ.get("SLURM_JOB_ID", env.job_id)  # an array task's own number, not "<array>_<task>"
     return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(unique_id, restarts),
@@ -106,10 +107,10 @@ def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, 
                      master_port: int | str, run_id: str, max_restarts: int, log_dir: str | Path, module: str,
                      args: Sequence[str]) -> list[str]:
     """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display).
-    One node runs ``--standalone``: torchrun binds a free port for its rendezvous itself (``master_*`` unused)."""
-    rendezvous = ["--standalone"] if nnodes == 1 else [
-        "--node-rank", str(node_rank), "--master-addr", master_addr, "--master-port", str(master_port),
-        "--rdzv-id", run_id]
+    One node: torchrun binds a free port for its rendezvous itself (``master_*`` unused)."""
+    where = (["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] if nnodes == 1 else
+             ["--node-rank", str(node_rank), "--master-addr", master_addr, "--master-port", str(master_port)])
+    rendezvous = [*where, "--rdzv-id", run_id]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
            "--nproc-per-node", str(nproc_per_node), *rendezvous,
            "--max-restarts", str(max_restarts), "--log-dir", str(log_dir), "--tee", "3",

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+from jobs import failures
 from jobs.failures import cured_by_restart
 from jobs.torchrun import TorchrunJob
 from job_helpers import follow_to_end, job_config, submit_local, submit_stage, write_module
@@ -42,7 +43,7 @@ def test_a_one_node_job_lets_torchrun_bind_its_own_rendezvous_port(tmp_path, mon
     results, log = follow_to_end(submit_local(cfg, TorchrunJob("train", cfg, module=module)))
     assert results[0]["world_size"] == 2, log
     (command,) = [line for line in log.splitlines() if "running: " in line and "torch.distributed.run" in line]
-    assert " --standalone " in command and "--master-port" not in command and "--master-addr" not in command
+    assert " --rdzv-endpoint localhost:0 " in command and "--master-port" not in command
     assert len(set(re.findall(r"rendezvous at port (\d+)", log))) == 1  # both ranks met at torchrun's port
 
 
@@ -122,3 +123,19 @@ def test_a_failure_a_restart_cures_is_restarted_and_the_restart_passes_its_pre_f
     assert not isinstance(results, StageFailed), str(results)
     assert "rank 0 trained in attempt 1" in log and "rank 1 trained in attempt 1" in log
     assert log.count("pre-flight passed") == 2
+
+
+def test_a_lost_connection_that_echoes_a_peers_error_waits_for_the_job_which_names_the_peers_error(tmp_path,
+                                                                                                   monkeypatch):
+    """Rank 1 raises and closes its sockets; rank 0's collective then fails with a lost connection, which alone
+    would be restarted. Rank 0 sees rank 1's record appear and waits to be stopped; the report names rank 1."""
+    monkeypatch.setattr(failures, "LINGER_S", 0.0)
+    monkeypatch.setenv(failures.DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    failures.record(RuntimeError("this model's forward is broken"), 1)
+    monkeypatch.setenv("RANK", "0")
+    failures.failed(ConnectionResetError("Connection reset by peer"), 1)
+    assert [(f.rank, f.deterministic) for f in failures.read_failures(tmp_path)] == [(1, True), (0, False)]
+    assert failures.report(failures.deterministic_failure(tmp_path), "train failed on node 0").startswith(
+        f"train failed on node 0: rank 1 ({socket.gethostname()}) raised RuntimeError: this model's forward is broken "
+        "(attempt 0); not restarted")
