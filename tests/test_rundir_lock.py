@@ -13,15 +13,24 @@ import pytest
 from pipeline.core.rundir_lock import LOCK_FILE, RunDirBusyError, locked
 from train_helpers import REPO_ROOT, run_module, start_module, tiny_argv, tiny_data, wait_for_line
 
-HOLD = "from pipeline.core.rundir_lock import locked; import sys, time\nwith locked(sys.argv[1], 'training'):\n" \
-       "    print('held', flush=True); time.sleep(300)"
+HOLD = """\
+import os, sys, time
+from pipeline.core.rundir_lock import locked
+with locked(sys.argv[1], "training"):
+    worker = os.fork()  # as rank 0's DataLoader workers are: they outlive a killed rank 0 by a few seconds
+    if worker:
+        print("held", worker, flush=True)
+    time.sleep(300)
+"""
 
 
 def test_the_lock_names_its_holder_and_is_free_once_the_holder_is_killed(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
-        assert holder.stdout.readline() == "held\n"
+        words = holder.stdout.readline().split()
+        assert words[0] == "held"
+        worker = int(words[1])
         with pytest.raises(RunDirBusyError) as busy, locked(tmp_path, "training"):
             pass
         assert str(busy.value).startswith(f"run dir {tmp_path} is in use by training on host "
@@ -30,8 +39,11 @@ def test_the_lock_names_its_holder_and_is_free_once_the_holder_is_killed(tmp_pat
     finally:
         holder.send_signal(signal.SIGKILL)  # as a node failure or Slurm's kill ends it: no cleanup runs
         holder.wait()
-    with locked(tmp_path, "training"):  # the requeued job of the same run
-        assert f"pid {os.getpid()}," in (tmp_path / LOCK_FILE).read_text()
+    try:
+        with locked(tmp_path, "training"):  # the requeued job of the same run, while the holder's worker lives on
+            assert f"pid {os.getpid()}," in (tmp_path / LOCK_FILE).read_text()
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 @pytest.mark.slow
