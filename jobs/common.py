@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
+from jobs import failures
 from pipeline.core.config import Config, add_config_arguments, config_from_args
 from pipeline.core.errors import UserError
 
@@ -19,12 +22,21 @@ def get_args_parser(description: str, add_help: bool = True) -> argparse.Argumen
 def exit_status(prog: str, work: Callable[[], Any]) -> int:
     """0 when ``work`` succeeds. Bad input (config, archives, data dir, model, device, checkpoint, run dir) is
     one ``prog: error:`` line on stderr and SystemExit(2), as argparse does for a bad flag, without a traceback;
-    any other error propagates."""
+    any other error propagates, but in a job's process (jobs/failures.py), which records it for the job and
+    ends with status 1 after its traceback."""
     try:
         work()
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        failures.failed(exc, 2)
         raise SystemExit(2) from None
+    except Exception as exc:
+        if not os.environ.get(failures.DIR_ENV):
+            raise
+        traceback.print_exc()
+        sys.stderr.flush()
+        failures.failed(exc, 1)
+        raise SystemExit(1) from None
     return 0
 
 
@@ -42,6 +54,7 @@ def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: st
     """The ``main`` of ``python -m jobs.<stage>``: parse the flags, run ``before`` (the pre-flight; a non-zero
     status ends the process with it), validate the config again (the launcher did before submitting; this process
     may have been started without it), run ``door`` on it."""
+    failures.exit_if_failed_before()
     args = get_args_parser(description).parse_args(argv)
 
     def work() -> Any:

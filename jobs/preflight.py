@@ -5,7 +5,7 @@ asked for by TorchrunJob through $JOBS_PREFLIGHT_DIR and $JOBS_PREFLIGHT_HOSTS),
 so the job pays for one torchrun and one import of torch per process, not two. Standalone, for a test or by hand::
 
     torchrun --nnodes 2 --nproc-per-node 4 ... -m jobs.preflight --config C \\
-        --timeout-s 120 --heartbeat-dir <run dir>/logs/<job>/preflight-<port> --hosts node1,node2
+        --timeout-s 120 --heartbeat-dir <run dir>/logs/<job>/preflight-<run id> --hosts node1,node2
 
 Each process logs the environment that decides whether the job can communicate (host, ranks,
 MASTER_ADDR/PORT, backend, NCCL_*/HCCL_*/GLOO_* variables, versions) and drops a heartbeat file in the
@@ -154,8 +154,9 @@ def check_all_reduce(device: Any, world_size: int) -> float:
 
 def join_own_group(device: Any, env: Any, backend: str, timeout_s: float) -> None:
     """The process group, its keys under their own prefix in the rendezvous store: the training's group, joined
-    after this one is gone, must not read this one's addresses (gloo would dial listeners that have closed).
-    Under torchrun the store is the agent's; standalone, rank 0 serves it."""
+    after this one is gone, must not read this one's addresses (gloo would dial listeners that have closed), nor
+    may the group of a restart (torchrun keeps its store across restarts; torch's own groups use one prefix per
+    attempt too). Under torchrun the store is the agent's; standalone, rank 0 serves it."""
     import datetime
 
     import torch.distributed as dist
@@ -165,7 +166,8 @@ def join_own_group(device: Any, env: Any, backend: str, timeout_s: float) -> Non
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=serve, timeout=timeout,
                           wait_for_workers=False)
     kwargs = {"device_id": device} if device.type != "cpu" else {}  # as pipeline.core.distributed.init binds it
-    dist.init_process_group(backend, store=dist.PrefixStore("preflight", store), rank=env.rank,
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"preflight/attempt_{attempt}", store), rank=env.rank,
                             world_size=env.world_size, timeout=timeout, **kwargs)
 
 

@@ -6,7 +6,6 @@ pickle stays small and the launcher does not import training code.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +13,7 @@ from jobs import download as download_entry
 from jobs import prep as prep_entry
 from jobs import report as report_entry
 from jobs.common import run_door
+from jobs.resume import AUTO, with_default_resume
 from jobs.torchrun import TorchrunJob
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
@@ -72,7 +72,8 @@ class ReportJob:
 
 
 def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]:
-    """The callable a stage's job runs; training always resumes from the newest valid checkpoint."""
+    """The callable a stage's job runs; training resumes from the checkpoint ``--resume`` names, else from the
+    newest valid one in the run dir (jobs/resume.py: what a requeue resumes from)."""
     if stage == "download":
         return DownloadJob(cfg)
     if stage == "prep":
@@ -80,7 +81,7 @@ def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]
     if stage == "report":
         return ReportJob(run_dirs)
     if stage == "train":
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
+        cfg = with_default_resume(cfg)
     return TorchrunJob(stage, cfg)
 
 
@@ -95,6 +96,10 @@ def check_inputs(stages: list[str], cfg: Config, run_dirs: list[str]) -> None:
         if stage in TORCHRUN_STAGES and "prep" not in made and not Path(cfg.data.data_dir).is_dir():
             raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
                                   "or pass --data-dir with a prepared dataset")
+        if stage == "train" and cfg.train.resume not in ("", AUTO):
+            from pipeline.train.checkpoint import check_training_checkpoint  # imports torch: only when needed
+
+            check_training_checkpoint(cfg.train.resume)
         if stage == "eval" and "train" not in made:
             check_eval_checkpoint(cfg)
         if stage == "report" and "train" not in made:

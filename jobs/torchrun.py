@@ -2,7 +2,9 @@
 
 A job of N nodes is N submitit tasks, one per node; each task starts one torchrun with a static
 rendezvous on the first host of the allocation, so global rank = node rank * P + local rank and
-rank 0 (the one that writes checkpoints and tables) is on the first node::
+rank 0 (the one that writes checkpoints and tables) is on the first node (one node: ``--rdzv-endpoint
+localhost:0``, torchrun binds a free port itself; a port picked here and bound later by torchrun could be taken
+in between. Not ``--standalone``: it replaces the run id, which names the heartbeat folders the launcher reads)::
 
     python -m torch.distributed.run --nnodes N --nproc-per-node P --node-rank K \\
         --master-addr <first host> --master-port <port from the job id> --rdzv-id <job id> \\
@@ -12,7 +14,12 @@ Requeue: Slurm sends USR2 ``signal_delay_s`` before the time limit (or on ``scan
 submitit calls ``checkpoint()`` on the first task, which asks the training processes to save (SIGUSR1:
 they agree on a step boundary, write latest.pt and exit 0), waits for them within a bound, and returns
 itself for the requeue. The requeued job derives a fresh port from its restart count and resumes
-(resume = auto). USR2 itself is ignored below torchrun: its default action would kill the workers.
+(resume = auto, or the path given to --resume until the job has saved a checkpoint: jobs/resume.py). USR2
+itself is ignored below torchrun: its default action would kill the workers.
+
+Failures: torchrun restarts the group (``--max-restarts``) only for what a restart can cure, a lost process or
+connection; a process that raises anything else records it (jobs/failures.py), this job stops the torchrun at once
+and its error names that rank's exception instead of what the restarts would have said.
 """
 from __future__ import annotations
 
@@ -29,10 +36,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from jobs import failures
 from jobs.preflight import FAILED_FILE, preflight_env
+from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
 
 log = logging.getLogger("jobs.node")
@@ -51,13 +61,18 @@ class Rendezvous:
     nnodes: int
     node_rank: int
     master_addr: str
-    master_port: int  # the stage's torchrun (master_port + 1 stays free, as earlier pre-flights used it)
+    master_port: int  # the stage's torchrun (master_port + 1 stays free, as earlier pre-flights used it); 0: one node
     job_id: str
     restarts: int = 0  # times Slurm requeued the job
+    nonce: str = ""  # one node: tells this start from an earlier one of the same job and restart count
 
     @property
     def run_id(self) -> str:
-        return f"{self.job_id}-{self.restarts}"
+        return "-".join(part for part in (self.job_id, str(self.restarts), self.nonce) if part)
+
+    @property
+    def master(self) -> str:
+        return f"{self.master_addr}:{self.master_port}" if self.nnodes > 1 else "localhost, a port torchrun binds"
 
 
 def rendezvous_port(job_id: str, restart_count: int) -> int:
@@ -66,30 +81,14 @@ def rendezvous_port(job_id: str, restart_count: int) -> int:
     return PORT_BASE + (number * 16 + 2 * restart_count) % PORT_SPAN
 
 
-def free_port_pair() -> int:
-    """An even port p with p and p + 1 free on this host (single-node jobs need no agreement)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1] & ~1
-        try:
-            for candidate in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", candidate))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("found no two free adjacent ports on this host")
-
-
 def node_rendezvous() -> Rendezvous:
     """This node's place in the job, from submitit's view of Slurm (or of the local executor)."""
     import submitit
 
     env = submitit.JobEnvironment()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    if env.num_nodes == 1:
-        return Rendezvous(1, 0, "127.0.0.1", free_port_pair(), env.job_id, restarts)
+    if env.num_nodes == 1:  # torchrun binds the port: none to agree on; a fresh id keeps starts' files apart
+        return Rendezvous(1, 0, "127.0.0.1", 0, env.job_id, restarts, nonce=uuid.uuid4().hex[:8])
     unique_id = os.environ.get("SLURM_JOB_ID", env.job_id)  # an array task's own number, not "<array>_<task>"
     return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(unique_id, restarts),
                       env.job_id, restarts)
@@ -107,10 +106,13 @@ def node_hosts(rdzv: Rendezvous) -> list[str]:
 def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
                      master_port: int | str, run_id: str, max_restarts: int, log_dir: str | Path, module: str,
                      args: Sequence[str]) -> list[str]:
-    """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display)."""
+    """The command one node runs; the same on every node but for --node-rank (placeholders allowed for display).
+    One node: torchrun binds a free port for its rendezvous itself (``master_*`` unused)."""
+    where = (["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] if nnodes == 1 else
+             ["--node-rank", str(node_rank), "--master-addr", master_addr, "--master-port", str(master_port)])
+    rendezvous = [*where, "--rdzv-id", run_id]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
-           "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node_rank),
-           "--master-addr", master_addr, "--master-port", str(master_port), "--rdzv-id", run_id,
+           "--nproc-per-node", str(nproc_per_node), *rendezvous,
            "--max-restarts", str(max_restarts), "--log-dir", str(log_dir), "--tee", "3",
            "--log-line-prefix-template", "[rank${rank}]: "]
     return cmd + ["-m", module, *args]
@@ -191,10 +193,11 @@ class RunningTorchrun:
     def _reap(self) -> None:
         self.returncode = self.proc.wait()
 
-    def wait(self, timeout_s: float | None = None) -> int | None:
-        """Exit code, or None when ``timeout_s`` passed first; sleeps instead of blocking in waitpid."""
+    def wait(self, timeout_s: float | None = None, until: Callable[[], bool] = lambda: False) -> int | None:
+        """Exit code, or None when ``timeout_s`` passed or ``until()`` came true first; sleeps instead of blocking
+        in waitpid."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.returncode is None and (deadline is None or time.monotonic() < deadline):
+        while self.returncode is None and (deadline is None or time.monotonic() < deadline) and not until():
             time.sleep(0.2)
         if self.returncode is not None:
             for thread in self._threads:
@@ -217,13 +220,16 @@ class RunningTorchrun:
 
 
 def failure_report(what: str, returncode: int, tail: Sequence[str], log_dir: Path, rdzv: Rendezvous,
-                   max_restarts: int) -> str:
-    """Name the first failed rank, its exit code and its log file, from torchrun's own summary."""
+                   max_restarts: int, first: failures.Failure | None = None) -> str:
+    """Name the first failed rank, its exit code and its log file, from torchrun's own summary; and the first
+    error a process raised (``first``), which the restarts may have hidden."""
     text = "".join(tail)
     root = text.split("Root Cause", 1)[-1]
     rank = re.search(r"rank\s*:\s*(\d+) \(local_rank: (\d+)\)", root)
     code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     where = f"{what} failed on node {rdzv.node_rank} ({socket.gethostname()})"
+    if first is not None:
+        where += f" (first error: {first.line()}, attempt {first.attempt})"
     if not rank:
         last = "".join(tail[-20:])
         return f"{where}: torchrun exited with code {returncode}; its last lines:\n{last}"
@@ -278,35 +284,42 @@ class TorchrunJob:
         launch = self.cfg.launch
         job_dir = Path(self.cfg.train.run_dir) / "logs" / rdzv.job_id
         config_path = job_dir / f"{self.stage}_config.toml"
-        save_config(self.cfg, config_path)
+        save_config(resume_for_this_start(self.cfg, job_dir) if self.stage == "train" else self.cfg, config_path)
         nproc = launch.gpus_per_node
         env = process_env(nproc)
         world = rdzv.nnodes * nproc
-        log.info("%s: node %d of %d, %d processes here, world size %d, master %s:%d, config %s",
-                 self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master_addr, rdzv.master_port,
-                 config_path)
-        preflight_dir = job_dir / f"preflight-{rdzv.master_port}"
+        log.info("%s: node %d of %d, %d processes here, world size %d, rendezvous %s, config %s",
+                 self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master, config_path)
+        preflight_dir = job_dir / f"preflight-{rdzv.run_id}"
         if world > 1 and self.graceful_stop and launch.preflight_timeout_s > 0:
             env.update(preflight_env(preflight_dir, node_hosts(rdzv)))
             log.info("each training process first runs the pre-flight: an all-reduce over %d ranks, bounded by %d s",
                      world, launch.preflight_timeout_s)
         log_dir = job_dir / f"node{rdzv.node_rank}"
+        failure_dir = job_dir / f"failures-{rdzv.run_id}"
+        env[failures.DIR_ENV] = str(failure_dir)
         cmd = node_command(rdzv, nproc_per_node=nproc, max_restarts=launch.max_restarts, log_dir=log_dir,
                            module=self.module, args=["--config", str(config_path)])
         log.info("running: %s", shlex.join(cmd))
-        returncode = self.run(cmd, env)
+        returncode = self.run(cmd, env, until=lambda: failures.deterministic_failure(failure_dir) is not None)
+        where = f"{self.stage} failed on node {rdzv.node_rank} ({socket.gethostname()})"
+        failure = failures.deterministic_failure(failure_dir)
+        if failure is not None:
+            raise WorkerFailedError(failures.report(failure, where))
         if returncode != 0:
             assert self._running is not None
             what = "pre-flight" if (preflight_dir / FAILED_FILE).exists() else self.stage
+            first = failures.read_failures(failure_dir)
             raise WorkerFailedError(failure_report(what, returncode, list(self._running.tail), log_dir,
-                                                   rdzv, launch.max_restarts))
+                                                   rdzv, launch.max_restarts, first[0] if first else None))
         return {"stage": self.stage, "node": rdzv.node_rank, "host": socket.gethostname(), "world_size": world,
                 "log_dir": str(log_dir)}
 
-    def run(self, cmd: list[str], env: dict[str, str], timeout_s: float | None = None) -> int | None:
-        """Run one torchrun to its end (None if ``timeout_s`` passed and it was killed)."""
+    def run(self, cmd: list[str], env: dict[str, str], timeout_s: float | None = None,
+            until: Callable[[], bool] = lambda: False) -> int | None:
+        """Run one torchrun to its end (None if ``timeout_s`` passed or ``until()`` came true: then it is killed)."""
         self._running = RunningTorchrun(cmd, env)
-        returncode = self._running.wait(timeout_s)
+        returncode = self._running.wait(timeout_s, until)
         if returncode is None:
             self._running.kill()
             self._running.wait(10)

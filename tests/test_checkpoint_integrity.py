@@ -11,6 +11,7 @@ import torch
 
 from jobs.train import main as train_main
 from pipeline.core import atomic
+from pipeline.core.rundir_lock import LOCK_FILE
 from pipeline.eval.evaluate import evaluate
 from pipeline.models.registry import build_model
 from pipeline.train.checkpoint import CheckpointError, CorruptCheckpointError, load_checkpoint
@@ -24,9 +25,9 @@ def data_dir(tmp_path_factory):
 
 
 def snapshot(run_dir) -> dict[str, tuple[str, int]]:
-    """sha256 and mtime of every file in the run dir."""
+    """sha256 and mtime of every file in the run dir but its lock, which names the last training that held it."""
     return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and not p.is_symlink()}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != LOCK_FILE}
 
 
 def make_unreadable(path, how: str) -> None:

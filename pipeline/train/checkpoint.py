@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 LATEST, BEST = "latest.pt", "best.pt"
 CHECKSUM_KEY = "content_sha256"
 REQUIRED_KEYS = ("model", "model_name", "num_classes", "epoch", "step_in_epoch", "global_step")
+PASS_A_CHECKPOINT = "pass a training checkpoint (a run dir's checkpoints/latest.pt), or --resume auto"
 # Sections that define the numbers a run produces; data.workers or the launcher may change on resume.
 DIGEST_SECTIONS = ("model", "optim")
 
@@ -180,11 +182,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     state = read_verified(path)
+    require_training_keys(state, path)
+    return state
+
+
+def require_training_keys(state: Any, path: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise NotATrainingCheckpointError(f"{path} is not a training checkpoint of this pipeline (missing {missing}); "
                                           "to start from plain weights use --pretrained")
-    return state
+
+
+def check_training_checkpoint(path: str | Path) -> None:
+    """Refuse a path that is not a training checkpoint of ours, reading no tensor (mmap): the launcher's check of
+    ``--resume PATH`` before anything is submitted. The job still verifies the checksum when it loads the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such file; {PASS_A_CHECKPOINT}")
+    if not zipfile.is_zipfile(path):
+        raise NotATrainingCheckpointError(f"--resume {path}: not a checkpoint (not a zip archive, as torch.save "
+                                          f"writes); {PASS_A_CHECKPOINT}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # its message can span lines and quote bytes of the file: named, not shown
+        raise NotATrainingCheckpointError(f"--resume {path}: a zip archive torch cannot load "
+                                          f"({type(exc).__name__}); {PASS_A_CHECKPOINT}") from exc
+    require_training_keys(state, path)
 
 
 def copy_atomically(src: Path, dst: Path) -> None:

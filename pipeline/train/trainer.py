@@ -47,6 +47,7 @@ from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
                                    RUN_STATE_FILE, append_row, write_json)
+from pipeline.core.rundir_lock import locked_by_main_process
 from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.eval.evaluate import EvalResult, validate
@@ -313,7 +314,8 @@ class Trainer:
 def train(cfg: Config) -> dict[str, Any]:
     """The train stage's door (see the module docstring for the files it writes and the preemption contract)."""
     tracking.check_installed(cfg)
-    with watchdog.watching(cfg), stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag:
+    with (locked_by_main_process(cfg.train.run_dir, "training"), watchdog.watching(cfg),
+          stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag):
         return _train(cfg, env, device, flag)
 
 

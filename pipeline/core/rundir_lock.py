@@ -1,0 +1,70 @@
+"""One writer per run dir: rank 0 of a training holds an advisory lock on ``<run dir>/run.lock`` while it runs.
+
+Two trainings writing one run dir interleave their epochs in ``epochs.csv`` and overwrite each other's
+checkpoints (a sweep rerun while its jobs still run does this). The kernel releases the lock when its holder
+exits, however it ends, so a requeued job of the same run takes it again; a second training started while the
+first runs is refused at once, with one line naming the holder (host, pid, start time: what the holder wrote
+into the file). Advisory: only code that asks is stopped.
+
+Why a POSIX record lock (``fcntl.lockf``) rather than ``fcntl.flock``: a flock belongs to the open file, which the
+loader workers forked by rank 0 share, so it would outlive a killed rank 0 until they notice, and refuse the
+restart torchrun makes; a record lock belongs to the process. It is also what NFS servers see from every node
+(Linux emulates flock with it there); Lustre needs its ``flock`` mount option for either.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.core import distributed
+from pipeline.core.errors import UserError
+
+LOCK_FILE = "run.lock"
+
+
+class RunDirBusyError(UserError, RuntimeError):
+    """Another process holds the run dir's lock."""
+
+
+def holder_line(what: str) -> str:
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"{what} on host {socket.gethostname()}, pid {os.getpid()}, started {started}"
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path, what: str) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block in this process; RunDirBusyError if another process holds it."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not yet said"
+            raise RunDirBusyError(f"run dir {folder} is in use by {holder} (it holds {folder / LOCK_FILE}); wait "
+                                  "for it to end, stop it, or pass another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (holder_line(what) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the holder line stays, the next holder overwrites it
+
+
+@contextlib.contextmanager
+def locked_by_main_process(run_dir: str | Path, what: str) -> Iterator[None]:
+    """The lock held by rank 0 of the torchrun group (read from the environment: enter before the group exists);
+    the other ranks end with rank 0, which torchrun's agent sees exit."""
+    if distributed.read_env().rank != 0:
+        yield
+        return
+    with locked(run_dir, what):
+        yield
