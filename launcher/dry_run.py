@@ -31,8 +31,9 @@ def shell_word(arg: str) -> str:
                    for part in PLACEHOLDER.split(arg) if part) or "''"
 
 PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of the allocation; MASTER_PORT: "
-                "20000 + (job id x 16 + 2 x restarts) mod 12000 on several nodes, a free port on one; "
-                "JOB_ID, RESTARTS: the Slurm job id and requeue count")
+                "20000 + (job id x 16 + 2 x restarts) mod 12000 on several nodes (on one node torchrun binds a port "
+                "itself, localhost:0); JOB_ID, RESTARTS: the Slurm job id and requeue count (one node adds a "
+                "random suffix to the run id)")
 
 def cpu_warnings(cfg: Config, stages: list[str], node_cpus: int | None, out: TextIO) -> None:
     """Say where the default CPU request is more than the partition's nodes have (the request is capped)."""
@@ -69,7 +70,10 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, 
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
         if stage == "train":
-            out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n")
+            out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
+                      if cfg.train.resume in ("", "auto") else
+                      f"  training starts from {cfg.train.resume}; a requeue resumes from the run's own newest "
+                      "checkpoint once the job has saved one\n")
             if nodes * nproc > 1 and cfg.launch.preflight_timeout_s:
                 out.write("  each training process first runs the pre-flight (jobs.preflight, asked for through "
                           f"$JOBS_PREFLIGHT_DIR): an all-reduce over all {nodes * nproc} ranks, bounded by "
