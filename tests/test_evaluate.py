@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from jobs.eval import main as eval_main
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import setup_precision
-from pipeline.core.records import EVAL_KEYS
+from pipeline.core.records import EVAL_KEYS, SCHEMA_VERSION
 from pipeline.data.loaders import build_val_loader, device_batcher
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pipeline.eval.evaluate import EvalCountError, evaluate, validate
@@ -64,7 +64,7 @@ def test_evaluate_a_plain_state_dict_counts_exactly_and_writes_eval_json(data_di
     top1, top5, total = reference_counts(random_model, data_dir, cfg)
     assert (record["top1_correct"], record["top5_correct"], record["total"]) == (top1, top5, total) == \
         (record["top1_correct"], record["top5_correct"], CLASSES * 3)
-    assert json.loads((run_dir / "eval.json").read_text()) == record
+    assert json.loads((run_dir / "eval.json").read_text()) == {**record, "schema": SCHEMA_VERSION}
     assert sorted(record) == sorted(EVAL_KEYS) and record["world_size"] == 1
     line = LINE.search(capsys.readouterr().err)
     assert line and line.groups() == (str(top1), str(top5), str(total), f"{100 * top1 / total:.3f}",

@@ -1,7 +1,6 @@
 """The report stage on hand-written records: exact tables, scaling efficiency, Markdown = CSV, plots, errors."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core.config import Config, build_config, save_config
-from pipeline.core.records import COLUMNS_ADDED_LATER, EPOCH_COLUMNS, PERF_COLUMNS, append_row, write_json
+from pipeline.core.records import EPOCH_COLUMNS, PERF_COLUMNS, append_row, write_json
 from pipeline.prep.synthetic import make_image_folder
 from pipeline.report.build import ReportError, parquet_available, report
 from pipeline.report.markdown import TITLES
@@ -405,19 +404,6 @@ def test_a_sweep_without_any_records_says_so(tmp_path):
     write_json(sweep / "sweep.json", {"points": [{"name": "a"}]})
     with pytest.raises(ReportError, match="none of its 1 point"):
         report([sweep], echo=False)
-
-
-def test_a_run_dir_from_before_the_device_wait_columns_is_reported_with_them_empty(tmp_path):
-    run_dir = one_process(tmp_path)
-    rows = list(csv.DictReader((run_dir / "epochs.csv").open()))
-    old_columns = [c for c in EPOCH_COLUMNS if c not in COLUMNS_ADDED_LATER]
-    with (run_dir / "epochs.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=old_columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    result = report([run_dir], echo=False)
-    assert result.epochs["r18-1x1"]["device_wait_pct"].isna().all()
-    assert result.summary["img_per_s_all_ranks"].tolist() == [100.0]
 
 
 def test_a_perf_run_shows_where_its_step_time_goes(tmp_path):

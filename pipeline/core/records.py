@@ -16,6 +16,12 @@ Contract between the stages (train and eval write, report reads):
   node crash) leaves "training".
 - ``checkpoints/``: ``latest.pt``, ``best.pt``, ``epoch_NNNN.pt``.
 
+Versions: every record says which version of this contract wrote it (``SCHEMA_VERSION``): a ``schema`` column in
+each table row and a ``schema`` key in each JSON record; a record without one is version 1. Readers take every
+version up to theirs (a column a version did not write is empty) and refuse a newer one; a run resumed on newer
+code goes on in the same files (``append_row`` gives an older table the new columns). Users keep run dirs for
+months and upgrade in between.
+
 A sweep dir (``launch.py --sweep``) holds one run dir per point and ``sweep.json``: key ``points``, a list of
 ``name`` (the point's run dir, inside the sweep dir) and ``values`` (swept key -> value as typed).
 
@@ -44,7 +50,9 @@ CHECKPOINT_DIR = "checkpoints"
 SWEEP_FILE = "sweep.json"
 POINT_NAME_CHARS = "A-Za-z0-9._=,+-"  # a sweep point's run dir name: launcher.sweep.point_name makes no other
 
-EPOCH_COLUMNS = (
+SCHEMA_VERSION = 2  # 1: before versions were recorded; 2: device_wait_frac, perf.csv's step phases, schema
+
+EPOCH_COLUMNS_V1 = (
     "epoch",                # 0-based epoch index
     "steps",                # optimizer steps taken so far in the run
     "train_loss", "train_acc1", "train_acc5",  # means over the epoch's samples, all ranks; acc in %
@@ -59,22 +67,28 @@ EPOCH_COLUMNS = (
     "peak_mem_mib",         # peak device memory of rank 0, MiB (max RSS on CPU)
     "finished_at",          # ISO 8601 time the epoch's record was written
     "ema_val_acc1", "ema_val_acc5",  # the model EMA over the whole val set, %; empty when EMA is off
-    "device_wait_frac",     # share of the steady-state step time the device waited for its input (decode included)
 )
-PERF_COLUMNS = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
-                "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at",
-                "device_wait_frac",
-                "input_wait_ms", "fwd_bwd_ms", "optimizer_ms")  # per step, this rank's device clock, mean over ranks
-# Columns an earlier version did not write: its tables are read with them empty (append_row adds them on a resume).
-COLUMNS_ADDED_LATER = ("device_wait_frac", "input_wait_ms", "fwd_bwd_ms", "optimizer_ms")
+EPOCH_COLUMNS = EPOCH_COLUMNS_V1 + (
+    "device_wait_frac",     # share of the steady-state step time the device waited for its input (decode included)
+    "schema",               # SCHEMA_VERSION of the code that wrote the row
+)
+PERF_COLUMNS_V1 = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
+                   "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at")
+PERF_COLUMNS = PERF_COLUMNS_V1 + ("device_wait_frac",
+                                  "input_wait_ms", "fwd_bwd_ms", "optimizer_ms",  # ms per step on the device's clock
+                                  "schema")
+TABLE_VERSIONS = {EPOCHS_FILE: {1: EPOCH_COLUMNS_V1, 2: EPOCH_COLUMNS},
+                  PERF_FILE: {1: PERF_COLUMNS_V1, 2: PERF_COLUMNS}}  # file: version -> its columns
 EVAL_KEYS = ("checkpoint", "weights", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
 
 
 def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) -> None:
     """Add one row to a CSV table, rewriting it atomically (tables are small: one row per epoch). A table written
     by an earlier version with fewer columns gets the new ones (empty in its old rows), so a run resumed on newer
-    code goes on in the same file."""
+    code goes on in the same file. Each row records SCHEMA_VERSION where the table has a ``schema`` column."""
     path = Path(path)
+    if "schema" in columns:
+        row = {**row, "schema": SCHEMA_VERSION}
     unknown = set(row) - set(columns)
     if unknown:
         raise ValueError(f"columns {sorted(unknown)} are not in the table's columns")
@@ -94,6 +108,25 @@ def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) ->
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_record(path: str | Path, data: dict[str, Any]) -> None:
+    """A run dir's JSON record (provenance, run state, eval counts) with the SCHEMA_VERSION that wrote it."""
+    write_json(path, {**data, "schema": SCHEMA_VERSION})
+
+
+def newer_schema(path: Path, version: Any) -> str:
+    """'' when ``version`` (of a record's ``schema``; None, empty or NaN: 1) is one this code reads, else what to do."""
+    try:
+        number: float | None = float(version)
+    except (TypeError, ValueError):
+        number = None
+    if version in (None, "") or (number is not None and (number != number or (
+            number.is_integer() and 1 <= number <= SCHEMA_VERSION))):
+        return ""
+    shown = int(number) if number is not None and number.is_integer() else version
+    return (f"{path} was written by a newer version of the pipeline (record schema {shown}; this one reads up "
+            f"to {SCHEMA_VERSION}): upgrade the pipeline to read it")
 
 
 def read_json(path: Path, error: type[Exception], hint: str) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from pipeline.core.config import Config
 from pipeline.core.logs import Progress
 from pipeline.core.metrics import RunningSums, batch_sums
 from pipeline.core.precision import Precision, setup_precision
-from pipeline.core.records import EVAL_FILE, write_json
+from pipeline.core.records import EVAL_FILE, write_record
 from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import (DeviceBatcher, build_val_loader, cpu_decoded_images, dataset_info, device_batcher,
                                    skipped_images)
@@ -162,5 +162,5 @@ def _evaluate(cfg: Config, env: distributed.DistEnv, device: torch.device) -> di
     record = {"checkpoint": str(path), "weights": cfg.eval.weights, "top1_correct": result.top1_correct,
               "top5_correct": result.top5_correct, "total": result.total, "acc1": result.acc1, "acc5": result.acc5,
               "loss": result.loss, "world_size": env.world_size}
-    distributed.on_main_process(write_json, Path(cfg.train.run_dir) / EVAL_FILE, record)
+    distributed.on_main_process(write_record, Path(cfg.train.run_dir) / EVAL_FILE, record)
     return record

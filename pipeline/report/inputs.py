@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from pipeline.core.config import Config, ConfigError, load_config
-from pipeline.core.records import (COLUMNS_ADDED_LATER, CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE,
-                                   PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE, RUN_STATE_FILE, read_json,
+from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
+                                   PROVENANCE_FILE, RUN_STATE_FILE, TABLE_VERSIONS, newer_schema, read_json,
                                    read_sweep_points)
 from pipeline.report.checks import ReportError, check_row_count, check_values, finite_numbers
 
@@ -130,7 +130,11 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
         raise ReportError(f"{path} is not a readable CSV table ({exc}); it should hold the columns "
                           f"{list(columns)} of pipeline/core/records.py") from None
     found = list(table.columns)
-    if found == [c for c in columns if c in found or c not in COLUMNS_ADDED_LATER]:  # an earlier version's table
+    if "schema" in found:
+        problem = newer_schema(path, pd.to_numeric(table["schema"], errors="coerce").max())
+        if problem:
+            raise ReportError(problem)
+    if found in [list(earlier) for earlier in TABLE_VERSIONS[path.name].values()]:  # missing columns: empty
         table = table.reindex(columns=list(columns))
         found = list(columns)
     if found != list(columns):
@@ -161,6 +165,9 @@ def read_config(run_dir: Path) -> Config:
 def read_json_file(path: Path) -> dict[str, Any] | None:
     """An optional JSON record: None (with a warning for provenance) when absent, an error when broken."""
     data = read_json(path, ReportError, "re-run the stage that writes it")
+    problem = newer_schema(path, (data or {}).get("schema"))
+    if problem:
+        raise ReportError(problem)
     if data is None and path.name == PROVENANCE_FILE:
         log.warning("%s is missing: the report's provenance columns for this run stay empty", path)
     return data

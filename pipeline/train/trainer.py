@@ -46,7 +46,7 @@ from pipeline.core.metrics import Throughput, peak_memory_mib
 from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
-                                   RUN_STATE_FILE, append_row, write_json)
+                                   RUN_STATE_FILE, append_row, write_record)
 from pipeline.core.rundir_lock import locked_by_main_process
 from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
@@ -184,7 +184,7 @@ class Trainer:
             record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
-            write_json(self.run_dir / PROVENANCE_FILE, record)
+            write_record(self.run_dir / PROVENANCE_FILE, record)
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": rounded(tp.img_per_s_all_ranks, 2),
@@ -252,7 +252,7 @@ class Trainer:
         record = {"state": state, "epochs_done": self.state.position.epoch, "at": now_iso()}
         if error:
             record["error"] = error
-        distributed.on_main_process(write_json, self.run_dir / RUN_STATE_FILE, record)
+        distributed.on_main_process(write_record, self.run_dir / RUN_STATE_FILE, record)
 
     def end_epoch(self, epoch: int, result: EpochResult) -> None:
         """Validate (the EMA too), append the epoch's row, write the checkpoints."""
