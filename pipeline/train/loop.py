@@ -274,6 +274,26 @@ def finite_weights(model: nn.Module) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
+def run_steps(stepper: Stepper, batches: Iterable[tuple], *, first: tuple[int, int], total: int, book: StepBook,
+              watch: LossWatch, stop: Callable[[], bool]) -> tuple[int, bool]:
+    """The step loop of both modes: a step per batch of ``batches``, the first being (epoch, index) ``first``, the
+    last being step ``total``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY steps and at the last.
+    Returns (the number of the last step done, counted from index 0 of ``first``'s epoch; whether stop() said so)."""
+    step = first[1]
+    inputs = stepper.inputs(batches, first)
+    for images, targets in inputs:
+        book.data_ready(inputs.loader_wait_s)
+        batch = stepper.step(images, targets, on_backward=book.timer.backward_done)
+        step += 1
+        watch.add(batch, step)
+        book.step_done(batch, len(images), step, total, stepper.lr)
+        if step % book.print_freq == 0:
+            watch.check()
+        if (step % STOP_CHECK_EVERY == 0 or step == total) and stop():
+            return step, True
+    return step, False
+
+
 def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
               stop: Callable[[], bool], carried: torch.Tensor | None = None,
               on_log: OnLog | None = None) -> EpochResult:
@@ -285,20 +305,9 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
                     on_log=on_log)
     start_s = time.perf_counter()
     watch = LossWatch.of(stepper, f"epoch {epoch}")
-    step, stopped = start_step, False
     stepper.model.train()  # validation left it in eval mode
-    inputs = stepper.inputs(skip_batches(loader, start_step), (epoch, start_step))
-    for images, targets in inputs:
-        book.data_ready(inputs.loader_wait_s)
-        batch = stepper.step(images, targets, on_backward=book.timer.backward_done)
-        step += 1
-        watch.add(batch, step)
-        book.step_done(batch, len(images), step, total, stepper.lr)
-        if step % book.print_freq == 0:
-            watch.check()
-        if (step % STOP_CHECK_EVERY == 0 or step == total) and stop():
-            stopped = True
-            break
+    step, stopped = run_steps(stepper, skip_batches(loader, start_step), first=(epoch, start_step), total=total,
+                              book=book, watch=watch, stop=stop)
     watch.check(stepper.raw_model)  # before the caller saves anything
     throughput = book.timer.result()
     sums = torch.tensor(distributed.all_reduce_sum(book.sums.sums.tolist()), dtype=torch.float64)
@@ -323,15 +332,9 @@ def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler |
                     prefix="Perf:", on_log=on_log)
     watch = LossWatch.of(stepper, "the performance run")
     stepper.model.train()
-    inputs = stepper.inputs(itertools.islice(endless_batches(loader, sampler), max_steps), (0, 1))
-    for step, (images, targets) in enumerate(inputs, start=1):
-        book.data_ready(inputs.loader_wait_s)
-        batch = stepper.step(images, targets, on_backward=book.timer.backward_done)
-        watch.add(batch, step)
-        book.step_done(batch, len(images), step, max_steps, stepper.lr)
-        if step % book.print_freq == 0:
-            watch.check()
-        if step < max_steps and step % STOP_CHECK_EVERY == 0 and stop():
-            return None
+    step, stopped = run_steps(stepper, itertools.islice(endless_batches(loader, sampler), max_steps), first=(0, 0),
+                              total=max_steps, book=book, watch=watch, stop=stop)
+    if stopped and step < max_steps:
+        return None
     watch.check()
     return book.timer.result()
