@@ -16,7 +16,8 @@ from pipeline.data.loaders import (DataDirError, EpochSampler, RepeatedAugmentat
                                    build_val_loader, dataset_info, device_batcher, skipped_images)
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import setup_precision
-from pipeline.data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.core.dataset_kinds import dataset_kind
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.prep.synthetic import make_cifar10_archive, make_image_folder
 
 CPU = torch.device("cpu")
@@ -270,7 +271,8 @@ def test_cifar10_loaders_read_the_pickled_batches(cifar_dir):
     first = torch.tensor(raw["data"][0]).reshape(3, 32, 32)
     assert torch.equal(val[0][0][0], first)  # uint8 as stored
     normalized, _ = device_batcher(cfg, setup_precision(CPU, "none", False))(*val[0])
-    expected = (first / 255 - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+    cifar = dataset_kind("cifar10")
+    expected = (first / 255 - torch.tensor(cifar.mean)[:, None, None]) / torch.tensor(cifar.std)[:, None, None]
     assert torch.allclose(normalized[0], expected, atol=1e-5)
     assert torch.cat([t for _, t in val]).tolist() == list(raw["labels"])
 

@@ -17,10 +17,10 @@ from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from pipeline.core.config import Config, ConfigError
+from pipeline.core.dataset_kinds import dataset_kind
 from pipeline.prep.links import check_links, load_cookies, parse_headers, read_links, redact_header, redact_url
 
 LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators: they break TOML and shells
-NOMINAL_CLASSES = {"imagenet": 1000, "cifar10": 10}  # a model is test-built for this many classes
 MODEL_STAGES = ("train", "eval")
 
 # field: (lowest allowed, why); every int and float field not named here may be any finite number
@@ -128,7 +128,7 @@ def _check_relations(cfg: Config, stages: set[str]) -> None:
         raise ConfigError(f"data.val_crop_size = {cfg.data.val_crop_size} is larger than val_resize_size = "
                           f"{cfg.data.val_resize_size}: the eval crop is cut from the resized image; raise "
                           "--val-resize-size or lower --val-crop-size")
-    if cfg.data.decode == "device" and cfg.data.dataset != "imagenet":
+    if cfg.data.decode == "device" and not dataset_kind(cfg.data.dataset).jpeg_files:
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")
     if "train" not in stages:
@@ -203,11 +203,11 @@ def check_model(cfg: Config, pretrained: bool = False) -> None:
     name = cfg.model.model
     try:
         with torch.device("meta"):
-            models.build_model(name, num_classes=NOMINAL_CLASSES[cfg.data.dataset])
+            models.build_model(name, num_classes=dataset_kind(cfg.data.dataset).classes)
     except models.UnknownModelError as exc:
         raise ConfigError(str(exc)) from None
     except Exception:  # the factory itself failed; on the CPU it may work, and then it is a model
-        _build_on_cpu(name, NOMINAL_CLASSES[cfg.data.dataset])
+        _build_on_cpu(name, dataset_kind(cfg.data.dataset).classes)
     if pretrained and cfg.model.pretrained:
         try:
             models.resolve_weights_file(name, cfg.model.pretrained)

@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from pipeline.core.config import Config, ConfigError
+from pipeline.core.dataset_kinds import dataset_kind
 from pipeline.data.datasets import (DataDirError, SampleSet, cifar_split, imagenet_classes, imagenet_split,
                                     sample_seed, seeded_cpu_rng)
 from pipeline.core.distributed import DistEnv
@@ -71,18 +72,27 @@ class DatasetInfo:
     val_size: int         # images in the val split
 
 
+def _imagenet_splits(data_dir: Path) -> tuple[Dataset, Dataset, list[str], list[str]]:
+    classes = imagenet_classes(data_dir)
+    train, val = imagenet_split(data_dir, "train", classes), imagenet_split(data_dir, "val", classes)
+    return train, val, list(classes.wnids), list(classes.names)
+
+
+def _cifar_splits(data_dir: Path) -> tuple[Dataset, Dataset, list[str], list[str]]:
+    train, val = cifar_split(data_dir, True), cifar_split(data_dir, False)
+    return train, val, list(train.classes), list(train.classes)
+
+
+READERS = {"imagenet": _imagenet_splits, "cifar10": _cifar_splits}  # dataset: its data dir's reader
+
+
 def _splits(cfg: Config) -> tuple[Dataset, Dataset, list[str], list[str]]:
     """(train source, val source, wnids, names) of the data dir, with DataDirError when it is not usable."""
     data_dir = Path(cfg.data.data_dir)
     if not data_dir.is_dir():
         raise DataDirError(f"data dir {data_dir} does not exist; run `python launch.py --stage prep "
                            f"--archive-dir ARCHIVES --data-dir {data_dir}` first, or pass --data-dir")
-    if cfg.data.dataset == "cifar10":
-        train, val = cifar_split(data_dir, True), cifar_split(data_dir, False)
-        return train, val, list(train.classes), list(train.classes)
-    classes = imagenet_classes(data_dir)
-    train, val = imagenet_split(data_dir, "train", classes), imagenet_split(data_dir, "val", classes)
-    return train, val, list(classes.wnids), list(classes.names)
+    return READERS[cfg.data.dataset](data_dir)
 
 
 def dataset_info(cfg: Config) -> DatasetInfo:
@@ -270,7 +280,7 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
 def build_val_loader(cfg: Config, env: DistEnv, device: torch.device) -> DataLoader:
     """This rank's exact shard of the val set, in order, unaugmented."""
     _, source, _, _ = _splits(cfg)
-    side = 32 if cfg.data.dataset == "cifar10" else cfg.data.val_crop_size
+    side = dataset_kind(cfg.data.dataset).image_side or cfg.data.val_crop_size
     if cfg.data.decode == "device":
         dataset = SampleSet(EncodedFiles(source.paths, source.labels), NoDraw(), seed=cfg.train.seed,
                             replace_failed=False)

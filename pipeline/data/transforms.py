@@ -21,29 +21,31 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.core.config import DataConfig
+from pipeline.core.dataset_kinds import dataset_kind
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # per-channel over the 50k train set
-CIFAR_PADDING = 4  # pixels of zero padding before the random 32x32 crop
+IMAGENET = dataset_kind("imagenet")
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET.mean, IMAGENET.std
+SMALL_IMAGE_PADDING = 4  # pixels of zero padding before the random crop of a small fixed-size image (CIFAR-10)
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _auto_augment(policy: str, cifar: bool) -> list[v2.Transform]:
+def _auto_augment(policy: str, dataset: str) -> list[v2.Transform]:
     interpolation = v2.InterpolationMode.BILINEAR
     if policy == "ta_wide":
         return [v2.TrivialAugmentWide(interpolation=interpolation)]
     if policy == "randaugment":
         return [v2.RandAugment(interpolation=interpolation)]
     if policy == "autoaugment":
-        table = v2.AutoAugmentPolicy.CIFAR10 if cifar else v2.AutoAugmentPolicy.IMAGENET
-        return [v2.AutoAugment(table, interpolation=interpolation)]
+        return [v2.AutoAugment(v2.AutoAugmentPolicy(dataset_kind(dataset).autoaugment_policy),
+                               interpolation=interpolation)]
     return []
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel of images in [0, 1] for ``dataset``."""
-    return (CIFAR10_MEAN, CIFAR10_STD) if dataset == "cifar10" else (IMAGENET_MEAN, IMAGENET_STD)
+    kind = dataset_kind(dataset)
+    return kind.mean, kind.std
 
 
 def mean_colour_uint8(dataset: str) -> list[int]:
@@ -53,9 +55,8 @@ def mean_colour_uint8(dataset: str) -> list[int]:
 
 def train_transform(cfg: DataConfig) -> v2.Compose:
     """Per-image training augmentation for cfg.dataset: PIL image in, uint8 CHW tensor out."""
-    cifar = cfg.dataset == "cifar10"
-    if cifar:
-        crop: list[v2.Transform] = [v2.RandomCrop(cfg.train_crop_size, padding=CIFAR_PADDING)]
+    if dataset_kind(cfg.dataset).image_side:
+        crop: list[v2.Transform] = [v2.RandomCrop(cfg.train_crop_size, padding=SMALL_IMAGE_PADDING)]
     else:
         crop = [v2.RandomResizedCrop(cfg.train_crop_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                      interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
@@ -66,7 +67,7 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
 def _photometric(cfg: DataConfig) -> list[v2.Transform]:
     """The optional colour and auto-augment steps, after crop and flip."""
     jitter = [v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter)]
-    return (jitter if cfg.color_jitter > 0 else []) + _auto_augment(cfg.auto_augment, cfg.dataset == "cifar10")
+    return (jitter if cfg.color_jitter > 0 else []) + _auto_augment(cfg.auto_augment, cfg.dataset)
 
 
 def _erasing(cfg: DataConfig) -> list[v2.Transform]:
@@ -82,8 +83,7 @@ def photometric_transform(cfg: DataConfig) -> v2.Compose | None:
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
     """Deterministic eval preprocessing for cfg.dataset: PIL image in, uint8 CHW tensor out."""
-    cifar = cfg.dataset == "cifar10"
-    resize = [] if cifar else [v2.Resize(cfg.val_resize_size, interpolation=v2.InterpolationMode.BILINEAR,
+    resize = [] if dataset_kind(cfg.dataset).image_side else [v2.Resize(cfg.val_resize_size, interpolation=v2.InterpolationMode.BILINEAR,
                                          antialias=True), v2.CenterCrop(cfg.val_crop_size)]
     return v2.Compose(resize + [v2.PILToTensor(), v2.ToPureTensor()])
 
