@@ -97,7 +97,7 @@ def check_inputs(stages: list[str], cfg: Config, run_dirs: list[str]) -> None:
             raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
                                   "or pass --data-dir with a prepared dataset")
         if stage == "train" and cfg.train.resume not in ("", AUTO):
-            from pipeline.train.checkpoint import check_training_checkpoint  # imports torch: only when needed
+            from pipeline.core.checkpoint_file import check_training_checkpoint  # imports torch: only when needed
 
             check_training_checkpoint(cfg.train.resume)
         if stage == "eval" and "train" not in made:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence, TextIO
 
 from launcher import slurm
-from pipeline.train.watchdog import HEARTBEAT_DIR, Hang, diagnose, read_heartbeats
+from pipeline.core.heartbeat import HEARTBEAT_DIR, Hang, diagnose, read_heartbeats
 
 MAX_NODES_SHOWN = 4  # a 64-node job that fails everywhere: the first few say enough
 RESULT_GRACE_S = 30  # shared file systems may show the result files a little after the scheduler's state

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.checkpoint import (CheckpointError, capture_rng_state, config_digest, load_checkpoint,
-                                       newest_valid_checkpoint, restore_rng_state, save_checkpoint)
+from pipeline.core.checkpoint_file import CheckpointError, load_checkpoint, save_checkpoint
+
+from pipeline.train.checkpoint import capture_rng_state, config_digest, newest_valid_checkpoint, restore_rng_state
 from pipeline.core.config import Config
 from pipeline.train.trainer import train
 from train_helpers import REPO_ROOT, read_rows, subprocess_env, tiny_config, tiny_data
@@ -50,7 +51,7 @@ def test_a_failed_save_leaves_the_previous_file_whole_and_no_temporary(tmp_path)
 
 SAVE_LOOP = """
 import sys, torch
-from pipeline.train.checkpoint import save_checkpoint
+from pipeline.core.checkpoint_file import save_checkpoint
 for epoch in range(1, 1000):
     state = {"model": {"w": torch.full((8_000_000,), float(epoch))}, "model_name": "m", "num_classes": 4,
              "epoch": epoch, "step_in_epoch": 0, "global_step": epoch}

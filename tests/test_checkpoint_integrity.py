@@ -14,7 +14,7 @@ from pipeline.core import atomic
 from pipeline.core.rundir_lock import LOCK_FILE
 from pipeline.eval.evaluate import evaluate
 from pipeline.models.registry import build_model
-from pipeline.train.checkpoint import CheckpointError, CorruptCheckpointError, load_checkpoint
+from pipeline.core.checkpoint_file import CheckpointError, CorruptCheckpointError, load_checkpoint
 from pipeline.train.trainer import train
 from train_helpers import read_rows, tiny_argv, tiny_config, tiny_data
 

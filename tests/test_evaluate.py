@@ -19,7 +19,7 @@ from pipeline.data.loaders import build_val_loader, device_batcher
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pipeline.eval.evaluate import EvalCountError, evaluate, validate
 from pipeline.models.registry import build_model
-from pipeline.train.checkpoint import CheckpointError, save_checkpoint
+from pipeline.core.checkpoint_file import CheckpointError, save_checkpoint
 from train_helpers import tiny_config, tiny_data
 
 CPU = torch.device("cpu")

@@ -22,7 +22,8 @@ from jobs.torchrun import TorchrunJob, child_pids
 from launcher import executors
 from launcher.follow import HEARTBEAT_POLL_S, HangReporter, StageFailed, Submitted, follow
 from pipeline.train.tracking import TENSORBOARD_DIR
-from pipeline.train.watchdog import HANG_MARKER, HEARTBEAT_DIR, HangWatch, diagnose, read_heartbeats
+from pipeline.core.heartbeat import HEARTBEAT_DIR, diagnose, read_heartbeats
+from pipeline.train.watchdog import HANG_MARKER, HangWatch
 from test_torchrun import worker_with_rank
 from train_helpers import start_module, tiny_argv, tiny_config, tiny_data
 

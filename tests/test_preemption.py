@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from pipeline.core.records import RUN_STATE_FILE
-from pipeline.train.checkpoint import load_checkpoint
+from pipeline.core.checkpoint_file import load_checkpoint
 from train_helpers import REPO_ROOT, module_command, subprocess_env, tiny_argv, tiny_data
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from jobs.torchrun import child_pids
 from pipeline.eval.evaluate import evaluate
-from pipeline.train.checkpoint import load_checkpoint
+from pipeline.core.checkpoint_file import load_checkpoint
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
                            tiny_argv, tiny_config, tiny_data, wait_for_line)
 

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.train import main as train_main
 from pipeline.core.records import EPOCH_COLUMNS, PERF_COLUMNS, PROVENANCE_FILE, RUN_STATE_FILE
-from pipeline.train.checkpoint import CheckpointError, load_checkpoint
+from pipeline.core.checkpoint_file import CheckpointError, load_checkpoint
 from pipeline.train.trainer import train
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
                            tiny_argv, tiny_config, tiny_data)

@@ -53,8 +53,8 @@ from pipeline.data.datasets import (DataDirError, SampleSet, cifar_split, imagen
                                     sample_seed, seeded_cpu_rng)
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import Precision
+from pipeline.core.signals import STOP_SIGNALS
 from pipeline.data.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, NoDraw
-from pipeline.train.preemption import STOP_SIGNALS
 from pipeline.data.transforms import (BatchTransform, batch_mix, eval_transform, mean_colour_uint8, normalization,
                                       photometric_transform, train_transform)
 

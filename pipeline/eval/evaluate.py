@@ -37,7 +37,8 @@ from pipeline.data.loaders import (DeviceBatcher, build_val_loader, cpu_decoded_
                                    skipped_images)
 from pipeline.data.prefetch import DeviceInputs
 from pipeline.models.registry import build_model, read_state_dict
-from pipeline.train.checkpoint import BEST, CheckpointError, NotATrainingCheckpointError, checkpoint_dir, load_checkpoint
+from pipeline.core.checkpoint_file import (BEST, CheckpointError, NotATrainingCheckpointError, checkpoint_dir,
+                                           load_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def validate(model: nn.Module, loader: DataLoader, precision: Precision, to_devi
     skipped_before = skipped_images(loader) + to_device.skipped  # the workers' and, decoding on the device, its own
     criterion = nn.CrossEntropyLoss()
     with Progress(desc, total=len(loader), unit="batch", logger=log, enabled=distributed.is_main_process()) as bar:
-        for images, targets in DeviceInputs(loader, to_device, precision.device):  # the next batch decoded while this one runs
+        for images, targets in DeviceInputs(loader, to_device, precision.device):  # next batch made meanwhile
             if len(targets):
                 with precision.autocast():
                     logits = model(images)

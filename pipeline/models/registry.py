@@ -33,7 +33,7 @@ import torchvision.models
 
 from pipeline.core.errors import UserError
 from pipeline.models import architectures
-from pipeline.train.checkpoint import read_verified
+from pipeline.core.checkpoint_file import read_verified
 
 log = logging.getLogger(__name__)
 

@@ -53,8 +53,8 @@ from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_
 from pipeline.eval.evaluate import EvalResult, validate
 from pipeline.models.registry import build_model
 from pipeline.train import tracking, watchdog
-from pipeline.train.checkpoint import (BEST, LATEST, checkpoint_dir, config_digest, epoch_file, finish_copies,
-                                       remove_stale_temporaries, resolve_resume, save_checkpoint)
+from pipeline.core.checkpoint_file import BEST, LATEST, checkpoint_dir, epoch_file, save_checkpoint
+from pipeline.train.checkpoint import config_digest, finish_copies, remove_stale_temporaries, resolve_resume
 from pipeline.train.loop import EpochResult, Stepper, run_epoch, run_perf
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.preemption import PreemptionFlag
