@@ -112,9 +112,11 @@ def test_network_errors_are_described_without_the_library_message():
 
 # 3. A malformed cookies.txt line is named by its number, never shown.
 
-def test_a_malformed_cookie_line_is_named_by_number_without_its_value(tmp_path):
+@pytest.mark.parametrize("line", [f".example.org\tTRUE\t/\tFALSE\t0\tsession{SECRET}",  # 6 fields
+                                  f".example.org\tTRUE\t/\tFALSE\t0\tsession\t{SECRET}\u20ac"])  # not in a header
+def test_a_malformed_cookie_line_is_named_by_number_without_its_value(tmp_path, line):
     cookies = tmp_path / "cookies.txt"
-    cookies.write_text(f"# Netscape HTTP Cookie File\n\n.example.org\tTRUE\t/\tFALSE\t0\tsession{SECRET}\n")
+    cookies.write_text(f"# Netscape HTTP Cookie File\n\n{line}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as refused:
         load_cookies(str(cookies))
     assert "line 3 is not a Netscape cookies.txt line" in str(refused.value) and SECRET not in str(refused.value)

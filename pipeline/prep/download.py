@@ -348,9 +348,10 @@ class Downloader:
         except urllib.error.HTTPError as exc:
             exc.close()
             return self.http_error(part, exc.code, exc.reason, exc.headers)
-        except (http.client.InvalidURL, UnicodeError):  # their messages quote the link
-            raise DownloadError(f"{part.name}: {redact_url(part.url)} (or a link it redirects to) cannot be sent as "
-                                "it is (a space, a control or non-ASCII character); check the link") from None
+        except (http.client.InvalidURL, UnicodeError):  # their messages quote the link or the header
+            raise DownloadError(f"{part.name}: the request for {redact_url(part.url)} (or a link it redirects to) "
+                                "cannot be sent: a character HTTP cannot carry (a space, a control or non-ASCII "
+                                "character) in the link or in a header, a cookie among them; check them") from None
         except NETWORK_ERRORS as exc:
             raise _Retry(describe(exc)) from None
         with response:

@@ -153,14 +153,16 @@ def load_cookies(cookie_file: str) -> http.cookiejar.CookieJar | None:
 
 def check_cookie_lines(text: str, cookie_file: str) -> None:
     """Each cookie line as http.cookiejar reads it: 7 tab-separated fields, the domain flag TRUE exactly when the
-    domain starts with a dot, the expiry a number or empty; a ConfigError names the first bad line by number."""
+    domain starts with a dot, the expiry a number or empty, printable ASCII only (a Cookie header carries nothing
+    else); a ConfigError names the first bad line by number."""
     for number, line in enumerate(text.splitlines(), 1):
         line = line.removeprefix("#HttpOnly_")
         if not line.strip() or line.lstrip().startswith(("#", "$")):
             continue
         fields = line.split("\t")
         if len(fields) != 7 or (fields[1] == "TRUE") != fields[0].startswith(".") or \
-                not (fields[4].isdigit() or fields[4] == ""):
+                not (fields[4].isdigit() or fields[4] == "") or not HEADER_VALUE.fullmatch(line):
             raise ConfigError(f"cookie file {cookie_file} (--cookie-file) line {number} is not a Netscape cookies.txt "
                               "line (7 tab-separated fields: domain, TRUE if it starts with a dot, path, secure, "
-                              "expiry, name, value; the line is not shown); export the cookies again")
+                              "expiry, name, value, in printable ASCII; the line is not shown); export the cookies "
+                              "again")
