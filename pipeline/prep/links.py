@@ -84,7 +84,8 @@ def check_url(url: str) -> None:
         what = "a space" if char == " " else "a control character" if char < " " or char == "\x7f" else \
             "a non-ASCII character"
         raise ConfigError(f"link {redact_url(url)} holds {what} (character {bad.start() + 1} of the link); "
-                          "percent-encode it (a space is %20) as the browser's copy of the link does")
+                          "percent-encode it (a space is %20; a non-ASCII host goes in its xn-- form) as the "
+                          "browser's copy of the link does")
     try:
         parts = urlsplit(url)
         parts.port  # raises on a port that is not a number from 0 to 65535
