@@ -10,7 +10,7 @@ import pytest
 
 from download_helpers import ArchiveServer
 from pipeline.prep.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
-from pipeline.prep.download import PART_SUFFIX, REPORT_FILE, DownloadError, download
+from pipeline.prep.download import LOCK_FILE, PART_SUFFIX, REPORT_FILE, DownloadError, download
 from pipeline.prep.synthetic import file_md5, make_imagenet_archives
 
 NAMES = (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)
@@ -115,7 +115,7 @@ def test_a_corrupted_byte_fails_the_md5_and_keeps_nothing(served, tmp_path):
         fetch(server, out, [VAL_TAR], md5)
     assert f"checksum mismatch for {VAL_TAR}" in str(failure.value) and md5[VAL_TAR] in str(failure.value)
     assert "--skip-checksum" in str(failure.value)
-    assert sorted(p.name for p in out.iterdir()) == []  # neither the official name nor the part
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # neither the official name nor the part
 
 
 def test_no_room_on_disk_stops_before_the_body(served, server, tmp_path):
@@ -139,7 +139,7 @@ def test_unofficial_name_unchecked_with_a_warning_and_credentials_sent(served, t
     assert sent["Authorization"] == "Basic " + base64.b64encode(b"me:p@ss").decode()
     assert sent["X-Api-Key"] == "k1" and sent["Cookie"] == "session=abc123"
     assert "val-subset.tar is not an official archive name" in caplog.text
-    assert report["files"]["val-subset.tar"]["checksum"] == "skipped"
+    assert report["files"]["val-subset.tar"]["checksum"] == "unchecked"  # no MD5 known; "skipped": --skip-checksum
 
 
 def ranged(server, out, names, md5, **kwargs):
@@ -164,7 +164,7 @@ def test_a_large_file_comes_in_parallel_byte_ranges_and_is_verified(served, serv
     assert range_requests(server, TRAIN_TAR) == quarters(size)
     assert [r["range"] for r in server.requests if r["name"] == DEVKIT_TAR] == ["bytes=0-"]  # under 1 KiB: one stream
     assert file_md5(tmp_path / TRAIN_TAR) == md5[TRAIN_TAR] and report["files"][TRAIN_TAR]["checksum"] == "ok"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([TRAIN_TAR, DEVKIT_TAR, REPORT_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([TRAIN_TAR, DEVKIT_TAR, REPORT_FILE, LOCK_FILE])
 
 
 def test_a_cut_range_is_continued_from_its_own_byte(served, server, tmp_path):

@@ -77,13 +77,19 @@ def run_launch(capsys, *argv):
     (["--url", "https://a/ILSVRC2012_img_val.tar", "--url", "https://b/x/ILSVRC2012_img_val.tar"],
      "two links download to ILSVRC2012_img_val.tar"),
     (["--url", "https://host/v.tar?token=SECRET-TOKEN-42\x1b"], "= https://host/v.tar?... holds control character"),
+    (["--url", "http://[::1/SECRET-TOKEN-42/v.tar?token=SECRET-TOKEN-42"], "has a malformed host or port"),
+    (["--url", "https://host/v.tar?token=SECRET-TOKEN-42 x"], "link https://host/v.tar?... holds a space"),
+    (["--url", "https://host/v.tar", "--header", "X-Key: BEARER-99é"], "value holds a non-ASCII or control character"),
+    (["--url", "https://host/a.tar", "--url", "https://host/a.tar.part"], "collide: a.tar is written to a.tar.part"),
     (["--url-file", "{tmp}/none.txt"], "url file {tmp}/none.txt (--url-file) does not exist"),
     (["--url", "https://host/v.tar", "--header", "BEARER-99"], "expected 'Name: value'"),
     (["--url", "https://host/v.tar", "--cookie-file", "{tmp}/none.txt"], "cannot read cookie file"),
+    (["--url", "https://host/v.tar", "--cookie-file", "{tmp}/bad.txt"], "{tmp}/bad.txt (--cookie-file) line 2"),
     (["--url", "https://host/v.tar", "--download-workers", "0"], "download_workers (--download-workers) = 0"),
 ])
 def test_bad_download_input_is_one_line_before_any_job(flags, message, tmp_path, capsys):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    (tmp_path / "bad.txt").write_text("# Netscape HTTP Cookie File\nhost\tFALSE\t/\tPASSWORD-17\n")
     code, out, err = run_launch(capsys, "--stage", "download", "--executor", "local", "--dry-run", "--archive-dir",
                                 tmp_path / "a", "--run-dir", tmp_path / "run", *flags)
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err

@@ -3,23 +3,27 @@
 A user's personal links carry a token: in the query (``?token=...``), in the user part
 (``https://user:pass@host/...``) or as a path segment (image-net.org's links once had one), so a link is
 only ever shown as ``scheme://host/.../name`` with ``?...`` for a query: logs, errors, reports and saved configs
-never hold one in full. Request headers (``Authorization: ...``) are shown by name only.
+never hold one in full. Request headers (``Authorization: ...``) are shown by name only. A link http.client would
+refuse (a space, a control or non-ASCII character, a malformed host) is refused here first: http.client's own error
+quotes the whole link.
 """
 from __future__ import annotations
 
-import base64
 import http.cookiejar
 import re
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pipeline.core.config import ConfigError
 from pipeline.prep.archives import PORTABLE_NAME
 
-USER_AGENT = "imagenet-hpc-pipeline (python urllib)"
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")  # printable ASCII and tabs: http.client sends nothing else as is
+NOT_IN_URL = re.compile(r"[^\x21-\x7e]")  # a space, a control or a non-ASCII character: http.client refuses them
+PART_SUFFIX = ".part"  # an unfinished file is <name>.part; its records are <name>.part.<what>
+REPORT_FILE = "download_report.json"  # with LOCK_FILE, what the download stage keeps in the archive dir for itself
+LOCK_FILE = ".download.lock"
 
 
 def redact_url(url: str) -> str:
@@ -28,8 +32,10 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable link>"
+    except ValueError:  # a malformed host or port: only the scheme and the file name are shown
+        scheme, _, rest = url.partition("://")
+        name = rest.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1] if "/" in rest else ""
+        return f"{scheme if scheme.isalpha() else '?'}://<malformed host>/.../{name}"
     segments = parts.path.split("/")
     middle = "/.../" if len([s for s in segments[:-1] if s]) else "/"
     return f"{parts.scheme}://{host}{port}{middle}{segments[-1]}{'?...' if parts.query else ''}"
@@ -60,7 +66,7 @@ def read_links(urls: Sequence[str], url_file: str = "") -> list[str]:
     links = list(urls)
     if url_file:
         try:
-            text = Path(url_file).read_text(encoding="utf-8")
+            text = Path(url_file).read_text(encoding="utf-8-sig")  # Windows editors start the file with a BOM
         except FileNotFoundError:
             raise ConfigError(f"url file {url_file} (--url-file) does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -69,18 +75,45 @@ def read_links(urls: Sequence[str], url_file: str = "") -> list[str]:
     return links
 
 
+def check_url(url: str) -> None:
+    """A ConfigError, showing the link redacted, for what http.client would refuse or misread: a space, a control or
+    non-ASCII character, a malformed host or port (``http://[::1/x``), a host IDNA cannot encode."""
+    bad = NOT_IN_URL.search(url)
+    if bad:
+        char = bad.group()
+        what = "a space" if char == " " else "a control character" if char < " " or char == "\x7f" else \
+            "a non-ASCII character"
+        raise ConfigError(f"link {redact_url(url)} holds {what} (character {bad.start() + 1} of the link); "
+                          "percent-encode it (a space is %20; a non-ASCII host goes in its xn-- form) as the "
+                          "browser's copy of the link does")
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ConfigError(f"link {redact_url(url)} has a malformed host or port (an IPv6 address goes in brackets: "
+                          "http://[::1]:8080/...)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"link {redact_url(url)} is not an http:// or https:// link with a host")
+
+
 def check_links(links: Sequence[str]) -> list[str]:
-    """The file names of ``links``; a link that is not http(s), has no host or file name, or repeats a file
-    name is a ConfigError."""
+    """The file names of ``links``; a link http.client would refuse (check_url), that has no file name, repeats a
+    file name, or would write over another's part file or the stage's own files is a ConfigError."""
     names: dict[str, str] = {}
     for url in links:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"link {redact_url(url)} is not an http:// or https:// link with a host")
+        check_url(url)
         name = link_name(url)
         if name in names:
             raise ConfigError(f"two links download to {name}: {names[name]} and {redact_url(url)}; keep one")
+        if name in (REPORT_FILE, LOCK_FILE):
+            raise ConfigError(f"link {redact_url(url)} would download to {name}, which the download stage keeps in "
+                              "the archive dir for itself; rename the file on the server or drop the link")
         names[name] = redact_url(url)
+    for name in names:
+        clash = next((other for other in names if other.startswith(name + PART_SUFFIX)), None)
+        if clash:
+            raise ConfigError(f"links {names[name]} and {names[clash]} collide: {name} is written to "
+                              f"{name}{PART_SUFFIX} until it is complete; download them into separate archive dirs")
     return list(names)
 
 
@@ -92,45 +125,45 @@ def parse_headers(headers: Sequence[str]) -> dict[str, str]:
         if not sep or not HEADER_NAME.fullmatch(name.strip()):
             raise ConfigError(f"--header {redact_header(header)!r}: expected 'Name: value', e.g. "
                               "'Authorization: Bearer TOKEN'")
+        if not HEADER_VALUE.fullmatch(value):
+            raise ConfigError(f"--header {redact_header(header)!r}: its value holds a non-ASCII or control character, "
+                              "which HTTP headers cannot carry as they are; copy the value again (it is not shown)")
         parsed[name.strip()] = value.strip()
     return parsed
 
 
 def load_cookies(cookie_file: str) -> http.cookiejar.CookieJar | None:
-    """A browser's cookies.txt export (Netscape format), or None without one."""
+    """A browser's cookies.txt export (Netscape format), or None without one. A malformed line is named by its
+    number, never shown: it may hold a session cookie."""
     if not cookie_file:
         return None
     jar = http.cookiejar.MozillaCookieJar(cookie_file)
     try:
+        check_cookie_lines(Path(cookie_file).read_text(encoding="utf-8", errors="replace"), cookie_file)
         jar.load(ignore_discard=True, ignore_expires=True)
-    except (OSError, http.cookiejar.LoadError) as exc:
+    except (OSError, http.cookiejar.LoadError) as exc:  # LoadError quotes the line: not shown
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "its first line must be '# Netscape " \
+            "HTTP Cookie File'"
         raise ConfigError(f"cannot read cookie file {cookie_file} (--cookie-file) as a Netscape cookies.txt: "
-                          f"{exc}") from None
+                          f"{why}") from None
     for cookie in jar:
         if cookie.expires == 0:  # browsers export session cookies with expiry 0; urllib would take them as expired
             cookie.expires, cookie.discard = None, True
     return jar
 
 
-def build_opener(cookie_file: str = "") -> urllib.request.OpenerDirector:
-    """urllib's opener (proxies from the environment, redirects) with the cookie file's cookies."""
-    jar = load_cookies(cookie_file)
-    return urllib.request.build_opener(*([urllib.request.HTTPCookieProcessor(jar)] if jar is not None else []))
-
-
-def make_request(url: str, headers: dict[str, str], offset: int, end: int | None = None,
-                 ranged: bool = False) -> urllib.request.Request:
-    """A GET of ``url`` from byte ``offset`` up to byte ``end`` (excluded; None: the end of the file), a Range request
-    unless it is the whole file (or ``ranged``: ``bytes=0-`` too, to learn whether the server takes them); a user
-    part in the link becomes a Basic Authorization header, as wget and curl do."""
-    parts = urlsplit(url)
-    sent = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if parts.username is not None:
-        userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        sent["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
-        netloc = parts.netloc.rpartition("@")[2]
-        url = urlunsplit(parts._replace(netloc=netloc))
-    sent.update(headers)
-    if offset or end is not None or ranged:
-        sent["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
-    return urllib.request.Request(url, headers=sent)
+def check_cookie_lines(text: str, cookie_file: str) -> None:
+    """Each cookie line as http.cookiejar reads it: 7 tab-separated fields, the domain flag TRUE exactly when the
+    domain starts with a dot, the expiry a number or empty, printable ASCII only (a Cookie header carries nothing
+    else); a ConfigError names the first bad line by number."""
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.removeprefix("#HttpOnly_")
+        if not line.strip() or line.lstrip().startswith(("#", "$")):
+            continue
+        fields = line.split("\t")
+        if len(fields) != 7 or (fields[1] == "TRUE") != fields[0].startswith(".") or \
+                not (fields[4].isdigit() or fields[4] == "") or not HEADER_VALUE.fullmatch(line):
+            raise ConfigError(f"cookie file {cookie_file} (--cookie-file) line {number} is not a Netscape cookies.txt "
+                              "line (7 tab-separated fields: domain, TRUE if it starts with a dot, path, secure, "
+                              "expiry, name, value, in printable ASCII; the line is not shown); export the cookies "
+                              "again")
