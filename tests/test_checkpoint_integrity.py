@@ -11,7 +11,7 @@ import torch
 
 from jobs.train import main as train_main
 from pipeline.core import atomic
-from pipeline.core.rundir_lock import LOCK_FILE
+from pipeline.core.dir_lock import LOCK_FILE
 from pipeline.eval.evaluate import evaluate
 from pipeline.models.registry import build_model
 from pipeline.core.checkpoint_file import CheckpointError, CorruptCheckpointError, load_checkpoint

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -14,6 +16,7 @@ import urllib.error
 import pytest
 
 from download_helpers import ArchiveServer
+from train_helpers import REPO_ROOT
 from pipeline.core.config import ConfigError
 from pipeline.core.errors import UserError
 from pipeline.prep.archives import OFFICIAL_MD5, TEST_TAR, VAL_TAR
@@ -127,17 +130,19 @@ def test_a_malformed_cookie_line_is_named_by_number_without_its_value(tmp_path, 
 def test_a_second_download_into_the_same_archive_dir_is_refused_naming_the_holder(site, tmp_path):
     out = tmp_path / "out"
     with ArchiveServer(site, rate_bps=40_000) as server:  # about 1 s for the file
-        first = threading.Thread(target=get, args=(server, out))
-        first.start()
-        deadline = time.monotonic() + 5
+        first = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.prep.download import download; "
+                                  "download([sys.argv[1]], sys.argv[2], expected_md5=None)", server.url(NAME), str(out)],
+                                 cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        deadline = time.monotonic() + 30
         while not ((out / LOCK_FILE).is_file() and (out / LOCK_FILE).read_text()) and time.monotonic() < deadline:
             time.sleep(0.01)
         started = time.monotonic()
         with pytest.raises(DownloadError) as refused:
             get(server, out)
         refused_after_s = time.monotonic() - started
-        first.join()
-    assert f"is in use by another download (host {socket.gethostname()} pid {os.getpid()} since" in str(refused.value)
+        assert first.wait(timeout=60) == 0
+    assert f"archive dir {out} is in use by a download on host {socket.gethostname()}, pid {first.pid}, started" \
+        in str(refused.value)
     assert refused_after_s < 0.5 and len(server.requests) == 1
     assert (out / NAME).read_bytes() == (site / NAME).read_bytes()
     assert download([server.url(NAME)], out, expected_md5=None)["files"][NAME]["fetched_in_this_run"] is False

@@ -56,8 +56,8 @@ def test_slurm_memory_formats_pass(mem, no_slurm_path, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("http://example.org:99999/a/x.tar?token=s3cret", "link http://example.org:99999/...: port 99999 is not a number"),
-    ("http://example.org:0/x.tar", "port 0 is not a number in 1..65535"),
+    ("http://example.org:99999/a/x.tar?token=s3cret", "has a malformed host or port (a port is a number in 1..65535"),
+    ("http://example.org:0/x.tar", "link http://example.org/x.tar has a malformed host or port"),
 ])
 def test_a_link_with_an_impossible_port_is_refused_without_its_token(url, message, no_slurm_path, tmp_path, capsys):
     err = one_line_refusal(capsys, "--stage", "download", "--executor", "slurm", "--dry-run", "--url", url,

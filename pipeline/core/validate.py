@@ -14,7 +14,6 @@ import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-from urllib.parse import urlsplit
 
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.dataset_kinds import dataset_kind
@@ -256,21 +255,7 @@ def check_download(cfg: Config) -> None:
         raise ConfigError("the download stage has no links: pass --url URL (repeatable) or --url-file FILE")
     for url in found:
         check_text(f"a link of download.url_file (--url-file) {dl.url_file}", url, redact_url(url))
-        check_port(url)
     check_links(found)
     parse_headers(dl.header)
     load_cookies(dl.cookie_file)
 
-
-def check_port(url: str) -> None:
-    """A link's port, where it names one, is a number in 1..65535 (the link is shown by host and port only: it may
-    hold a token)."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if port is not None and not 1 <= port <= 65535:
-        text = parts.netloc.rpartition("@")[2].rpartition(":")[2]
-        raise ConfigError(f"link {parts.scheme}://{parts.hostname}:{text}/...: port {text} is not a number in "
-                          "1..65535")

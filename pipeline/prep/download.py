@@ -10,7 +10,7 @@ parallel byte ranges (pipeline/prep/byte_ranges.py). A resume asks for the versi
 (If-Range, pipeline/prep/validators.py): a file changed on the server starts again rather than being spliced.
 ``download_report.json`` in the archive dir records each file (links redacted, see pipeline.prep.links); a file it
 lists with the same size and mtime is not fetched again. One downloader at a time holds the archive dir
-(pipeline/prep/dir_lock.py); what is sent to which host is pipeline/prep/http.py's.
+(pipeline/core/dir_lock.py); what is sent to which host is pipeline/prep/http.py's.
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.core.atomic import fsync_dir
 from pipeline.core.config import Config
+from pipeline.core.dir_lock import locked
 from pipeline.core.logs import Progress, human_bytes
 from pipeline.core.records import read_json, write_json
-from pipeline.prep import byte_ranges, dir_lock, validators
+from pipeline.prep import byte_ranges, validators
 from pipeline.prep.archives import OFFICIAL_MD5, TEST_TAR, PrepError
 from pipeline.prep.http import build_opener, make_request
 from pipeline.prep.links import (LOCK_FILE, PART_SUFFIX, REPORT_FILE, check_links, parse_headers, read_links,
@@ -164,7 +165,8 @@ class Downloader:
     def run(self, links: Sequence[str], workers: int) -> dict[str, Any]:
         names = check_links(links)
         self.archive_dir.mkdir(parents=True, exist_ok=True)
-        with dir_lock.held(self.archive_dir, LOCK_FILE, DownloadError, "another download"):
+        with locked(self.archive_dir, "a download", label="archive dir", lock_file=LOCK_FILE, error=DownloadError,
+                    hint="wait for it to end (a job: squeue), or download into another --archive-dir"):
             return self.run_locked(links, names, workers)
 
     def run_locked(self, links: Sequence[str], names: Sequence[str], workers: int) -> dict[str, Any]:

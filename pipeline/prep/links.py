@@ -88,10 +88,12 @@ def check_url(url: str) -> None:
                           "browser's copy of the link does")
     try:
         parts = urlsplit(url)
-        parts.port  # raises on a port that is not a number from 0 to 65535
+        port = parts.port  # raises on a port that is not a number from 0 to 65535
     except ValueError:
-        raise ConfigError(f"link {redact_url(url)} has a malformed host or port (an IPv6 address goes in brackets: "
-                          "http://[::1]:8080/...)") from None
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"link {redact_url(url)} has a malformed host or port (a port is a number in 1..65535; an "
+                          "IPv6 address goes in brackets: http://[::1]:8080/...)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"link {redact_url(url)} is not an http:// or https:// link with a host")
 

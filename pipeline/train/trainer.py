@@ -47,7 +47,7 @@ from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
                                    RUN_STATE_FILE, append_row, write_record)
-from pipeline.core.rundir_lock import locked_by_main_process
+from pipeline.core.dir_lock import locked_by_main_process
 from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.eval.evaluate import EvalResult, validate

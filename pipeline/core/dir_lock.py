@@ -1,10 +1,12 @@
-"""One writer per run dir: rank 0 of a training holds an advisory lock on ``<run dir>/run.lock`` while it runs.
+"""One writer per folder: an advisory lock on a lock file in it, held while the writer runs. Rank 0 of a training
+holds ``<run dir>/run.lock``; a download holds ``<archive dir>/.download.lock``.
 
 Two trainings writing one run dir interleave their epochs in ``epochs.csv`` and overwrite each other's
-checkpoints (a sweep rerun while its jobs still run does this). The kernel releases the lock when its holder
-exits, however it ends, so a requeued job of the same run takes it again; a second training started while the
-first runs is refused at once, with one line naming the holder (host, pid, start time: what the holder wrote
-into the file). Advisory: only code that asks is stopped.
+checkpoints (a sweep rerun while its jobs still run does this); two downloads into one archive dir write one part
+file. The kernel releases the lock when its holder exits, however it ends, so a requeued job takes it again; a
+second writer started while the first runs is refused at once, with one line naming the holder (host, pid, start
+time: what the holder wrote into the file, which holds no secret and stays). Advisory: only code that asks is
+stopped.
 
 Why a POSIX record lock (``fcntl.lockf``) rather than ``fcntl.flock``: a flock belongs to the open file, which the
 loader workers forked by rank 0 share, so it would outlive a killed rank 0 until they notice, and refuse the
@@ -25,11 +27,14 @@ from typing import Iterator
 from pipeline.core import distributed
 from pipeline.core.errors import UserError
 
-LOCK_FILE = "run.lock"
+LOCK_FILE = "run.lock"  # a run dir's
 
 
 class RunDirBusyError(UserError, RuntimeError):
     """Another process holds the run dir's lock."""
+
+
+RUN_DIR_HINT = "wait for it to end, stop it, or pass another --run-dir"
 
 
 def holder_line(what: str) -> str:
@@ -38,20 +43,23 @@ def holder_line(what: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(run_dir: str | Path, what: str) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the block in this process; RunDirBusyError if another process holds it."""
-    folder = Path(run_dir)
+def locked(folder: str | Path, what: str, *, label: str = "run dir", lock_file: str = LOCK_FILE,
+           error: type[Exception] = RunDirBusyError, hint: str = RUN_DIR_HINT) -> Iterator[None]:
+    """Hold ``folder``'s lock (``lock_file`` in it) for the block in this process, as ``what`` (named to a second
+    writer); ``error`` saying who holds the ``label`` folder, followed by ``hint``, if another process does."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not yet said"
-            raise RunDirBusyError(f"run dir {folder} is in use by {holder} (it holds {folder / LOCK_FILE}); wait "
-                                  "for it to end, stop it, or pass another --run-dir") from None
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            holder = "".join(c if c.isprintable() else "?" for c in holder) or "a process that has not yet said"
+            raise error(f"{label} {folder} is in use by {holder} (it holds {folder / lock_file}; removing that file does "
+                        f"not stop it); {hint}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, (holder_line(what) + "\n").encode(), 0)
         yield

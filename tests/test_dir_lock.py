@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from pipeline.core.rundir_lock import LOCK_FILE, RunDirBusyError, locked
+from pipeline.core.dir_lock import LOCK_FILE, RunDirBusyError, locked
 from train_helpers import REPO_ROOT, run_module, start_module, tiny_argv, tiny_data, wait_for_line
 
 HOLD = """\
 import os, sys, time
-from pipeline.core.rundir_lock import locked
+from pipeline.core.dir_lock import locked
 with locked(sys.argv[1], "training"):
     worker = os.fork()  # as rank 0's DataLoader workers are: they outlive a killed rank 0 by a few seconds
     if worker:
@@ -58,8 +58,8 @@ def test_a_second_training_into_a_busy_run_dir_is_refused_at_once_and_a_requeue_
         assert second.returncode == 2 and time.monotonic() - started < 60
         assert second.stderr.splitlines()[-1] == (
             f"jobs.train: error: run dir {run_dir} is in use by "
-            f"{(run_dir / LOCK_FILE).read_text().strip()} (it holds {run_dir / LOCK_FILE}); wait for it to end, stop "
-            "it, or pass another --run-dir")
+            f"{(run_dir / LOCK_FILE).read_text().strip()} (it holds {run_dir / LOCK_FILE}; removing that file does "
+            "not stop it); wait for it to end, stop it, or pass another --run-dir")
         assert f"pid {first.pid}," in second.stderr and "Traceback" not in second.stderr
     finally:
         first.kill()
