@@ -32,6 +32,7 @@ import tomli_w
 from pipeline.core import flags as tv_flags
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import UserError
+from pipeline.core.redact import redacted_download
 
 
 class ConfigError(UserError, ValueError):
@@ -331,9 +332,7 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 def dumps(cfg: Config) -> str:
     """TOML text of the whole resolved config, every field written out; a library writes it, so any legal value
     (quotes, backslashes, unicode) reads back equal; links and header values are written redacted."""
-    from pipeline.prep.links import redacted_download  # a saved config never holds a link's token
-
-    tables = to_dict(cfg)
+    tables = to_dict(cfg)  # a saved config never holds a link's token
     return tomli_w.dumps({**tables, "download": redacted_download(tables["download"])})
 
 

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.dataset_kinds import dataset_kind
-from pipeline.prep.links import check_links, load_cookies, parse_headers, read_links, redact_header, redact_url
+from pipeline.core.redact import redact_header, redact_url
+from pipeline.prep.links import check_links, load_cookies, parse_headers, read_links
 
 LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators: they break TOML and shells
 MODEL_STAGES = ("train", "eval")

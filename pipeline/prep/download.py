@@ -8,7 +8,7 @@ when resumed; a file in byte ranges once they are all in), and only a file whose
 renamed to ``<name>``. Several files download at once (``--download-workers`` threads), and a large one in
 parallel byte ranges (pipeline/prep/byte_ranges.py). A resume asks for the version the first answer described
 (If-Range, pipeline/prep/validators.py): a file changed on the server starts again rather than being spliced.
-``download_report.json`` in the archive dir records each file (links redacted, see pipeline.prep.links); a file it
+``download_report.json`` in the archive dir records each file (links redacted, see pipeline.core.redact); a file it
 lists with the same size and mtime is not fetched again. One downloader at a time holds the archive dir
 (pipeline/core/dir_lock.py); what is sent to which host is pipeline/prep/http.py's.
 """
@@ -32,12 +32,12 @@ from pipeline.core.atomic import fsync_dir
 from pipeline.core.config import Config
 from pipeline.core.dir_lock import locked
 from pipeline.core.logs import Progress, human_bytes
+from pipeline.core.redact import redact_url
 from pipeline.core.records import read_json, write_json
 from pipeline.prep import byte_ranges, validators
 from pipeline.prep.archives import OFFICIAL_MD5, TEST_TAR, PrepError
 from pipeline.prep.http import build_opener, make_request
-from pipeline.prep.links import (LOCK_FILE, PART_SUFFIX, REPORT_FILE, check_links, parse_headers, read_links,
-                                 redact_url)
+from pipeline.prep.links import LOCK_FILE, PART_SUFFIX, REPORT_FILE, check_links, parse_headers, read_links
 from pipeline.prep.validators import Validators
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from typing import Any, Iterable
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from pipeline.prep.archives import PrepError
-from pipeline.prep.links import load_cookies, redact_url
+from pipeline.core.redact import redact_url
+from pipeline.prep.links import load_cookies
 
 USER_AGENT = "imagenet-hpc-pipeline (python urllib)"
 CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")  # dropped on a redirect to another origin

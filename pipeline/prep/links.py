@@ -1,10 +1,7 @@
-"""Download links: the file each one names, what may be shown of it, and the request it makes.
+"""Download links: the file each one names, the links, headers and cookies a download may use.
 
-A user's personal links carry a token: in the query (``?token=...``), in the user part
-(``https://user:pass@host/...``) or as a path segment (image-net.org's links once had one), so a link is
-only ever shown as ``scheme://host/.../name`` with ``?...`` for a query: logs, errors, reports and saved configs
-never hold one in full. Request headers (``Authorization: ...``) are shown by name only. A link http.client would
-refuse (a space, a control or non-ASCII character, a malformed host) is refused here first: http.client's own error
+A link is only ever shown redacted (pipeline.core.redact): logs, errors, reports and saved configs never hold one
+in full. A link http.client would refuse (a space, a control or non-ASCII character, a malformed host) is refused here first: http.client's own error
 quotes the whole link.
 """
 from __future__ import annotations
@@ -12,10 +9,11 @@ from __future__ import annotations
 import http.cookiejar
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
 from pipeline.core.config import ConfigError
+from pipeline.core.redact import redact_header, redact_url
 from pipeline.prep.archives import PORTABLE_NAME
 
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
@@ -24,32 +22,6 @@ NOT_IN_URL = re.compile(r"[^\x21-\x7e]")  # a space, a control or a non-ASCII ch
 PART_SUFFIX = ".part"  # an unfinished file is <name>.part; its records are <name>.part.<what>
 REPORT_FILE = "download_report.json"  # with LOCK_FILE, what the download stage keeps in the archive dir for itself
 LOCK_FILE = ".download.lock"
-
-
-def redact_url(url: str) -> str:
-    """``url`` as it may be logged: scheme, host and file name; user part, middle path and query hidden."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # a malformed host or port: only the scheme and the file name are shown
-        scheme, _, rest = url.partition("://")
-        name = rest.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1] if "/" in rest else ""
-        return f"{scheme if scheme.isalpha() else '?'}://<malformed host>/.../{name}"
-    segments = parts.path.split("/")
-    middle = "/.../" if len([s for s in segments[:-1] if s]) else "/"
-    return f"{parts.scheme}://{host}{port}{middle}{segments[-1]}{'?...' if parts.query else ''}"
-
-
-def redact_header(header: str) -> str:
-    name, sep, _ = header.partition(":")
-    return f"{name.strip()}: ..." if sep else "<header without a colon>"
-
-
-def redacted_download(table: dict[str, Any]) -> dict[str, Any]:
-    """The [download] table of a config with its links and header values redacted, for writing to disk."""
-    return {**table, "url": [redact_url(u) for u in table.get("url", [])],
-            "header": [redact_header(h) for h in table.get("header", [])]}
 
 
 def link_name(url: str) -> str:
