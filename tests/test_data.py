@@ -16,6 +16,7 @@ from pipeline.data.loaders import (DataDirError, EpochSampler, RepeatedAugmentat
                                    build_val_loader, dataset_info, device_batcher, skipped_images)
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import setup_precision
+from pipeline.core.validate import validate
 from pipeline.core.dataset_kinds import dataset_kind
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.prep.synthetic import make_cifar10_archive, make_image_folder
@@ -118,8 +119,8 @@ def test_repeated_copies_of_an_image_are_augmented_differently(image_dir):
     first, second = dataset[(0, 7, 0)], dataset[(0, 7, 1)]
     assert first[1] == second[1] and not torch.equal(first[0], second[0])
     assert torch.equal(first[0], dataset[(0, 7)][0])  # copy 0 is the sample without repetition
-    with pytest.raises(ConfigError, match="ra_reps must be 1 \\(off\\) or more, got 0"):
-        build_train_loader(small_config(image_dir, ra_reps=0), DistEnv(), CPU, seed=3)
+    with pytest.raises(ConfigError, match=r"data.ra_reps \(--ra-reps\) = 0: must be at least 1 \(1 is off\)"):
+        validate(small_config(image_dir, ra_reps=0), ["train"])
 
 
 def test_train_epoch_is_reproducible_whatever_the_workers(image_dir):

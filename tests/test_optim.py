@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.core.config import OptimConfig
+from pipeline.core.config import Config, ConfigError, OptimConfig
+from pipeline.core.validate import validate
 from pipeline.train.optim import build_optimizer, build_scheduler
 
 STEPS_PER_EPOCH = 10
@@ -63,11 +64,6 @@ def test_optimizer_kinds_and_their_settings(name, cls, expected):
     assert group["lr"] == 0.2
     for key, value in expected.items():
         assert group[key] == value, key
-
-
-def test_nesterov_without_momentum_is_a_clear_error():
-    with pytest.raises(ValueError, match="nesterov needs momentum"):
-        build_optimizer(small_net(), OptimConfig(nesterov=True, momentum=0.0))
 
 
 def test_warmup_then_cosine_then_cooldown_follow_the_formulas():
@@ -131,10 +127,11 @@ def test_scheduler_state_round_trips_for_resume():
 
 @pytest.mark.parametrize("change, message", [
     ({"warmup_epochs": 3, "cooldown_epochs": 2}, "leave no epoch of the main schedule"),
-    ({"scheduler": "step", "lr_step_size": 0}, "lr_step_size must be at least 1"),
+    ({"scheduler": "step", "lr_step_size": 0}, r"lr_step_size \(--lr-step-size\) = 0: must be at least 1"),
+    ({"nesterov": True, "momentum": 0.0}, "nesterov needs momentum"),
 ])
-def test_impossible_schedules_are_clear_errors(change, message):
-    cfg = dataclasses.replace(OptimConfig(), **change)
-    opt = build_optimizer(small_net(), cfg)
-    with pytest.raises(ValueError, match=message):
-        build_scheduler(opt, cfg, epochs=5, steps_per_epoch=STEPS_PER_EPOCH)
+def test_impossible_recipes_are_refused_by_the_one_validation(change, message):
+    cfg = Config()
+    cfg.train.epochs, cfg.optim = 5, dataclasses.replace(OptimConfig(), **change)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, ["train"])

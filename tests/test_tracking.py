@@ -72,7 +72,7 @@ def test_no_tensorboard_writes_no_event_file(data_dir, tmp_path):
 def test_wandb_asked_for_but_not_installed_is_one_line_before_anything_runs(data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, wherever the test runs
     run_dir = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"--wandb needs the wandb package.*pip install wandb.*--no-wandb"):
+    with pytest.raises(ConfigError, match=r"\(--wandb\) needs the wandb package.*pip install wandb.*--no-wandb"):
         train(tiny_config(data_dir, run_dir, "--epochs", "1", "--wandb"))
     assert not (run_dir / "epochs.csv").exists() and not (run_dir / "checkpoints").exists()
 

@@ -258,8 +258,6 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
         raise ConfigError(f"batch size {cfg.train.batch_size} per process is larger than the {per_rank} training "
                           f"images each of the {env.world_size} processes gets ({len(source)} in {cfg.data.data_dir}); "
                           "lower --batch-size or use fewer processes")
-    if cfg.data.ra_reps < 1:
-        raise ConfigError(f"ra_reps must be 1 (off) or more, got {cfg.data.ra_reps}")
     if cfg.data.decode == "device":
         dataset = SampleSet(EncodedFiles(source.paths, source.labels), DrawCrop(), seed=seed, replace_failed=True)
         collate: Collate | EncodedCollate = EncodedCollate()

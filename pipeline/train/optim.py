@@ -47,12 +47,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: b
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), RMSprop (torchvision's alpha and eps) or AdamW over the model's parameters."""
-    if cfg.lr <= 0:
-        raise ConfigError(f"lr must be positive, got {cfg.lr}")
     groups = parameter_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
     if cfg.optimizer == "sgd":
-        if cfg.nesterov and cfg.momentum <= 0:
-            raise ConfigError("nesterov needs momentum > 0; set --momentum (e.g. 0.9) or --no-nesterov")
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS)
@@ -83,13 +79,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epoch
     """The recipe's schedule as a LambdaLR, to be stepped once after every optimizer step."""
     if steps_per_epoch < 1:
         raise ConfigError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    if cfg.warmup_epochs < 0 or cfg.cooldown_epochs < 0:
-        raise ConfigError("warmup_epochs and cooldown_epochs cannot be negative")
-    if cfg.warmup_epochs + cfg.cooldown_epochs >= epochs:
-        raise ConfigError(f"warmup_epochs ({cfg.warmup_epochs}) + cooldown_epochs ({cfg.cooldown_epochs}) leave no "
-                         f"epoch of the main schedule in {epochs} epochs; lower them or raise --epochs")
-    if cfg.scheduler == "step" and cfg.lr_step_size < 1:
-        raise ConfigError(f"lr_step_size must be at least 1 epoch, got {cfg.lr_step_size}")
 
     def factor(step: int) -> float:
         return lr_factor(step, cfg, epochs=epochs, steps_per_epoch=steps_per_epoch)

@@ -15,7 +15,6 @@ source of the report; these are for watching.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import uuid
 from pathlib import Path
@@ -27,7 +26,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from pipeline.core import distributed
-from pipeline.core.config import Config, ConfigError, dumps
+from pipeline.core.config import Config, dumps
+from pipeline.core.validate import check_trackers_installed
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def check_installed(cfg: Config) -> None:
-    """One line, on every rank, before anything runs: a tracker asked for but not installed."""
-    for package in [name for name in ("tensorboard", "wandb") if getattr(cfg.train, name)]:
-        if importlib.util.find_spec(package) is None:
-            raise ConfigError(f"--{package} needs the {package} package, which is not installed here: pip install "
-                              f"{package}, or turn it off with --no-{package}")
 
 
 class TensorBoardSink:
@@ -123,7 +115,7 @@ class Tracker:
 def open_tracker(cfg: Config, run_dir: Path, purge_from: int) -> Tracker:
     """The trackers the config asks for (rank 0); TensorBoard hides the points earlier runs wrote at ``purge_from``
     or later."""
-    check_installed(cfg)
+    check_trackers_installed(cfg)
     if not distributed.is_main_process():
         return Tracker([])
     sinks: list[Sink] = []

@@ -41,19 +41,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write_text
+from pipeline.core.checkpoint_file import BEST, LATEST, checkpoint_dir, epoch_file, save_checkpoint
 from pipeline.core.config import Config, ConfigError, ema_update_decay, save_config
+from pipeline.core.dir_lock import locked_by_main_process
 from pipeline.core.metrics import Throughput, peak_memory_mib
 from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
                                    RUN_STATE_FILE, append_row, write_record)
-from pipeline.core.dir_lock import locked_by_main_process
 from pipeline.core.stage_process import stage_process
+from pipeline.core.validate import check_trackers_installed
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.eval.evaluate import EvalResult, validate
 from pipeline.models.registry import build_model
 from pipeline.train import tracking, watchdog
-from pipeline.core.checkpoint_file import BEST, LATEST, checkpoint_dir, epoch_file, save_checkpoint
 from pipeline.train.checkpoint import config_digest, finish_copies, remove_stale_temporaries, resolve_resume
 from pipeline.train.loop import EpochResult, Stepper, run_epoch, run_perf
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -128,8 +129,6 @@ class Trainer:
         except ValueError as exc:  # a recipe that cannot run: bad input, not a bug
             raise ConfigError(str(exc)) from exc
         ema = None
-        if cfg.model.ema_steps < 1:
-            raise ConfigError(f"ema_steps must be 1 or more, got {cfg.model.ema_steps}")
         ema_decay = ema_update_decay(cfg, env.world_size)
         if ema_decay is not None:
             ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
@@ -313,7 +312,7 @@ class Trainer:
 
 def train(cfg: Config) -> dict[str, Any]:
     """The train stage's door (see the module docstring for the files it writes and the preemption contract)."""
-    tracking.check_installed(cfg)
+    check_trackers_installed(cfg)  # on every rank, before anything runs
     with (locked_by_main_process(cfg.train.run_dir, "training"), watchdog.watching(cfg),
           stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag):
         return _train(cfg, env, device, flag)
