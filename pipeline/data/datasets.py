@@ -1,7 +1,8 @@
 """The prepared data dir as datasets: ImageNet folders or CIFAR-10 batches, with seeded augmentation.
 
 ImageNet: ``data_dir/train/<wnid>/*.JPEG``, ``data_dir/val/<wnid>/*.JPEG`` and ``classes.tsv`` (label order;
-without it, the sorted train folder names). Both splits use the same wnid -> label map, so a class missing
+without it, the sorted train folder names). The files come from each split's file index, which prep writes
+(pipeline.core.file_index), so no rank lists the tree; a data dir without one is scanned, with a warning. Both splits use the same wnid -> label map, so a class missing
 from val does not shift the labels. Paths are kept in numpy arrays, not lists of Python strings, so forked
 loader workers do not copy them page by page as reference counts change.
 
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from pipeline.core.file_index import IMAGE_EXTENSIONS, FileIndexError, index_path, list_split, read_index
 from pipeline.prep.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, load_batch
 from pipeline.prep.classes import CLASSES_FILE, read_classes
 from pipeline.prep.datadir import CIFAR_FOLDER, DataDirError
@@ -83,12 +84,23 @@ def imagenet_classes(data_dir: Path) -> ClassList:
 
 
 @functools.lru_cache(maxsize=4)
-def scan_split(split_dir: str, wnids: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(paths as bytes, labels) of the images under split_dir/<wnid>/, cached so info and loader scan once."""
-    samples = make_dataset(split_dir, {w: i for i, w in enumerate(wnids)}, extensions=IMG_EXTENSIONS,
-                           allow_empty=True)
-    paths = np.array([p.encode() for p, _ in samples], dtype=np.bytes_)
-    return paths, np.array([label for _, label in samples], dtype=np.int64)
+def split_files(data_dir: str, split: str, wnids: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(paths as bytes, labels) of the images under data_dir/split/<wnid>/ from the split's file index
+    (pipeline.core.file_index), or a scan of the tree without one; cached so info and loader read it once."""
+    try:
+        names = read_index(data_dir, split)
+    except FileIndexError as exc:
+        raise data_dir_error(data_dir, str(exc), "the index prep writes") from None
+    if names is None:
+        log.warning("%s has no file index (%s): listing the tree instead, which costs minutes per process on a "
+                    "parallel file system; run prep on the data dir again to write the index (nothing is extracted "
+                    "again)", data_dir, index_path(data_dir, split).name)
+        names = list_split(Path(data_dir) / split)
+    label_of = {w: i for i, w in enumerate(wnids)}
+    kept = [(name, label_of[name.split("/", 1)[0]]) for name in names if name.split("/", 1)[0] in label_of]
+    root = f"{data_dir}/{split}/"
+    paths = np.array([(root + name).encode() for name, _ in kept], dtype=np.bytes_)
+    return paths, np.array([label for _, label in kept], dtype=np.int64)
 
 
 class TooManyPixelsError(ValueError):
@@ -122,9 +134,9 @@ class ImageFiles(Dataset):
 
 
 def imagenet_split(data_dir: Path, split: str, classes: ClassList) -> ImageFiles:
-    paths, labels = scan_split(str(data_dir / split), classes.wnids)
+    paths, labels = split_files(str(data_dir), split, classes.wnids)
     if len(labels) == 0:
-        raise data_dir_error(data_dir, f"no images with extensions {IMG_EXTENSIONS} in {data_dir / split} for the "
+        raise data_dir_error(data_dir, f"no images with extensions {IMAGE_EXTENSIONS} in {data_dir / split} for the "
                              f"{len(classes.wnids)} classes", IMAGENET_LAYOUT)
     return ImageFiles(paths, labels)
 

@@ -28,6 +28,7 @@ from pipeline.prep.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_
                                     ChecksumError, archive_exists, missing_archive_error)
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import Config
+from pipeline.core.file_index import index_path, write_index
 from pipeline.prep.classes import CLASSES_FILE, read_classes, write_classes
 from pipeline.prep.datadir import (REPORT_FILE, DataDirError, archive_stat, check_dataset, check_same_archive,
                                    delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}
 SPLIT_ARCHIVES = {"train": TRAIN_TAR, "val": VAL_TAR, "test": TEST_TAR}
+INDEXED_SPLITS = ("train", "val")  # the splits training reads: each gets a file index
 STATE_DIR = ".prep"  # one record per finished split: what the report says about it
 REDO_HINT = f"remove the changed split folder and {REPORT_FILE}, then run prep again to redo that split"
 
@@ -64,7 +66,9 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
     make_data_dir(data_dir)
     check_dataset(data_dir, "imagenet")
     if read_report(data_dir) is not None:
-        return reverify_imagenet(data_dir, archive_dir)
+        report = reverify_imagenet(data_dir, archive_dir)
+        write_missing_indexes(data_dir)  # a data dir prepared before indexes existed gets them now
+        return report
     splits = [s for s in SPLIT_ARCHIVES
               if s != "test" or archive_exists(archive_dir / TEST_TAR) or _split_done(data_dir, s)]
     needed = [DEVKIT_TAR] + [SPLIT_ARCHIVES[s] for s in splits if not _split_done(data_dir, s)]
@@ -162,8 +166,17 @@ def _run_split(split: str, archive: Path, data_dir: Path, devkit: Devkit, *, exp
         record["images"] = sum(record["per_class"].values())
     atomic_write_text(data_dir / STATE_DIR / f"{split}.json", json.dumps(record))
     os.rename(staging, data_dir / split)
+    if split in INDEXED_SPLITS:
+        write_index(data_dir, split)
     log.info("%s: %d images", data_dir / split, record["images"])
     return record
+
+
+def write_missing_indexes(data_dir: Path) -> None:
+    """The file index of each split that has none (pipeline.core.file_index)."""
+    for split in INDEXED_SPLITS:
+        if not index_path(data_dir, split).is_file():
+            log.info("writing the file index of %s (%d images)", data_dir / split, write_index(data_dir, split))
 
 
 def _imagenet_report(archive_dir: Path, data_dir: Path, devkit: Devkit,

@@ -34,6 +34,7 @@ import scipy.io
 from PIL import Image
 
 from pipeline.core.atomic import atomic_path, atomic_write_text
+from pipeline.core.file_index import write_index
 from pipeline.prep.archives import CIFAR10_TAR, DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 from pipeline.prep.classes import write_classes
 
@@ -96,6 +97,8 @@ def make_image_folder(root: str | Path, *, num_classes: int = 4, train_per_class
                                   vary_size=vary_size)
                 (folder / name).write_bytes(data)
     write_classes(root, [(wnid, f"synthetic class {label}") for label, wnid in enumerate(wnids)])
+    for split in ("train", "val"):
+        write_index(root, split)
     return root
 
 
