@@ -50,15 +50,18 @@ def run_door(door: str, *args: Any) -> Any:
 
 
 def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: str,
-              before: Callable[[Config], int] | None = None) -> int:
-    """The ``main`` of ``python -m jobs.<stage>``: parse the flags, run ``before`` (the pre-flight; a non-zero
-    status ends the process with it), validate the config again (the launcher did before submitting; this process
-    may have been started without it), run ``door`` on it."""
+              before: Callable[[Config], int] | None = None,
+              adjust: Callable[[Config, argparse.Namespace], Config] | None = None) -> int:
+    """The ``main`` of ``python -m jobs.<stage>``: parse the flags, ``adjust`` the config to this start, run
+    ``before`` (the pre-flight; a non-zero status ends the process with it), validate the config again (the launcher
+    did before submitting; this process may have been started without it), run ``door`` on it."""
     failures.exit_if_failed_before()
     args = get_args_parser(description).parse_args(argv)
 
     def work() -> Any:
         cfg = config_from_args(args)
+        if adjust is not None:
+            cfg = adjust(cfg, args)
         status = before(cfg) if before else 0
         if status:
             raise SystemExit(status)

@@ -1,6 +1,7 @@
 """``launch.py --stage train --resume PATH``: the job trains on from PATH; a requeue keeps what the job saved."""
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -65,3 +66,24 @@ def test_a_requeued_job_resumes_from_what_it_saved_once_it_saved_something(tmp_p
     assert resume_for_this_start(cfg, job_dir).train.resume == "auto"
     time.sleep(0.05)  # past the file system's clock tick
     assert resume_for_this_start(cfg, tmp_path / "run" / "logs" / "43").train.resume == str(path)
+
+
+def test_a_torchrun_restart_resumes_from_what_the_job_saved_not_from_path_again(tmp_path, monkeypatch):
+    """torchrun restarts the processes with the same config file (resume = PATH); once the job has saved, the
+    restart resumes from the run's own checkpoint, as a requeue does."""
+    from jobs.train import for_this_attempt
+
+    path = tmp_path / "elsewhere.pt"
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", "--resume", str(path))
+    job_dir = tmp_path / "run" / "logs" / "42"
+    args = argparse.Namespace(config=str(job_dir / "train_config.toml"))
+    assert resume_for_this_start(cfg, job_dir).train.resume == str(path)  # the job's first start
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    latest.parent.mkdir(parents=True)
+    latest.write_bytes(b"saved by attempt 0")
+    saved_ns = (job_dir / "first_start").stat().st_mtime_ns + 1
+    os.utime(latest, ns=(saved_ns, saved_ns))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert for_this_attempt(cfg, args).train.resume == str(path)  # attempt 0 itself: PATH
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert for_this_attempt(cfg, args).train.resume == "auto"  # a restart: what the job saved
