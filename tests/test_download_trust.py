@@ -270,6 +270,53 @@ def test_a_server_trickling_bytes_times_out(site, tmp_path):
     assert time.monotonic() - started < 3 and len(server.requests) == 2
 
 
+class TricklingHeaders:
+    """A loopback server that sends its status line and headers one byte every 0.1 s, for ever (within the test)."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.requests = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.requests += 1
+            threading.Thread(target=self.trickle, args=(conn,), daemon=True).start()
+
+    def trickle(self, conn):
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 10_000:
+                if self.stop.wait(0.1):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/{name}"
+
+
+def test_a_server_trickling_its_headers_times_out(tmp_path):
+    """The socket timeout bounds each read, and each byte resets it: the headers as a whole have a deadline."""
+    server = TricklingHeaders()
+    started = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="gave up after 1 retries"):
+            download([server.url(NAME)], tmp_path / "out", expected_md5=None, retries=1, backoff_s=0.05,
+                     timeout_s=0.5, speed_time_s=1.0)
+    finally:
+        server.stop.set()
+    assert time.monotonic() - started < 10 and server.requests == 2
+
+
 # 12. A file whose MD5 was not checked is never called verified.
 
 def test_a_checksum_skipped_file_is_never_called_verified(site, tmp_path, caplog):

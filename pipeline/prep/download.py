@@ -155,7 +155,7 @@ class Downloader:
         self.archive_dir, self.expected, self.headers = archive_dir, expected_md5, headers
         self.ranges, self.range_min_bytes = ranges, range_min_bytes
         self.min_speed_bps, self.speed_time_s = min_speed_bps, speed_time_s
-        self.opener = build_opener(cookie_file, private=headers)
+        self.opener = build_opener(cookie_file, private=headers, header_deadline_s=max(timeout_s, speed_time_s))
         self.retries, self.timeout_s, self.backoff_s, self.every_s = retries, timeout_s, backoff_s, progress_every_s
         self.lock = threading.Lock()
         self.stop = threading.Event()

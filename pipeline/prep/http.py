@@ -8,12 +8,15 @@ link's own host. A redirect to another scheme, host or port gets neither (nor ``
 from __future__ import annotations
 
 import base64
+import http.client
+import socket
+import threading
 import urllib.request
 from typing import Any, Iterable
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from pipeline.prep.archives import PrepError
 from pipeline.core.redact import redact_url
+from pipeline.prep.archives import PrepError
 from pipeline.prep.links import load_cookies
 
 USER_AGENT = "imagenet-hpc-pipeline (python urllib)"
@@ -63,11 +66,58 @@ class CredentialRedirectHandler(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def build_opener(cookie_file: str = "", private: Iterable[str] = ()) -> urllib.request.OpenerDirector:
+class HeaderDeadline:
+    """A connection that is shut when the answer's status line and headers take longer than ``header_deadline_s``
+    in all: the socket timeout bounds each read only, so a server trickling its headers one byte at a time would
+    hold the download for days (http.client takes 100 header lines of 64 KiB). The download retries it."""
+
+    def __init__(self, *args: Any, header_deadline_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.header_deadline_s = header_deadline_s
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        timer = threading.Timer(self.header_deadline_s, self.give_up)
+        timer.start()
+        try:
+            return super().getresponse()
+        finally:
+            timer.cancel()
+
+    def give_up(self) -> None:
+        if self.sock is not None:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the read waiting for the headers ends at once
+
+
+class DeadlineHTTP(HeaderDeadline, http.client.HTTPConnection):
+    pass
+
+
+class DeadlineHTTPS(HeaderDeadline, http.client.HTTPSConnection):
+    pass
+
+
+class DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's http and https handlers with HeaderDeadline connections."""
+
+    def __init__(self, header_deadline_s: float):
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self)
+        self.header_deadline_s = header_deadline_s
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(DeadlineHTTP, req, header_deadline_s=self.header_deadline_s)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(DeadlineHTTPS, req, context=self._context, header_deadline_s=self.header_deadline_s)
+
+
+def build_opener(cookie_file: str = "", private: Iterable[str] = (),
+                 header_deadline_s: float = 60.0) -> urllib.request.OpenerDirector:
     """urllib's opener (proxies from the environment, redirects that keep credentials on their host) with the
-    cookie file's cookies; ``private``: the --header names, sent only to the link's own origin."""
+    cookie file's cookies; ``private``: the --header names, sent only to the link's own origin; an answer whose
+    headers take longer than ``header_deadline_s`` in all is given up (and retried)."""
     jar = load_cookies(cookie_file)
-    handlers = [CredentialRedirectHandler(private)]
+    handlers = [CredentialRedirectHandler(private), DeadlineHandler(header_deadline_s)]
     return urllib.request.build_opener(*handlers, *([urllib.request.HTTPCookieProcessor(jar)] if jar else []))
 
 
