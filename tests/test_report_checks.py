@@ -2,7 +2,10 @@
 an epoch twice (two trainers in one run dir), accuracies outside [0, 100], inf or NaN, absurd row counts."""
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +73,18 @@ def test_a_table_of_200000_rows_is_refused_in_well_under_a_second(tmp_path):
                                           "epoch"):
         report([run_dir], echo=False)
     assert time.monotonic() - started < 2.0  # was 25 s and 0.7 GB (the Markdown of every row)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"acc1": -5}, r"acc1 = -5 is not top1_correct / total in %"),
+    ({"acc1": float("inf")}, r"acc1 = inf is not top1_correct / total in %"),
+    ({"acc5": 1e9}, r"acc5 = 1000000000.0 is not top5_correct / total in %"),
+    ({"top1_correct": 30}, r"are not whole numbers with top-1 <= top-5 <= total"),
+    ({"total": "24"}, r"are not whole numbers with top-1 <= top-5 <= total"),
+])
+def test_eval_counts_no_eval_stage_writes_are_refused(tmp_path, change, message):
+    run_dir = Path(shutil.copytree(Path(__file__).parent / "fixtures" / "run_dir_v1", tmp_path / "run"))
+    record = json.loads((run_dir / "eval.json").read_text())
+    (run_dir / "eval.json").write_text(json.dumps({**record, **change}))
+    with pytest.raises(ReportError, match=message):
+        report([run_dir], echo=False)

@@ -67,3 +67,23 @@ def check_values(table: pd.DataFrame, path: Path) -> None:
             raise ReportError(f"{path} line {line_of(table, i)}: epoch {epochs[i]:g} after epoch {epochs[i - 1]:g} "
                               f"(line {line_of(table, i - 1)}): two trainings wrote this run dir (a resumed one drops "
                               "the rows of the epochs it redoes); train each run into a run dir of its own")
+
+
+def check_eval_counts(record: dict | None, path: Path) -> dict | None:
+    """eval.json's counts as the eval stage writes them: whole numbers with top-1 <= top-5 <= total, and
+    accuracies that are those counts in % (the report prints them); else a ReportError naming what is wrong."""
+    if record is None:
+        return None
+    counts = {key: record.get(key) for key in ("top1_correct", "top5_correct", "total")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()) or not (
+            counts["top1_correct"] <= counts["top5_correct"] <= counts["total"]):
+        raise ReportError(f"{path}: the counts {counts} are not whole numbers with top-1 <= top-5 <= total; the eval "
+                          "stage writes them so: re-run it")
+    for key, correct in (("acc1", "top1_correct"), ("acc5", "top5_correct")):
+        value, total = record.get(key), counts["total"]
+        expected = 100.0 * counts[correct] / total if total else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or expected is None or \
+                abs(value - expected) > 1e-6:
+            raise ReportError(f"{path}: {key} = {value!r} is not {correct} / total in % ({expected}); the eval stage "
+                              "writes it so: re-run it")
+    return record

@@ -18,7 +18,7 @@ from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
                                    PROVENANCE_FILE, RUN_STATE_FILE, TABLE_VERSIONS, newer_schema, read_json,
                                    read_sweep_points)
-from pipeline.report.checks import ReportError, check_row_count, check_values, finite_numbers
+from pipeline.report.checks import ReportError, check_eval_counts, check_row_count, check_values, finite_numbers
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ def load_run(run_dir: Path, name: str) -> RunRecords:
     return RunRecords(name=name, run_dir=run_dir, config=read_config(run_dir),
                       provenance=read_json_file(run_dir / PROVENANCE_FILE) or {},
                       epochs=epochs, perf=None if perf is None else perf.iloc[-1],
-                      eval=read_json_file(run_dir / EVAL_FILE), state=read_json_file(run_dir / RUN_STATE_FILE))
+                      eval=check_eval_counts(read_json_file(run_dir / EVAL_FILE), run_dir / EVAL_FILE),
+                      state=read_json_file(run_dir / RUN_STATE_FILE))
 
 
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
