@@ -1,6 +1,9 @@
 """One writer per run dir: a second training is refused at once, naming the first; a dead holder's run is free."""
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import signal
 import socket
@@ -67,3 +70,22 @@ def test_a_second_training_into_a_busy_run_dir_is_refused_at_once_and_a_requeue_
     requeued = run_module("jobs.train", tiny_argv(data, run_dir, "--epochs", "1", "--resume", "auto"))
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"pid {first.pid}," not in (run_dir / LOCK_FILE).read_text()
+
+
+def test_a_lock_file_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / LOCK_FILE).mkdir()
+    with pytest.raises(RunDirBusyError, match=f"cannot open the lock file {tmp_path / LOCK_FILE} of run dir "
+                                              f"{tmp_path} .*move what is there away"), locked(tmp_path, "training"):
+        pass
+
+
+def test_a_file_system_without_locks_is_said_and_the_writer_goes_on(tmp_path, monkeypatch, caplog):
+    """NFS without lockd answers ENOLCK, Lustre without its flock option ENOSYS: the run is not stopped for it."""
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    ran = False
+    with caplog.at_level(logging.WARNING), locked(tmp_path, "training"):
+        ran = True
+    assert ran and "its file system takes no locks (No locks available)" in caplog.text

@@ -326,3 +326,12 @@ def test_a_checksum_skipped_file_is_never_called_verified(site, tmp_path, caplog
         report = get(server, tmp_path / "out")  # expected_md5=None: --skip-checksum
     assert "verified" not in caplog.text and "(its MD5 unchecked); skipping it" in caplog.text
     assert report["files"][NAME]["checksum"] == "skipped" and "verified" not in json.dumps(report)
+
+
+def test_a_report_or_lock_path_that_is_a_folder_is_one_line_before_any_request(site, tmp_path):
+    for name in (REPORT_FILE, LOCK_FILE):
+        out = tmp_path / name.strip(".")
+        (out / name).mkdir(parents=True)
+        with ArchiveServer(site) as server, pytest.raises(DownloadError, match=f"{out / name}.*move"):
+            get(server, out)
+        assert server.requests == [] and not (out / NAME).exists()

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
@@ -27,7 +28,10 @@ from typing import Iterator
 from pipeline.core import distributed
 from pipeline.core.errors import UserError
 
+log = logging.getLogger(__name__)
+
 LOCK_FILE = "run.lock"  # a run dir's
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system without POSIX locks (NFS without lockd)
 
 
 class RunDirBusyError(UserError, RuntimeError):
@@ -49,11 +53,21 @@ def locked(folder: str | Path, what: str, *, label: str = "run dir", lock_file: 
     writer); ``error`` saying who holds the ``label`` folder, followed by ``hint``, if another process does."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise error(f"cannot open the lock file {folder / lock_file} of {label} {folder} ({exc.strerror}); it must be "
+                    f"a file this user can write: move what is there away") from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in NO_LOCKS:
+                log.warning("%s %s: its file system takes no locks (%s), so a second writer would not be refused "
+                            "(Lustre: mount with -o flock; NFS: run lockd); going on without the lock", label, folder,
+                            exc.strerror)
+                yield
+                return
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()

@@ -170,6 +170,9 @@ class Downloader:
             return self.run_locked(links, names, workers)
 
     def run_locked(self, links: Sequence[str], names: Sequence[str], workers: int) -> dict[str, Any]:
+        if (self.archive_dir / REPORT_FILE).exists() and not (self.archive_dir / REPORT_FILE).is_file():
+            raise DownloadError(f"{self.archive_dir / REPORT_FILE} is not a file; the download stage keeps its report "
+                                "there: move it away")
         self.report = read_report(self.archive_dir / REPORT_FILE)
         start = time.monotonic()
         log.info("downloading %d file(s) into %s, %d at a time: %s", len(links), self.archive_dir,
