@@ -75,11 +75,12 @@ def parse_sweeps(items: Sequence[str], notes: list[str]) -> list[tuple[str, list
                               "name its run dir and are saved in sweep.json; a sweep trains, so download options "
                               "have no effect on it")
         texts = [v.strip() for v in values.split(",")]
-        if not sep or not name or not all(texts):
-            raise LaunchError(f"--sweep {item!r}: expected KEY=V1,V2,..., e.g. --sweep model=resnet18,resnet50")
+        if not sep or not name or not all(texts):  # the values are not echoed: one may be a credential
+            raise LaunchError(f"--sweep {key.strip()!r}=...: expected KEY=V1,V2,..., e.g. --sweep "
+                              "model=resnet18,resnet50")
         if name not in FIELDS:
-            raise LaunchError(f"--sweep {item!r}: unknown key {name!r}; keys are config fields, e.g. model, nodes, "
-                              "gpus_per_node, batch_size, amp, lr (launch.py --help lists them as flags)")
+            raise LaunchError(f"--sweep {key.strip()!r}=...: unknown key {name!r}; keys are config fields, e.g. model, "
+                              "nodes, gpus_per_node, batch_size, amp, lr (launch.py --help lists them as flags)")
         if name in NOT_SWEPT:
             raise LaunchError(f"--sweep {item!r}: {name} cannot be swept: {NOT_SWEPT[name]}")
         if any(name == other for other, _ in axes):

@@ -47,3 +47,14 @@ def test_a_logs_folder_that_cannot_be_made_private_is_one_line(monkeypatch, no_s
                             "--archive-dir", tmp_path / "archives", "--run-dir", tmp_path / "run")
     assert code == 2 and f"cannot make {tmp_path}/run/logs private (mode 0700)" in err
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("run/logs/*"))
+
+
+@pytest.mark.parametrize("table", ['header = "Authorization: Bearer s3cret"',
+                                   'url = "https://example.org/x.tar?token=s3cret"'])
+def test_a_credential_of_the_wrong_type_in_a_config_file_is_refused_without_its_value(table, no_slurm_path, tmp_path,
+                                                                                     capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(f"[download]\n{table}\n")
+    code, out, err = run_main(capsys, "--stage", "download", "--executor", "local", "--config", config,
+                              "--archive-dir", tmp_path / "a", "--dry-run")
+    assert code == 2 and "must be a list of strings, got a str" in err and "s3cret" not in err + out

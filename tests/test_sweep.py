@@ -49,12 +49,13 @@ def test_numbers_are_parsed_as_the_flag_would(tmp_path):
     ("model=resnet18,no_such_net", "no_such_net"),
     ("model", "expected KEY=V1,V2"),
     ("run_dir=a,b", "run_dir cannot be swept"),
+    ("Header=Authorization: Bearer s3cret", "unknown key 'Header'"),  # not a field as spelt: still never echoed
 ])
 def test_bad_key_or_value_is_one_line_and_nothing_is_submitted(sweep, message, no_slurm_path, tmp_path, capsys):
     code, out, err = run_main(capsys, "--stage", "train", "--executor", "local", "--run-dir", tmp_path / "sw",
                               "--data-dir", tmp_path, "--sweep", sweep)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    assert "submitted" not in out and not (tmp_path / "sw").exists()
+    assert "submitted" not in out and not (tmp_path / "sw").exists() and "s3cret" not in err
 
 
 @pytest.mark.parametrize("sweep, kept, note", [

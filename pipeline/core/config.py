@@ -220,9 +220,14 @@ def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 FIELDS = _field_owner()
 
 
+CREDENTIAL_FIELDS = ("url", "header", "cookie_file")  # values that may hold a token: never echoed in errors
+
+
 def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
-    """Return value converted to the field's type, or raise ConfigError naming the key and the expected type."""
+    """Return value converted to the field's type, or raise ConfigError naming the key and the expected type (the
+    value itself only where it cannot hold a credential)."""
     origin = typing.get_origin(kind)
+    shown = f"a {type(value).__name__}" if name in CREDENTIAL_FIELDS else repr(value)
     if name in tv_flags.TYPES and isinstance(value, str):  # e.g. time = "1-12:00:00" in a file, as on the command line
         try:
             return tv_flags.TYPES[name](value)
@@ -230,16 +235,16 @@ def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {name}: {exc}") from None
     if origin is Literal:
         if value not in typing.get_args(kind):
-            raise ConfigError(f"{where}: {name} = {value!r} is not one of {list(typing.get_args(kind))}")
+            raise ConfigError(f"{where}: {name} = {shown} is not one of {list(typing.get_args(kind))}")
         return value
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {name} must be a list of strings, got {value!r}")
+            raise ConfigError(f"{where}: {name} must be a list of strings, got {shown}")
         return list(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not kind:
-        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {type(value).__name__} {shown}")
     return value
 
 
