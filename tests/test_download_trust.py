@@ -335,3 +335,16 @@ def test_a_report_or_lock_path_that_is_a_folder_is_one_line_before_any_request(s
         with ArchiveServer(site) as server, pytest.raises(DownloadError, match=f"{out / name}.*move"):
             get(server, out)
         assert server.requests == [] and not (out / NAME).exists()
+
+
+def test_the_low_speed_limit_comes_from_the_config(site, tmp_path):
+    from pipeline.core.config import Config
+    from pipeline.prep.download import fetch
+
+    cfg = Config()
+    with ArchiveServer(site, rate_bps=10) as server:  # 1 byte each 0.1 s
+        cfg.download.url, cfg.prep.archive_dir, cfg.prep.skip_checksum = [server.url(NAME)], str(tmp_path), True
+        cfg.download.download_retries, cfg.download.download_min_speed_bps = 0, 100
+        cfg.download.download_speed_time_s = 1
+        with pytest.raises(DownloadError, match="slower than 100 bytes/s for 1 s"):
+            fetch(cfg)

@@ -89,6 +89,10 @@ class DownloadConfig:
     download_retries: int = opt(10, "retries of a file (or of each byte range) after a timeout, reset or 5xx "
                                     "(backoff 2, 4, ... 60 s); a retry that got bytes resets the count")
     download_timeout_s: int = opt(60, "seconds without data before a connection is dropped and retried")
+    download_min_speed_bps: int = opt(1024, "a connection slower than this (bytes/s) over --download-speed-time-s "
+                                            "is dropped and retried, as curl's --speed-limit; 0: no limit")
+    download_speed_time_s: int = opt(60, "the window (s) of --download-min-speed-bps, and the most an answer's "
+                                         "headers may take in all")
 
 
 @dataclass

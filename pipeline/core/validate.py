@@ -38,7 +38,8 @@ AT_LEAST = {
     "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
     "download_workers": (1, "files at once"), "download_ranges": (1, "1 is one stream"),
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
-    "download_timeout_s": (1, "seconds"),
+    "download_timeout_s": (1, "seconds"), "download_min_speed_bps": (0, "0 is no limit"),
+    "download_speed_time_s": (1, "seconds"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),

@@ -127,7 +127,8 @@ def fetch(cfg: Config) -> dict[str, Any]:
                     expected_md5=None if cfg.prep.skip_checksum else OFFICIAL_MD5, headers=dl.header,
                     cookie_file=dl.cookie_file, workers=dl.download_workers, retries=dl.download_retries,
                     timeout_s=dl.download_timeout_s, ranges=dl.download_ranges,
-                    range_min_bytes=dl.download_range_min_mb << 20)
+                    range_min_bytes=dl.download_range_min_mb << 20, min_speed_bps=dl.download_min_speed_bps,
+                    speed_time_s=dl.download_speed_time_s)
 
 
 def download(links: Sequence[str], archive_dir: str | Path, *, expected_md5: Mapping[str, str] | None = OFFICIAL_MD5,
