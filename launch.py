@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from jobs.stages import STAGES, TORCHRUN_STAGES, check_inputs, stage_chain
+from jobs.stages import check_inputs, stage_chain
 from launcher import sweep_jobs
 from launcher.dry_run import dry_run
 from launcher.executors import LaunchError, parse_sbatch_options
@@ -39,6 +39,7 @@ from launcher.sweep_jobs import SweepPlan
 from pipeline.core.config import FIELDS, Config, LaunchConfig, add_config_arguments, build_config, read_toml
 from pipeline.core.errors import UserError
 from pipeline.core.records import CONFIG_FILE
+from pipeline.core.stages import STAGES
 from pipeline.core.validate import check_run_dirs, validate
 
 
@@ -64,7 +65,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The resolved config with absolute paths (jobs may start elsewhere), and the run dirs."""
     run_dirs = getattr(args, "run_dirs", None)
     if run_dirs:
-        if len(run_dirs) > 1 and args.stage != "report":
+        if len(run_dirs) > 1 and (args.stage not in STAGES or STAGES[args.stage].door_reads != "run_dirs"):
             raise LaunchError(f"{len(run_dirs)} run dirs given: several --run-dir values are for --stage report")
         args.run_dir = run_dirs[0]
     cfg = build_config(*config_layers(args))
@@ -88,7 +89,8 @@ def config_layers(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict
     if args.config:
         return read_toml(args.config), cli, str(args.config)
     run_config = Path(getattr(args, "run_dir", "")) / CONFIG_FILE
-    if args.stage in ("eval", "report") and getattr(args, "run_dir", None) and run_config.is_file():
+    if args.stage in STAGES and STAGES[args.stage].run_config and getattr(args, "run_dir", None) and \
+            run_config.is_file():
         tables = read_toml(run_config)
         return {section: table for section, table in tables.items() if section != "launch"}, cli, str(run_config)
     return None, cli, "config"
@@ -110,7 +112,7 @@ def choose_executor(requested: str, out: TextIO) -> str:
 
 def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None:
     """What the chosen executor cannot do; the values themselves are checked by pipeline.core.validate."""
-    if launch.nodes > 1 and executor != "slurm" and any(s in TORCHRUN_STAGES for s in stages):
+    if launch.nodes > 1 and executor != "slurm" and any(STAGES[s].torchrun for s in stages):
         raise LaunchError(f"--nodes {launch.nodes} needs Slurm: the {executor} executor runs on this machine only. "
                           f"Use --procs-per-node N for N processes here, or --executor slurm")
     if launch.detach and executor != "slurm" and len(stages) > 1:

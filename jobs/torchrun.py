@@ -44,12 +44,12 @@ from jobs import failures
 from jobs.preflight import FAILED_FILE, preflight_env
 from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
+from pipeline.core.stages import STAGES
 
 log = logging.getLogger("jobs.node")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+)
-STAGE_MODULES = {"train": "jobs.train", "eval": "jobs.eval"}
 
 
 class WorkerFailedError(RuntimeError):
@@ -265,13 +265,13 @@ class TorchrunJob:
     def __init__(self, stage: str, cfg: Config, module: str | None = None):
         self.stage = stage
         self.cfg = cfg
-        self.module = module or STAGE_MODULES[stage]
+        self.module = module or STAGES[stage].entry
         self._running: RunningTorchrun | None = None
 
     @property
     def graceful_stop(self) -> bool:
-        """Training saves on SIGUSR1 before a requeue; eval simply starts over."""
-        return self.stage == "train"
+        """Training saves on SIGUSR1 before a requeue (and runs the pre-flight first); eval simply starts over."""
+        return STAGES[self.stage].on_preemption == "save"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -284,7 +284,7 @@ class TorchrunJob:
         launch = self.cfg.launch
         job_dir = Path(self.cfg.train.run_dir) / "logs" / rdzv.job_id
         config_path = job_dir / f"{self.stage}_config.toml"
-        save_config(resume_for_this_start(self.cfg, job_dir) if self.stage == "train" else self.cfg, config_path)
+        save_config(resume_for_this_start(self.cfg, job_dir) if self.graceful_stop else self.cfg, config_path)
         nproc = launch.gpus_per_node
         env = process_env(nproc)
         world = rdzv.nnodes * nproc

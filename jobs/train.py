@@ -12,7 +12,7 @@ from jobs.preflight import before_training
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(argv, "train", "Train a classifier (one process, or each process under torchrun).",
-                     "pipeline.train.trainer:train", before=before_training)
+                     before=before_training)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import re
 import shlex
 from typing import TextIO
 
-from jobs.stages import TORCHRUN_STAGES, StageInputError, check_inputs
-from jobs.torchrun import STAGE_MODULES, torchrun_command
+from jobs.stages import StageInputError, check_inputs
+from jobs.torchrun import torchrun_command
 from launcher import slurm
 from launcher.executors import default_cpus, executor_parameters, job_folder, sbatch_script, stage_resources
 from pipeline.core.config import Config
+from pipeline.core.stages import STAGES
 
 PLACEHOLDER = re.compile(r"(\$(?:NODE_RANK|MASTER_ADDR|MASTER_PORT|JOB_ID|RESTARTS))")  # filled in by the job
 
@@ -21,7 +22,7 @@ def node_command(cfg: Config, stage: str) -> str:
     cmd = torchrun_command(nnodes=nodes, nproc_per_node=nproc, node_rank="$NODE_RANK", master_addr="$MASTER_ADDR",
                            master_port="$MASTER_PORT", run_id="$JOB_ID-$RESTARTS",
                            max_restarts=cfg.launch.max_restarts, log_dir=f"{job_dir}/node$NODE_RANK",
-                           module=STAGE_MODULES[stage], args=["--config", f"{job_dir}/{stage}_config.toml"])
+                           module=STAGES[stage].entry, args=["--config", f"{job_dir}/{stage}_config.toml"])
     return " ".join(shell_word(arg) for arg in cmd)
 
 def shell_word(arg: str) -> str:
@@ -40,7 +41,7 @@ def cpu_warnings(cfg: Config, stages: list[str], node_cpus: int | None, out: Tex
     for stage in stages:
         wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
         if wanted and node_cpus and wanted > node_cpus:
-            how = ("processes per node x (--workers + 1)" if stage in TORCHRUN_STAGES else "--workers + 1")
+            how = ("processes per node x (--workers + 1)" if STAGES[stage].cpus == "processes" else "--workers + 1")
             out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
                       f"partition {cfg.launch.partition or '(default)'} have at most {node_cpus}; it asks for "
                       f"{node_cpus} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
@@ -61,15 +62,13 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, 
             out.write(sbatch_script(cfg, params) + "\n")
         else:
             out.write(f"===== {stage}: {executor} executor on this machine, parameters {params} =====\n")
-        if stage not in TORCHRUN_STAGES:
-            door = {"download": "prep.download.fetch(cfg)", "prep": "prep.prepare.prepare(cfg)"}.get(
-                stage, "report.build.report(run_dirs)")
-            out.write(f"===== {stage}: the job's one process runs pipeline.{door} =====\n")
+        if not STAGES[stage].torchrun:
+            out.write(f"===== {stage}: the job's one process runs {STAGES[stage].door_text()} =====\n")
             continue
         nodes, nproc, _ = stage_resources(cfg, stage)
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
-        if stage == "train":
+        if STAGES[stage].on_preemption == "save":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
                       if cfg.train.resume in ("", "auto") else
                       f"  training starts from {cfg.train.resume}; a requeue resumes from the run's own newest "

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.stages import TORCHRUN_STAGES
 from jobs.torchrun import REPO_ROOT
 from pipeline.core.config import Config, LaunchConfig
 from pipeline.core.errors import UserError
+from pipeline.core.stages import STAGES
 
 SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -71,23 +71,23 @@ def pythonpath_setup() -> str:
 
 def stage_resources(cfg: Config, stage: str) -> tuple[int, int, int]:
     """(nodes, processes per node, GPUs per node to request) of a stage's job; NPUs: npu_gres_request."""
-    if stage not in TORCHRUN_STAGES:
+    if not STAGES[stage].torchrun:
         return 1, 1, 0
     nproc = cfg.launch.gpus_per_node
     return cfg.launch.nodes, nproc, nproc if cfg.train.device in ("auto", "cuda") else 0
 
 def npu_gres_request(cfg: Config, stage: str) -> dict[str, str]:
     """The sbatch option asking for a node's NPUs (--device npu; Slurm knows them as a generic resource)."""
-    if stage not in TORCHRUN_STAGES or cfg.train.device != "npu":
+    if not STAGES[stage].torchrun or cfg.train.device != "npu":
         return {}
     return {"gres": f"{cfg.launch.npu_gres}:{cfg.launch.gpus_per_node}"}
 
 def default_cpus(cfg: Config, stage: str) -> int | None:
-    """CPUs a node task needs: one per process and per loader worker (train, eval: processes per node x
-    (workers + 1)), or per prep writer thread (--workers) and the reading thread; download, report: Slurm's
-    default."""
+    """CPUs a node task needs (the stage table's ``cpus``): one per process and per loader worker (train, eval:
+    processes per node x (workers + 1)), or per prep writer thread (--workers) and the reading thread; download,
+    report: the scheduler's default."""
     _, nproc, _ = stage_resources(cfg, stage)  # prep: one process
-    return None if stage in ("download", "report") else nproc * (cfg.data.workers + 1)
+    return None if STAGES[stage].cpus == "default" else nproc * (cfg.data.workers + 1)
 
 def executor_parameters(executor: str, cfg: Config, stage: str, after: str | None = None,
                         node_cpus: int | None = None, when: str = "afterok") -> dict[str, Any]:

@@ -11,6 +11,7 @@ from launcher.executors import (LaunchError, executor_parameters, make_executor,
                                 stage_resources)
 from launcher.follow import StageFailed, Submitted, follow
 from pipeline.core.config import Config
+from pipeline.core.stages import STAGES
 
 WAITS = {"afterok": "succeeds", "afterany": "ends"}
 
@@ -27,7 +28,7 @@ def check_script(cfg: Config, stage: str, script: str) -> None:
         slurm.test_only(script)
     except slurm.SlurmError as exc:
         hint = "; on a cluster without GPUs pass --device cpu" if "gres" in str(exc).lower() else ""
-        if stage == "prep" and not cfg.launch.cpus_per_task:
+        if STAGES[stage].cpus == "workers" and not cfg.launch.cpus_per_task:
             hint += f"; the prep job asks for --workers + 1 = {cfg.data.workers + 1} CPUs: lower --workers"
         raise LaunchError(f"Slurm rejects the {stage} job, nothing was submitted: {exc}{hint}") from None
 
