@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ import tomli_w
 from pipeline.core import flags as tv_flags
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import UserError
+
+log = logging.getLogger("pipeline.config")
 
 
 class ConfigError(UserError, ValueError):
@@ -157,32 +160,41 @@ class EvalConfig:
 
 @dataclass
 class LaunchConfig:
-    executor: Literal["auto", "slurm", "local", "debug"] = opt("auto", "slurm where sbatch exists, else local")
+    """How jobs run, in any scheduler's terms (a scheduler's own options: [slurm])."""
+
+    executor: str = opt("auto", "scheduler backend by name (launcher/backends/): slurm, local (this machine), debug "
+                                "(in this process); auto: slurm where sbatch exists, else local")
     nodes: int = opt(1, "nodes per job")
     gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
     cpus_per_task: int = opt(0, "CPUs per node task; 0: processes per node x (--workers + 1) (train, eval: each "
                                 "process and its loader workers), --workers + 1 (prep), at most a node's CPUs")
     mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
     time: int = opt(60, "time limit, minutes")
-    partition: str = opt("", "Slurm partition")
-    account: str = opt("", "Slurm account")
-    qos: str = opt("", "Slurm QOS")
-    constraint: str = opt("", "Slurm node constraint")
-    exclusive: bool = opt(False, "whole nodes for the job")
     job_name: str = opt("imagenet", "job name prefix")
-    sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
     setup: list[str] = opt([], "shell lines every job runs before its processes start, repeatable: e.g. 'source "
                                "/usr/local/Ascend/ascend-toolkit/set_env.sh' (CANN) or 'module load cuda'")
-    npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
-                               "per node>")
     max_restarts: int = opt(2, "torchrun restarts of a crashed worker group before the job fails")
-    signal_delay_s: int = opt(90, "seconds before the time limit at which Slurm signals a checkpoint")
+    signal_delay_s: int = opt(90, "seconds before the time limit at which the scheduler signals a checkpoint")
     max_requeues: int = opt(10, "times a job may be requeued after reaching its time limit (preemptions do not count)")
     preflight_timeout_s: int = opt(120, "bound of the all-reduce pre-flight before multi-process training, s; 0 is off")
     detach: bool = opt(False, "print job ids and return instead of waiting")
     array_parallelism: int = opt(0, "a --sweep on Slurm: at most this many of its points run at once (each job "
                                     "array's %%N); 0: no limit")
     dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
+
+
+@dataclass
+class SlurmConfig:
+    """Options only Slurm knows (launcher/backends/slurm.py); other schedulers ignore them."""
+
+    partition: str = opt("", "Slurm partition")
+    account: str = opt("", "Slurm account")
+    qos: str = opt("", "Slurm QOS")
+    constraint: str = opt("", "Slurm node constraint")
+    exclusive: bool = opt(False, "whole nodes for the job")
+    sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
+    npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
+                               "per node>")
 
 
 @dataclass
@@ -195,9 +207,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+LAUNCH_SECTIONS = ("launch", "slurm")  # how to run a job, not what a run trained with
+# (section, key) of a key that moved -> its section now; files that name the old place still load, with a note
+MOVED = {("launch", f.name): "slurm" for f in dataclasses.fields(SlurmConfig)}
 # Other spellings of the same flag, torchvision's reference ones among them (pipeline/core/flags.py: its other flags).
 FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"], "data_dir": ["--data-path"], "batch_size": ["-b"],
                 "workers": ["-j"], "optimizer": ["--opt"], "weight_decay": ["--wd"], "scheduler": ["--lr-scheduler"],
@@ -305,10 +321,13 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
         for name, value in table.items():
-            if name not in FIELDS or FIELDS[name][0] != section:
+            owner = MOVED.get((section, name), section)
+            if owner != section:  # a file written before the key moved still loads
+                log.warning("note: %s: [%s] %s is read from [%s] now; move it there", where, section, name, owner)
+            if name not in FIELDS or FIELDS[name][0] != owner:
                 hint = f" (it belongs in [{FIELDS[name][0]}])" if name in FIELDS else ""
                 raise ConfigError(f"{where}: unknown key {name!r} in [{section}]{hint}")
-            setattr(getattr(cfg, section), name, _check_value(name, FIELDS[name][2], value, where))
+            setattr(getattr(cfg, owner), name, _check_value(name, FIELDS[name][2], value, where))
     for name, value in (cli_values or {}).items():
         if name not in FIELDS:
             raise ConfigError(f"unknown option {name!r}")
