@@ -308,8 +308,9 @@ def read_toml(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def build_config(file_values: dict[str, dict[str, Any]] | None = None,
-                 cli_values: dict[str, Any] | None = None, where: str = "config") -> Config:
-    """Defaults, then the file's tables, then the flags: the one place precedence is applied."""
+                 cli_values: dict[str, Any] | None = None, where: str = "config", note_moved: bool = True) -> Config:
+    """Defaults, then the file's tables, then the flags: the one place precedence is applied. A key in the table it
+    moved from (``MOVED``) is read into its new one, with a note unless ``note_moved`` is off."""
     cfg = Config()
     for section, table in (file_values or {}).items():
         if not isinstance(table, dict) and section not in SECTIONS:  # ``lr = 0.1`` above every [section] line
@@ -322,7 +323,7 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
             raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
         for name, value in table.items():
             owner = MOVED.get((section, name), section)
-            if owner != section:  # a file written before the key moved still loads
+            if owner != section and note_moved:  # a file written before the key moved still loads
                 log.warning("note: %s: [%s] %s is read from [%s] now; move it there", where, section, name, owner)
             if name not in FIELDS or FIELDS[name][0] != owner:
                 hint = f" (it belongs in [{FIELDS[name][0]}])" if name in FIELDS else ""
@@ -362,8 +363,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a config file (e.g. a run dir's resolved config.toml) over the defaults."""
-    return build_config(read_toml(Path(path)), where=str(path))
+    """Read a config file (e.g. a run dir's resolved config.toml) over the defaults. A run dir written before a key
+    moved holds it in the old table: read without a note (nobody edits a resolved config; a report of many runs
+    would repeat it for each)."""
+    return build_config(read_toml(Path(path)), where=str(path), note_moved=False)
 
 
 def ema_update_decay(cfg: Config, world_size: int) -> float | None:

@@ -178,3 +178,12 @@ def test_a_run_dirs_saved_config_keeps_the_slurm_table_out_of_eval(tmp_path):
     args = launch.get_args_parser().parse_args(["--stage", "eval", "--run-dir", str(tmp_path)])
     resolved, _ = launch.resolve_config(args)
     assert resolved.slurm.partition == ""  # how to run this job is this command's business
+
+
+def test_a_run_dir_from_before_the_slurm_table_loads_without_notes(tmp_path, caplog):
+    from pipeline.core.config import load_config
+
+    (tmp_path / "config.toml").write_text('[launch]\nnodes = 2\npartition = "gpu"\nsbatch = []\nnpu_gres = "npu"\n')
+    with caplog.at_level(logging.WARNING, logger="pipeline.config"):
+        cfg = load_config(tmp_path / "config.toml")
+    assert (cfg.launch.nodes, cfg.slurm.partition) == (2, "gpu") and not caplog.records
