@@ -8,37 +8,39 @@
     python launch.py --stage train --sweep model=resnet18,resnet50 --sweep nodes=1,2 --run-dir runs/sweep
 
 Every config field is a flag; precedence: command line > --config file > defaults (pipeline.core.config).
-Executors: slurm (a chain's jobs wait on each other with afterok and kill_on_invalid_dep), local (this
-machine, stages one after the other), debug (in this process, for pdb); auto = slurm where sbatch is on
-PATH, else local. Each job keeps its sbatch script, logs per task, the config its processes read and
-torchrun's logs per node and rank in <run dir>/logs/<job id>/.
+Executors, one backend each in launcher/backends/: slurm (a chain's jobs wait on each other with afterok and
+kill_on_invalid_dep), local (this machine, stages one after the other), debug (in this process, for pdb);
+auto = slurm where sbatch is on PATH, else local. Each job keeps its sbatch script, logs per task, the config its
+processes read and torchrun's logs per node and rank in <run dir>/logs/<job id>/.
 
 Before anything is submitted the resolved config passes pipeline.core.validate (each job runs it again): bad input
 is one line and status 2, with its traceback only under --debug.
-Executors and sbatch parameters are built in launcher/executors.py only, and --dry-run (launcher/dry_run.py) prints them;
-launcher/submit.py submits and follows a chain, launcher/sweep_jobs.py a --sweep (job arrays on Slurm).
+Executors and their parameters are built by the backends only, and --dry-run (launcher/dry_run.py) prints
+them; launcher/submit.py submits and follows a chain, launcher/sweep_jobs.py a --sweep (job arrays on Slurm).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from jobs.stages import STAGES, TORCHRUN_STAGES, check_inputs, stage_chain
-from launcher import sweep_jobs
+from jobs.stages import check_inputs, stage_chain
+from launcher import backends, sweep_jobs
+from launcher.backends import Backend
 from launcher.dry_run import dry_run
-from launcher.executors import LaunchError, parse_sbatch_options
+from launcher.executors import LaunchError
 from launcher.follow import StageFailed
 from launcher.submit import run_chain
 from launcher.sweep import add_sweep_arguments, sweep_points
 from launcher.sweep_jobs import SweepPlan
-from pipeline.core.config import FIELDS, Config, LaunchConfig, add_config_arguments, build_config, read_toml
+from pipeline.core.config import (FIELDS, LAUNCH_SECTIONS, Config, LaunchConfig, add_config_arguments, build_config,
+                                  read_toml)
 from pipeline.core.errors import UserError
 from pipeline.core.records import CONFIG_FILE
+from pipeline.core.stages import STAGES
 from pipeline.core.validate import check_run_dirs, validate
 
 
@@ -64,7 +66,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The resolved config with absolute paths (jobs may start elsewhere), and the run dirs."""
     run_dirs = getattr(args, "run_dirs", None)
     if run_dirs:
-        if len(run_dirs) > 1 and args.stage != "report":
+        if len(run_dirs) > 1 and (args.stage not in STAGES or STAGES[args.stage].door_reads != "run_dirs"):
             raise LaunchError(f"{len(run_dirs)} run dirs given: several --run-dir values are for --stage report")
         args.run_dir = run_dirs[0]
     cfg = build_config(*config_layers(args))
@@ -82,15 +84,17 @@ def config_layers(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict
     """(file layer, command-line layer, the file's name for errors).
 
     Without --config, eval and report read the run dir's resolved config.toml, so they see the data dir, crops
-    and precision the run trained with; its [launch] table is left out (how to run this job, --detach or
+    and precision the run trained with; its [launch] and [slurm] tables are left out (how to run this job, --detach or
     --nodes, is this command's business)."""
     cli = {name: value for name, value in vars(args).items() if name in FIELDS}
     if args.config:
         return read_toml(args.config), cli, str(args.config)
     run_config = Path(getattr(args, "run_dir", "")) / CONFIG_FILE
-    if args.stage in ("eval", "report") and getattr(args, "run_dir", None) and run_config.is_file():
+    if args.stage in STAGES and STAGES[args.stage].run_config and getattr(args, "run_dir", None) and \
+            run_config.is_file():
         tables = read_toml(run_config)
-        return {section: table for section, table in tables.items() if section != "launch"}, cli, str(run_config)
+        return ({section: table for section, table in tables.items() if section not in LAUNCH_SECTIONS}, cli,
+                str(run_config))
     return None, cli, "config"
 
 
@@ -98,24 +102,15 @@ def _absolute_if_file(path: str) -> str:
     return str(Path(path).absolute()) if path and Path(path).exists() else path
 
 
-def choose_executor(requested: str, out: TextIO) -> str:
-    if requested != "auto":
-        return requested
-    sbatch = shutil.which("sbatch")
-    choice = "slurm" if sbatch else "local"
-    out.write(f"executor: {choice} ({f'sbatch at {sbatch}' if sbatch else 'no sbatch on PATH'}; "
-              "--executor slurm|local|debug picks another)\n")
-    return choice
-
-
-def check_launch(launch: LaunchConfig, stages: list[str], executor: str) -> None:
+def check_launch(launch: LaunchConfig, stages: list[str], backend: Backend) -> None:
     """What the chosen executor cannot do; the values themselves are checked by pipeline.core.validate."""
-    if launch.nodes > 1 and executor != "slurm" and any(s in TORCHRUN_STAGES for s in stages):
-        raise LaunchError(f"--nodes {launch.nodes} needs Slurm: the {executor} executor runs on this machine only. "
-                          f"Use --procs-per-node N for N processes here, or --executor slurm")
-    if launch.detach and executor != "slurm" and len(stages) > 1:
-        raise LaunchError(f"--detach with the {executor} executor runs one stage only (a chain waits on each "
-                          "stage here); use --executor slurm, or drop --detach")
+    if launch.nodes > 1 and not backend.queued and any(STAGES[s].torchrun for s in stages):
+        raise LaunchError(f"--nodes {launch.nodes} needs {backends.queued_titles()}: the {backend.name} executor runs "
+                          f"on this machine only. Use --procs-per-node N for N processes here, or --executor "
+                          f"{backends.queued_names()}")
+    if launch.detach and not backend.queued and len(stages) > 1:
+        raise LaunchError(f"--detach with the {backend.name} executor runs one stage only (a chain waits on each "
+                          f"stage here); use --executor {backends.queued_names()}, or drop --detach")
 
 
 def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
@@ -129,11 +124,11 @@ def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
         except UserError as exc:
             raise LaunchError(f"sweep point {point.name}: {exc}") from None
         plans.append(SweepPlan(point.name, point.values, cfg))
-    executor = choose_executor(plans[0].cfg.launch.executor, out)
+    backend = backends.choose(plans[0].cfg.launch.executor, out)
     for plan in plans:
-        check_launch(plan.cfg.launch, ["train"], executor)
-        parse_sbatch_options(plan.cfg.launch.sbatch)
-    return sweep_jobs.run_sweep(plans, executor, out)
+        check_launch(plan.cfg.launch, ["train"], backend)
+        backends.check_options(plan.cfg)
+    return sweep_jobs.run_sweep(plans, backend, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,14 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = stage_chain(args.stage, cfg)
         validate(cfg, stages)
         check_run_dirs(run_dirs)
-        executor = choose_executor(cfg.launch.executor, out)
-        check_launch(cfg.launch, stages, executor)
-        parse_sbatch_options(cfg.launch.sbatch)
+        backend = backends.choose(cfg.launch.executor, out)
+        check_launch(cfg.launch, stages, backend)
+        backends.check_options(cfg)
         if cfg.launch.dry_run:
-            dry_run(cfg, stages, run_dirs, executor, out)
+            dry_run(cfg, stages, run_dirs, backend, out)
             return 0
         check_inputs(stages, cfg, run_dirs)
-        return run_chain(cfg, stages, run_dirs, executor, out)
+        return run_chain(cfg, stages, run_dirs, backend, out)
     except UserError as exc:
         out.flush()
         if args.debug:

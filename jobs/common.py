@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 from jobs import failures
 from pipeline.core.config import Config, add_config_arguments, config_from_args
 from pipeline.core.errors import UserError
+from pipeline.core.stages import STAGES
 
 
 def get_args_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
@@ -49,12 +50,13 @@ def run_door(door: str, *args: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args)
 
 
-def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: str,
+def run_stage(argv: Sequence[str] | None, stage: str, description: str,
               before: Callable[[Config], int] | None = None,
               adjust: Callable[[Config, argparse.Namespace], Config] | None = None) -> int:
     """The ``main`` of ``python -m jobs.<stage>``: parse the flags, ``adjust`` the config to this start, run
     ``before`` (the pre-flight; a non-zero status ends the process with it), validate the config again (the launcher
-    did before submitting; this process may have been started without it), run ``door`` on it."""
+    did before submitting; this process may have been started without it), run the stage's door
+    (pipeline.core.stages) on it."""
     failures.exit_if_failed_before()
     args = get_args_parser(description).parse_args(argv)
 
@@ -65,7 +67,7 @@ def run_stage(argv: Sequence[str] | None, stage: str, description: str, door: st
         status = before(cfg) if before else 0
         if status:
             raise SystemExit(status)
-        return run_door(door, validated(cfg, stage))
+        return run_door(STAGES[stage].door, validated(cfg, stage))
 
     return exit_status(f"jobs.{stage}", work)
 

@@ -11,12 +11,8 @@ from typing import Sequence
 
 from jobs.common import run_stage
 
-DOOR = "pipeline.prep.download:fetch"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(argv, "download", "Download the official archives from your links, resumable, MD5-checked.",
-                     DOOR)
+    return run_stage(argv, "download", "Download the official archives from your links, resumable, MD5-checked.")
 
 
 if __name__ == "__main__":

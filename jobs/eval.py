@@ -8,8 +8,7 @@ from jobs.common import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(argv, "eval", "Evaluate a checkpoint on the val set (exact counts under DDP).",
-                     "pipeline.eval.evaluate:evaluate")
+    return run_stage(argv, "eval", "Evaluate a checkpoint on the val set (exact counts under DDP).")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jobs.common import get_args_parser
+from jobs.job_env import job_env
 from pipeline.core.config import ConfigError, config_from_args
 
 log = logging.getLogger("jobs.preflight")
 
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "HCCL_", "ASCEND_", "GLOO_", "TORCH_DISTRIBUTED_", "TORCHELASTIC_",
-                "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_", "SLURM_JOB_ID", "SLURM_NODEID")
+                "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MASTER_")
 EXIT_NO_ANSWER = 3  # a rank did not answer within the timeout
 EXIT_WRONG_SUM = 4  # the all-reduce returned a wrong value
 DIR_ENV, HOSTS_ENV = "JOBS_PREFLIGHT_DIR", "JOBS_PREFLIGHT_HOSTS"  # set by TorchrunJob for its training processes
@@ -54,11 +55,13 @@ def record_failure(marker: Path | None, code: int, message: str) -> None:
 
 
 def environment_record(backend: str, device: Any) -> dict[str, Any]:
-    """What this process sees: identity, rendezvous, backend, communication variables, versions."""
+    """What this process sees: identity (its job's, jobs/job_env.py), rendezvous, backend, communication variables,
+    versions."""
     import torch
 
+    job = job_env()
     record: dict[str, Any] = {
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": socket.gethostname(), "pid": os.getpid(), "job_id": job.job_id, "node": job.node,
         **{key.lower(): os.environ.get(key, "") for key in
            ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
         "backend": backend, "device": str(device), "python": platform.python_version(),

@@ -11,12 +11,9 @@ from typing import Sequence
 
 from jobs.common import run_stage
 
-DOOR = "pipeline.prep.prepare:prepare"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(argv, "prep", "Prepare ImageNet (or CIFAR-10) from the official archives into a verified "
-                     "data dir.", DOOR)
+                     "data dir.")
 
 
 if __name__ == "__main__":

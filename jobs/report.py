@@ -14,9 +14,7 @@ import sys
 from typing import Sequence
 
 from jobs.common import exit_status, run_door
-
-DOOR = "pipeline.report.build:report"
-
+from pipeline.core.stages import STAGES
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Tables (CSV, Markdown) and plots (PNG) of training runs.",
@@ -30,7 +28,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    return exit_status("jobs.report", lambda: run_door(DOOR, args.run_dirs, args.out))
+    return exit_status("jobs.report", lambda: run_door(STAGES["report"].door, args.run_dirs, args.out))
 
 
 if __name__ == "__main__":

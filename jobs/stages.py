@@ -9,18 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs import download as download_entry
-from jobs import prep as prep_entry
-from jobs import report as report_entry
 from jobs.common import run_door
 from jobs.resume import AUTO, with_default_resume
 from jobs.torchrun import TorchrunJob
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.records import CHECKPOINT_DIR
-
-STAGES = ("download", "prep", "train", "eval", "report")
-TORCHRUN_STAGES = ("train", "eval")
+from pipeline.core.stages import ARCHIVES, CHECKPOINT, DATA_DIR, RECORDS, RESUME, STAGES
 
 
 class StageInputError(UserError, ValueError):
@@ -28,36 +23,30 @@ class StageInputError(UserError, ValueError):
 
 
 def stage_chain(stage: str, cfg: Config | None = None) -> list[str]:
-    """The stages one ``--stage`` value runs, in order; 'all' is the whole pipeline, from download when ``cfg``
-    has links (--url, --url-file)."""
+    """The stages one ``--stage`` value runs, in order; 'all' is the whole pipeline, each stage whose row says it
+    belongs for ``cfg`` (download: when it has links, --url or --url-file)."""
     if stage == "all":
-        links = cfg is not None and bool(cfg.download.url or cfg.download.url_file)
-        return [s for s in STAGES if s != "download" or links]
+        return [name for name, row in STAGES.items() if row.in_all(cfg or Config())]
     if stage not in STAGES:
         raise StageInputError(f"unknown stage {stage!r}; choose one of {[*STAGES, 'all']}")
     return [stage]
 
 
-class PrepJob:
-    """prep in one process; requeued after a time limit it resumes class by class (extraction is atomic)."""
+class ProcessJob:
+    """A stage in one process (download, prep); requeued after a time limit it resumes (download each file from its
+    .part by HTTP Range, prep class by class: extraction is atomic)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, stage: str, cfg: Config):
+        self.stage = stage
         self.cfg = cfg
 
     def __call__(self) -> dict[str, Any]:
-        return run_door(prep_entry.DOOR, self.cfg)
+        return run_door(STAGES[self.stage].door, self.cfg)
 
     def checkpoint(self) -> Any:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
-
-
-class DownloadJob(PrepJob):
-    """download in one process; requeued after a time limit it resumes each file from its .part (HTTP Range)."""
-
-    def __call__(self) -> dict[str, Any]:
-        return run_door(download_entry.DOOR, self.cfg)
 
 
 class ReportJob:
@@ -68,49 +57,49 @@ class ReportJob:
 
     def __call__(self) -> list[str]:
         """The files written (the tables also go to the job's log, which the launcher streams)."""
-        return [str(path) for path in run_door(report_entry.DOOR, self.run_dirs).files]
+        return [str(path) for path in run_door(STAGES["report"].door, self.run_dirs).files]
 
 
 def stage_job(stage: str, cfg: Config, run_dirs: list[str]) -> Callable[[], Any]:
     """The callable a stage's job runs; training resumes from the checkpoint ``--resume`` names, else from the
     newest valid one in the run dir (jobs/resume.py: what a requeue resumes from)."""
-    if stage == "download":
-        return DownloadJob(cfg)
-    if stage == "prep":
-        return PrepJob(cfg)
-    if stage == "report":
-        return ReportJob(run_dirs)
-    if stage == "train":
-        cfg = with_default_resume(cfg)
-    return TorchrunJob(stage, cfg)
+    row = STAGES[stage]
+    if row.torchrun:
+        return TorchrunJob(stage, with_default_resume(cfg) if row.on_preemption == "save" else cfg)
+    return ReportJob(run_dirs) if row.door_reads == "run_dirs" else ProcessJob(stage, cfg)
 
 
 def check_inputs(stages: list[str], cfg: Config, run_dirs: list[str]) -> None:
     """Fail before submitting when a stage's input is neither on disk nor made by an earlier stage."""
-    made = set()
+    made: set[str] = set()
     for stage in stages:
-        if stage == "prep" and "download" not in made and not Path(cfg.prep.archive_dir).is_dir():
-            raise StageInputError(f"archive dir {cfg.prep.archive_dir} does not exist; pass --archive-dir with the "
-                                  "official archives, give their links (--url, --url-file) to download them first, or "
-                                  "make synthetic ones: python -m pipeline.prep.synthetic")
-        if stage in TORCHRUN_STAGES and "prep" not in made and not Path(cfg.data.data_dir).is_dir():
-            raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
-                                  "or pass --data-dir with a prepared dataset")
-        if stage == "train" and cfg.train.resume not in ("", AUTO):
-            from pipeline.core.checkpoint_file import check_training_checkpoint  # imports torch: only when needed
-
-            check_training_checkpoint(cfg.train.resume)
-        if stage == "eval" and "train" not in made:
-            check_eval_checkpoint(cfg)
-        if stage == "report" and "train" not in made:
-            missing = [d for d in run_dirs if not Path(d).is_dir()]
-            if missing:
-                raise StageInputError(f"run dir(s) {missing} do not exist; pass the run dirs of finished or "
-                                      "running trainings with --run-dir")
-        made.add(stage)
+        for what in STAGES[stage].reads:
+            if what not in made:
+                INPUT_CHECKS[what](cfg, run_dirs)
+        made.update(STAGES[stage].writes)
 
 
-def check_eval_checkpoint(cfg: Config) -> None:
+def check_archives(cfg: Config, run_dirs: list[str]) -> None:
+    if not Path(cfg.prep.archive_dir).is_dir():
+        raise StageInputError(f"archive dir {cfg.prep.archive_dir} does not exist; pass --archive-dir with the "
+                              "official archives, give their links (--url, --url-file) to download them first, or "
+                              "make synthetic ones: python -m pipeline.prep.synthetic")
+
+
+def check_data_dir(cfg: Config, run_dirs: list[str]) -> None:
+    if not Path(cfg.data.data_dir).is_dir():
+        raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
+                              "or pass --data-dir with a prepared dataset")
+
+
+def check_resume(cfg: Config, run_dirs: list[str]) -> None:
+    if cfg.train.resume not in ("", AUTO):
+        from pipeline.core.checkpoint_file import check_training_checkpoint  # imports torch: only when needed
+
+        check_training_checkpoint(cfg.train.resume)
+
+
+def check_eval_checkpoint(cfg: Config, run_dirs: list[str] | None = None) -> None:
     if cfg.eval.checkpoint:
         if not Path(cfg.eval.checkpoint).is_file():
             raise StageInputError(f"checkpoint {cfg.eval.checkpoint} does not exist; pass --checkpoint with a "
@@ -118,3 +107,16 @@ def check_eval_checkpoint(cfg: Config) -> None:
     elif not (Path(cfg.train.run_dir) / CHECKPOINT_DIR).is_dir():
         raise StageInputError(f"run dir {cfg.train.run_dir} has no {CHECKPOINT_DIR}/ to evaluate; train first "
                               "(--stage train) or pass --checkpoint")
+
+
+def check_run_dirs_exist(cfg: Config, run_dirs: list[str]) -> None:
+    missing = [d for d in run_dirs if not Path(d).is_dir()]
+    if missing:
+        raise StageInputError(f"run dir(s) {missing} do not exist; pass the run dirs of finished or "
+                              "running trainings with --run-dir")
+
+
+# each input of the stage table: how to tell it is on disk (pipeline.core.stages names them)
+INPUT_CHECKS: dict[str, Callable[[Config, list[str]], None]] = {
+    ARCHIVES: check_archives, DATA_DIR: check_data_dir, RESUME: check_resume, CHECKPOINT: check_eval_checkpoint,
+    RECORDS: check_run_dirs_exist}

@@ -41,15 +41,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from jobs import failures
+from jobs.job_env import JobEnv, job_env
 from jobs.preflight import FAILED_FILE, preflight_env
 from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
+from pipeline.core.stages import STAGES
 
 log = logging.getLogger("jobs.node")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_SPAN = 20000, 12000  # below Linux's ephemeral range (32768+)
-STAGE_MODULES = {"train": "jobs.train", "eval": "jobs.eval"}
 
 
 class WorkerFailedError(RuntimeError):
@@ -63,7 +64,7 @@ class Rendezvous:
     master_addr: str
     master_port: int  # the stage's torchrun (master_port + 1 stays free, as earlier pre-flights used it); 0: one node
     job_id: str
-    restarts: int = 0  # times Slurm requeued the job
+    restarts: int = 0  # times the scheduler requeued the job
     nonce: str = ""  # one node: tells this start from an earlier one of the same job and restart count
 
     @property
@@ -81,26 +82,18 @@ def rendezvous_port(job_id: str, restart_count: int) -> int:
     return PORT_BASE + (number * 16 + 2 * restart_count) % PORT_SPAN
 
 
-def node_rendezvous() -> Rendezvous:
-    """This node's place in the job, from submitit's view of Slurm (or of the local executor)."""
-    import submitit
-
-    env = submitit.JobEnvironment()
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+def node_rendezvous(env: JobEnv) -> Rendezvous:
+    """This node's place in the job (jobs/job_env.py: what the job knows about itself)."""
     if env.num_nodes == 1:  # torchrun binds the port: none to agree on; a fresh id keeps starts' files apart
-        return Rendezvous(1, 0, "127.0.0.1", 0, env.job_id, restarts, nonce=uuid.uuid4().hex[:8])
-    unique_id = os.environ.get("SLURM_JOB_ID", env.job_id)  # an array task's own number, not "<array>_<task>"
-    return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(unique_id, restarts),
-                      env.job_id, restarts)
+        return Rendezvous(1, 0, "127.0.0.1", 0, env.job_id, env.restarts, nonce=uuid.uuid4().hex[:8])
+    # the port from the job's own number (an array task's, not "<array>_<task>")
+    return Rendezvous(env.num_nodes, env.node, env.hostnames[0], rendezvous_port(env.unique_id, env.restarts),
+                      env.job_id, env.restarts)
 
 
-def node_hosts(rdzv: Rendezvous) -> list[str]:
+def node_hosts(env: JobEnv) -> list[str]:
     """Host of each node rank, for messages that name the node a silent rank lives on."""
-    import submitit
-
-    if rdzv.nnodes == 1:
-        return [socket.gethostname()]
-    return list(submitit.JobEnvironment().hostnames)
+    return [socket.gethostname()] if env.num_nodes == 1 else list(env.hostnames)
 
 
 def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
@@ -265,13 +258,13 @@ class TorchrunJob:
     def __init__(self, stage: str, cfg: Config, module: str | None = None):
         self.stage = stage
         self.cfg = cfg
-        self.module = module or STAGE_MODULES[stage]
+        self.module = module or STAGES[stage].entry
         self._running: RunningTorchrun | None = None
 
     @property
     def graceful_stop(self) -> bool:
-        """Training saves on SIGUSR1 before a requeue; eval simply starts over."""
-        return self.stage == "train"
+        """Training saves on SIGUSR1 before a requeue (and runs the pre-flight first); eval simply starts over."""
+        return STAGES[self.stage].on_preemption == "save"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -279,12 +272,13 @@ class TorchrunJob:
         return state
 
     def __call__(self) -> dict[str, Any]:
-        rdzv = node_rendezvous()
+        job = job_env()
+        rdzv = node_rendezvous(job)
         setup_node_logging(rdzv.node_rank)
         launch = self.cfg.launch
         job_dir = Path(self.cfg.train.run_dir) / "logs" / rdzv.job_id
         config_path = job_dir / f"{self.stage}_config.toml"
-        save_config(resume_for_this_start(self.cfg, job_dir) if self.stage == "train" else self.cfg, config_path)
+        save_config(resume_for_this_start(self.cfg, job_dir) if self.graceful_stop else self.cfg, config_path)
         nproc = launch.gpus_per_node
         env = process_env(nproc)
         world = rdzv.nnodes * nproc
@@ -292,7 +286,7 @@ class TorchrunJob:
                  self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master, config_path)
         preflight_dir = job_dir / f"preflight-{rdzv.run_id}"
         if world > 1 and self.graceful_stop and launch.preflight_timeout_s > 0:
-            env.update(preflight_env(preflight_dir, node_hosts(rdzv)))
+            env.update(preflight_env(preflight_dir, node_hosts(job)))
             log.info("each training process first runs the pre-flight: an all-reduce over %d ranks, bounded by %d s",
                      world, launch.preflight_timeout_s)
         log_dir = job_dir / f"node{rdzv.node_rank}"

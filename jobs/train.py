@@ -26,7 +26,7 @@ def for_this_attempt(cfg: Config, args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(argv, "train", "Train a classifier (one process, or each process under torchrun).",
-                     "pipeline.train.trainer:train", before=before_training, adjust=for_this_attempt)
+                     before=before_training, adjust=for_this_attempt)
 
 
 if __name__ == "__main__":

@@ -1,2 +1,3 @@
-"""What runs on the login node: Slurm's state, building and submitting jobs, following them; launch.py is its
-command line. Nothing here runs inside a job."""
+"""What runs on the login node: one backend per scheduler (backends/: Slurm's state and sbatch, this machine),
+building and submitting jobs through them, following them; launch.py is its command line. Nothing here runs
+inside a job."""

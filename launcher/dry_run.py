@@ -6,11 +6,12 @@ import re
 import shlex
 from typing import TextIO
 
-from jobs.stages import TORCHRUN_STAGES, StageInputError, check_inputs
-from jobs.torchrun import STAGE_MODULES, torchrun_command
-from launcher import slurm
-from launcher.executors import default_cpus, executor_parameters, job_folder, sbatch_script, stage_resources
+from jobs.stages import StageInputError, check_inputs
+from jobs.torchrun import torchrun_command
+from launcher.backends import Backend
+from launcher.executors import stage_resources
 from pipeline.core.config import Config
+from pipeline.core.stages import STAGES
 
 PLACEHOLDER = re.compile(r"(\$(?:NODE_RANK|MASTER_ADDR|MASTER_PORT|JOB_ID|RESTARTS))")  # filled in by the job
 
@@ -21,7 +22,7 @@ def node_command(cfg: Config, stage: str) -> str:
     cmd = torchrun_command(nnodes=nodes, nproc_per_node=nproc, node_rank="$NODE_RANK", master_addr="$MASTER_ADDR",
                            master_port="$MASTER_PORT", run_id="$JOB_ID-$RESTARTS",
                            max_restarts=cfg.launch.max_restarts, log_dir=f"{job_dir}/node$NODE_RANK",
-                           module=STAGE_MODULES[stage], args=["--config", f"{job_dir}/{stage}_config.toml"])
+                           module=STAGES[stage].entry, args=["--config", f"{job_dir}/{stage}_config.toml"])
     return " ".join(shell_word(arg) for arg in cmd)
 
 def shell_word(arg: str) -> str:
@@ -35,41 +36,20 @@ PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of t
                 "itself, localhost:0); JOB_ID, RESTARTS: the Slurm job id and requeue count (one node adds a "
                 "random suffix to the run id)")
 
-def cpu_warnings(cfg: Config, stages: list[str], node_cpus: int | None, out: TextIO) -> None:
-    """Say where the default CPU request is more than the partition's nodes have (the request is capped)."""
-    for stage in stages:
-        wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
-        if wanted and node_cpus and wanted > node_cpus:
-            how = ("processes per node x (--workers + 1)" if stage in TORCHRUN_STAGES else "--workers + 1")
-            out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
-                      f"partition {cfg.launch.partition or '(default)'} have at most {node_cpus}; it asks for "
-                      f"{node_cpus} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
-
-def partition_cpus(cfg: Config, executor: str) -> int | None:
-    """CPUs of the partition's largest node, when they matter and Slurm answers."""
-    needed = executor == "slurm" and not cfg.launch.cpus_per_task
-    return slurm.node_cpus(cfg.launch.partition) if needed else None
-
-def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], executor: str, out: TextIO) -> None:
-    node_cpus = partition_cpus(cfg, executor)
-    cpu_warnings(cfg, stages, node_cpus, out)
+def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backend, out: TextIO) -> None:
+    node_cpus = backend.cpu_cap(cfg)
+    backend.cpu_warnings(cfg, stages, node_cpus, out)
     for i, stage in enumerate(stages):
-        after = f"<{stages[i - 1]} job id>" if i and executor == "slurm" else None
-        params = executor_parameters(executor, cfg, stage, after, node_cpus)
-        if executor == "slurm":
-            out.write(f"===== {stage}: sbatch script (saved as {job_folder(cfg)}/%j_submission.sh) =====\n")
-            out.write(sbatch_script(cfg, params) + "\n")
-        else:
-            out.write(f"===== {stage}: {executor} executor on this machine, parameters {params} =====\n")
-        if stage not in TORCHRUN_STAGES:
-            door = {"download": "prep.download.fetch(cfg)", "prep": "prep.prepare.prepare(cfg)"}.get(
-                stage, "report.build.report(run_dirs)")
-            out.write(f"===== {stage}: the job's one process runs pipeline.{door} =====\n")
+        after = f"<{stages[i - 1]} job id>" if i and backend.queued else None
+        out.write(backend.render(cfg, stage, backend.parameters(cfg, stage, after=after, node_cpus=node_cpus)))
+        row = STAGES[stage]
+        if not row.torchrun:
+            out.write(f"===== {stage}: the job's one process runs {row.door_text()} =====\n")
             continue
         nodes, nproc, _ = stage_resources(cfg, stage)
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
-        if stage == "train":
+        if row.on_preemption == "save":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
                       if cfg.train.resume in ("", "auto") else
                       f"  training starts from {cfg.train.resume}; a requeue resumes from the run's own newest "

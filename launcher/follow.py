@@ -1,6 +1,6 @@
 """Following a submitted job to its end: state changes and log lines on the terminal, never a hang.
 
-On Slurm the state comes from launcher.slurm (scontrol/squeue, no accounting needed), results from the
+A queued job's state comes from its backend (Slurm's: scontrol/squeue, no accounting needed), results from the
 pickles submitit leaves per task; a job that ends without them is reported with its state and log.
 A training rank that reports no progress for its ``hang_timeout_s`` is told with the host and rank it waits
 for, read from the ranks' heartbeat files (pipeline/train/watchdog.py), whichever node's log holds the stacks.
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence, TextIO
 
-from launcher import slurm
+from launcher.backends import Backend, JobInfo, get_backend
 from pipeline.core.heartbeat import HEARTBEAT_DIR, Hang, diagnose, read_heartbeats
 
 MAX_NODES_SHOWN = 4  # a 64-node job that fails everywhere: the first few say enough
@@ -29,7 +29,11 @@ class StageFailed(RuntimeError):
 class Submitted:
     stage: str
     job: Any  # submitit.Job
-    executor: str  # slurm, local or debug
+    executor: str  # the backend's name (launcher/backends/)
+
+    @property
+    def backend(self) -> Backend:
+        return get_backend(self.executor)
 
     @property
     def label(self) -> str:
@@ -41,7 +45,8 @@ class Submitted:
         return [paths.stdout, paths.stderr]
 
     def heartbeat_root(self) -> Path:
-        """``<run dir>/logs/heartbeat``, beside the job's folder ``<run dir>/logs/<job id>`` (launcher.executors.job_folder)."""
+        """``<run dir>/logs/heartbeat``, beside the job's folder ``<run dir>/logs/<job id>``
+        (launcher.executors.job_folder)."""
         return Path(self.job.paths.folder).parent / HEARTBEAT_DIR
 
 
@@ -134,12 +139,14 @@ def failure_text(exc: BaseException, limit: int = 40) -> str:
 
 def follow(sub: Submitted, out: TextIO, poll_s: float = 2.0) -> list[Any]:
     """Wait for the job while streaming its log; its results (one per task), or StageFailed."""
-    if sub.executor == "debug":
+    backend = sub.backend
+    if backend.in_process:
         return collect(sub, None)
     follower = Pollers(LogFollower(sub.log_paths(), f"[{sub.label}] ", out),
                        HangReporter(sub.heartbeat_root(), f"{sub.job.job_id}-", f"[{sub.label}] ", out))
     try:
-        info = wait_slurm(sub, follower, out, poll_s) if sub.executor == "slurm" else wait_local(sub, follower, poll_s)
+        info = wait_queued(sub, backend, follower, out, poll_s) if backend.queued else \
+            wait_local(sub, follower, poll_s)
     finally:
         follower.poll(final=True)
     return collect(sub, info)
@@ -160,19 +167,19 @@ def wait_local(sub: Submitted, follower: Poller, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def wait_slurm(sub: Submitted, follower: Poller, out: TextIO, poll_s: float) -> slurm.JobInfo | None:
-    """Poll scontrol/squeue until the job is final; None when Slurm forgot it but left its results."""
+def wait_queued(sub: Submitted, backend: Backend, follower: Poller, out: TextIO, poll_s: float) -> JobInfo | None:
+    """Poll the scheduler until the job is final; None when it forgot the job but left its results."""
     last: tuple[str, int] | None = None
     unknown_since: float | None = None
     while True:
         follower.poll()
-        info = slurm.job_info(sub.job.job_id)
+        info = backend.state(sub.job.job_id)
         if info is None:
             if all_results_exist(sub):
                 return None
             unknown_since = unknown_since or time.monotonic()
             if time.monotonic() - unknown_since > FORGOTTEN_GRACE_S:
-                raise StageFailed(f"Slurm no longer knows job {sub.job.job_id} ({sub.stage}) and it left no "
+                raise StageFailed(f"{backend.title} no longer knows job {sub.job.job_id} ({sub.stage}) and it left no "
                                   f"result; see {sub.log_paths()[1]}")
         else:
             unknown_since = None
@@ -194,14 +201,14 @@ def all_results_exist(sub: Submitted) -> bool:
     return all(sub.job.task(i).paths.result_pickle.exists() for i in range(sub.job.num_tasks))
 
 
-def collect(sub: Submitted, info: slurm.JobInfo | None) -> list[Any]:
+def collect(sub: Submitted, info: JobInfo | None) -> list[Any]:
     """Results of every task, or StageFailed with each node's error (or log tail) and where its log is."""
-    if sub.executor == "debug":
+    if sub.backend.in_process:
         try:
             return sub.job.results()
         except Exception as exc:  # raised in this process: shown, not re-raised as ours
             raise StageFailed(f"{sub.stage} failed:\n{failure_text(exc)}") from None
-    if sub.executor == "slurm":
+    if sub.backend.queued:  # its node's files may reach this host's view of the file system later
         deadline = time.monotonic() + (RESULT_GRACE_S if info is None or info.state == "COMPLETED" else 5)
         while not all_results_exist(sub) and time.monotonic() < deadline:
             time.sleep(1)

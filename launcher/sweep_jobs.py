@@ -1,8 +1,8 @@
 """Running a checked sweep (launcher/sweep.py makes its points): the points' run dirs and sweep.json in the sweep
 dir, then one report of them all in ``<sweep dir>/report/``.
 
-On Slurm the points become job arrays through submitit's ``executor.batch()``: one array per set of points that
-ask for the same resources (``--sweep nodes=1,2`` makes two), each with ``--array=0-N%P`` where P is
+On a queued scheduler (Slurm) the points become job arrays through submitit's ``executor.batch()``: one array per set
+of points that ask for the same resources (``--sweep nodes=1,2`` makes two), each with ``--array=0-N%P`` where P is
 ``--array-parallelism`` (0: all at once); a set of one point is a plain job. A report job waits for every array
 to end (``afterany``, so a failed point leaves the others' table), and the launcher follows it unless --detach.
 The arrays' logs go to ``<sweep dir>/logs/<array id>_<task>/`` (a plain job's to ``<job id>/``), each point's
@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from jobs.stages import ReportJob, check_inputs, stage_job
-from launcher import slurm
-from launcher.dry_run import cpu_warnings, dry_run, node_command, partition_cpus
-from launcher.executors import (LaunchError, executor_parameters, make_executor, sbatch_script, seal_job_inputs,
-                                stage_resources)
+from launcher.backends import Backend, queued_names, queued_titles
+from launcher.dry_run import dry_run, node_command
+from launcher.executors import LaunchError, stage_resources
 from launcher.follow import StageFailed, Submitted, all_results_exist, follow, node_failures
-from launcher.submit import check_script, print_log_paths, run_chain, submit
+from launcher.submit import print_log_paths, run_chain, submit
 from pipeline.core.config import Config
 from pipeline.core.records import SWEEP_FILE, read_sweep_points, write_json
 
@@ -41,7 +40,7 @@ class SweepPlan:
 
 @dataclasses.dataclass(frozen=True)
 class JobArray:
-    """Points with the same sbatch parameters: one Slurm job array."""
+    """Points with the same scheduler parameters: one job array."""
 
     plans: list[SweepPlan]
     params: dict[str, Any]  # submitit's, the throttle included
@@ -66,17 +65,15 @@ def sweep_dir_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(Path(cfg.train.run_dir).parent)))
 
 
-def job_arrays(plans: Sequence[SweepPlan]) -> list[JobArray]:
-    """The points grouped by their train job's sbatch parameters, in the order of their first point."""
-    cpus: dict[str, int | None] = {}
+def job_arrays(plans: Sequence[SweepPlan], backend: Backend) -> list[JobArray]:
+    """The points grouped by their train job's scheduler parameters, in the order of their first point."""
     groups: dict[str, JobArray] = {}
     for plan in plans:
-        partition = plan.cfg.launch.partition
-        cpus.setdefault(partition, partition_cpus(plan.cfg, "slurm"))
-        params = executor_parameters("slurm", plan.cfg, "train", node_cpus=cpus[partition])
-        key = repr((sorted(params.items()), plan.cfg.launch.max_requeues))  # the executor's, not an sbatch option
+        node_cpus = backend.cpu_cap(plan.cfg)
+        params = backend.parameters(plan.cfg, "train", node_cpus=node_cpus)
+        key = repr((sorted(params.items()), plan.cfg.launch.max_requeues))  # the executor's, not a job option
         if key not in groups:
-            groups[key] = JobArray([], params, sweep_dir_config(plan.cfg), cpus[partition])
+            groups[key] = JobArray([], params, sweep_dir_config(plan.cfg), node_cpus)
         groups[key].plans.append(plan)
     for group in groups.values():
         group.params["array_parallelism"] = min(group.cfg.launch.array_parallelism or len(group.plans),
@@ -84,30 +81,30 @@ def job_arrays(plans: Sequence[SweepPlan]) -> list[JobArray]:
     return list(groups.values())
 
 
-def run_sweep(plans: Sequence[SweepPlan], executor: str, out: TextIO) -> int:
-    """List the points, then dry-run, submit on Slurm, or run them here; the report closes the sweep."""
+def run_sweep(plans: Sequence[SweepPlan], backend: Backend, out: TextIO) -> int:
+    """List the points, then dry-run, submit them as job arrays, or run them here; the report closes the sweep."""
     sweep_dir = Path(plans[0].run_dir).parent
     launch = plans[0].cfg.launch
     out.write(f"sweep: {len(plans)} point(s)\n" + "".join(f"  {plan.name}: {plan.run_dir}\n" for plan in plans))
-    if launch.detach and executor != "slurm":
-        raise LaunchError(f"--detach with a sweep needs Slurm: the {executor} executor runs the points one after "
-                          "another here; drop --detach, or use --executor slurm")
+    if launch.detach and not backend.queued:
+        raise LaunchError(f"--detach with a sweep needs {queued_titles()}: the {backend.name} executor runs the "
+                          f"points one after another here; drop --detach, or use --executor {queued_names()}")
     if launch.dry_run:
-        dry_run_sweep(plans, executor, out)
+        dry_run_sweep(plans, backend, out)
         return 0
     for plan in plans:
         check_inputs(["train"], plan.cfg, [plan.run_dir])
-    if executor == "slurm":
-        arrays = job_arrays(plans)
-        for partition in {plan.cfg.launch.partition for plan in plans}:
-            slurm.check_partition(partition)
+    if backend.queued:
+        arrays = job_arrays(plans, backend)
         for array in arrays:
-            cpu_warnings(array.plans[0].cfg, ["train"], array.node_cpus, out)
-            check_script(array.cfg, "train", sbatch_script(array.cfg, array.params, len(array.plans)))
+            backend.check_cluster(array.cfg)
+        for array in arrays:
+            backend.cpu_warnings(array.plans[0].cfg, ["train"], array.node_cpus, out)
+            backend.check_job(array.cfg, "train", array.params, len(array.plans))
         write_manifest(sweep_dir, plans)
-        return submit_arrays(arrays, sweep_dir, out)
+        return submit_arrays(arrays, sweep_dir, backend, out)
     write_manifest(sweep_dir, plans)
-    return run_in_turn(plans, sweep_dir, executor, out)
+    return run_in_turn(plans, sweep_dir, backend, out)
 
 
 def write_manifest(sweep_dir: Path, plans: Sequence[SweepPlan]) -> None:
@@ -120,22 +117,22 @@ def write_manifest(sweep_dir: Path, plans: Sequence[SweepPlan]) -> None:
     write_json(sweep_dir / SWEEP_FILE, {"points": points})
 
 
-def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> int:
+def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, backend: Backend, out: TextIO) -> int:
     """Every array, then the report job after them all; following the report unless --detach."""
     submitted: list[str] = []
     tasks: list[tuple[SweepPlan, Any]] = []
     try:
         for array in arrays:
-            array_id, jobs = submit_array(array, out)
+            array_id, jobs = submit_array(array, backend, out)
             submitted.append(array_id)
             tasks += zip(array.plans, jobs)
         report_cfg = arrays[0].cfg
-        report = submit("slurm", report_cfg, "report", ReportJob([str(sweep_dir)]), ":".join(submitted), out,
+        report = submit(backend, report_cfg, "report", ReportJob([str(sweep_dir)]), ":".join(submitted), out,
                         when="afterany")
     except LaunchError:
-        slurm.cancel(submitted)
+        backend.cancel(submitted)
         raise
-    out.write(f"    cancel: scancel {' '.join([*submitted, report.job.job_id])}\n"
+    out.write(f"    cancel: {backend.cancel_hint([*submitted, report.job.job_id])}\n"
               f"the report job writes {sweep_dir / 'report'}/ when every point has ended\n")
     if report_cfg.launch.detach:
         out.write("detached: the jobs run on; follow them with the tail -f lines above\n")
@@ -145,58 +142,52 @@ def submit_arrays(arrays: Sequence[JobArray], sweep_dir: Path, out: TextIO) -> i
         follow(report, out)
     except StageFailed as exc:
         report_failed = str(exc)
-    failed = [f"{plan.name} (job {job.job_id}: {why})" for plan, job in tasks if (why := point_failure(job))]
+    failed = [f"{plan.name} (job {job.job_id}: {why})" for plan, job in tasks if (why := point_failure(job, backend))]
     return finish(sweep_dir, len(tasks), failed, out, report_failed)
 
 
-def point_failure(job: Any) -> str | None:
+def point_failure(job: Any, backend: Backend) -> str | None:
     """Why a point's ended job failed, None when every node left a result without an error. Results are read
     first: Slurm forgets a job MinJobAge (300 s by default) after its end, long before a sweep's report runs."""
-    sub = Submitted("train", job, "slurm")
+    sub = Submitted("train", job, backend.name)
     if all_results_exist(sub):
         failures = node_failures(sub)
         return failures[0].splitlines()[0][:300] if failures else None
-    info = slurm.job_info(job.job_id)
+    info = backend.state(job.job_id)
     return f"{info.state}, no result" if info else "no result: killed, or its node was lost"
 
 
-def submit_array(array: JobArray, out: TextIO) -> tuple[str, list[Any]]:
+def submit_array(array: JobArray, backend: Backend, out: TextIO) -> tuple[str, list[Any]]:
     """(the array's job id, its submitit jobs: ``<id>_<task>``, or the one plain job)."""
-    from submitit.core.utils import FailedJobError
-
-    executor = make_executor("slurm", array.cfg, array.params)
-    try:
-        with executor.batch():
-            jobs = [executor.submit(stage_job("train", plan.cfg, [plan.run_dir])) for plan in array.plans]
-    except FailedJobError as exc:
-        raise LaunchError(f"sbatch rejected the train job array of {array.names}: {exc}") from None
-    seal_job_inputs(jobs)
+    jobs = backend.submit_array(array.cfg, array.params, [stage_job("train", plan.cfg, [plan.run_dir])
+                                                          for plan in array.plans],
+                                f"train job array of {array.names}")
     nodes, nproc, _ = stage_resources(array.plans[0].cfg, "train")
     array_id = jobs[0].job_id.split("_")[0]
     kind = "job array" if len(jobs) > 1 else "job"
-    out.write(f"[train] {kind} {array_id} submitted (slurm, {array.what}; each {nodes} node(s) x {nproc} "
+    out.write(f"[train] {kind} {array_id} submitted ({backend.name}, {array.what}; each {nodes} node(s) x {nproc} "
               "process(es))\n")
     for plan, job in zip(array.plans, jobs):
         out.write(f"  {plan.name}: job {job.job_id}\n")
-        print_log_paths(Submitted("train", job, "slurm"), out)
+        print_log_paths(Submitted("train", job, backend.name), out)
     return array_id, jobs
 
 
-def run_in_turn(plans: Sequence[SweepPlan], sweep_dir: Path, executor: str, out: TextIO) -> int:
+def run_in_turn(plans: Sequence[SweepPlan], sweep_dir: Path, backend: Backend, out: TextIO) -> int:
     """The points one after another on this machine (a failed one is reported, the rest still run), then the
     report."""
     failed = []
     for plan in plans:
         out.write(f"===== sweep point {plan.name} =====\n")
         try:
-            run_chain(plan.cfg, ["train"], [plan.run_dir], executor, out)
+            run_chain(plan.cfg, ["train"], [plan.run_dir], backend, out)
         except StageFailed as exc:
             out.write(f"sweep point {plan.name} failed:\n{exc}\n")
             failed.append(plan.name)
     out.write("===== sweep report =====\n")  # also when every point failed here: earlier ones may have records
     report_failed = None
     try:
-        run_chain(sweep_dir_config(plans[0].cfg), ["report"], [str(sweep_dir)], executor, out)
+        run_chain(sweep_dir_config(plans[0].cfg), ["report"], [str(sweep_dir)], backend, out)
     except StageFailed as exc:
         report_failed = str(exc)
     return finish(sweep_dir, len(plans), failed, out, report_failed)
@@ -215,22 +206,22 @@ def finish(sweep_dir: Path, count: int, failed: Sequence[str], out: TextIO, repo
     return 0
 
 
-def dry_run_sweep(plans: Sequence[SweepPlan], executor: str, out: TextIO) -> None:
-    """What a real sweep submits: on Slurm each array's script and the report job's; here the first point's."""
-    if executor != "slurm":
+def dry_run_sweep(plans: Sequence[SweepPlan], backend: Backend, out: TextIO) -> None:
+    """What a real sweep submits: on a queued scheduler each array's script and the report job's; here the first
+    point's."""
+    if not backend.queued:
         out.write(f"===== the first point, {plans[0].name} (the points run one after another, then the report "
                   "of them all) =====\n")
-        dry_run(plans[0].cfg, ["train"], [plans[0].run_dir], executor, out)
+        dry_run(plans[0].cfg, ["train"], [plans[0].run_dir], backend, out)
         return
-    arrays = job_arrays(plans)
+    arrays = job_arrays(plans, backend)
     for i, array in enumerate(arrays, 1):
-        out.write(f"===== train {i} of {len(arrays)}: {array.what}; sbatch script =====\n")
-        out.write(sbatch_script(array.cfg, array.params, len(array.plans)) + "\n")
+        out.write(f"===== train {i} of {len(arrays)}: {array.what}; {backend.script_name} =====\n")
+        out.write(backend.script(array.cfg, array.params, len(array.plans)) + "\n")
         out.write(f"===== each point of train {i} runs its torchrun on each node; the first: =====\n"
                   f"{node_command(array.plans[0].cfg, 'train')}\n")
     ids = ":".join(f"<train {i} job id>" for i in range(1, len(arrays) + 1))
     report_cfg = arrays[0].cfg
-    out.write(f"===== report of the sweep into {report_cfg.train.run_dir}/report/: sbatch script =====\n")
-    out.write(sbatch_script(report_cfg, executor_parameters("slurm", report_cfg, "report", ids, when="afterany"))
-              + "\n")
+    out.write(f"===== report of the sweep into {report_cfg.train.run_dir}/report/: {backend.script_name} =====\n")
+    out.write(backend.script(report_cfg, backend.parameters(report_cfg, "report", after=ids, when="afterany")) + "\n")
     out.write("dry run: nothing was submitted\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.stages import stage_job
-from launcher import executors
+from launcher.backends import get_backend
 from launcher.follow import StageFailed, Submitted, follow
 from pipeline.core.config import Config
 
@@ -29,7 +29,8 @@ def job_config(tmp_path: Path, nproc: int = 2, **launch_fields: Any) -> Config:
 
 
 def submit_local(cfg: Config, job: Any, stage: str = "train") -> Submitted:
-    executor = executors.make_executor("local", cfg, executors.executor_parameters("local", cfg, stage))
+    local = get_backend("local")
+    executor = local.executor(cfg, local.parameters(cfg, stage))
     return Submitted(stage, executor.submit(job), "local")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from jobs.torchrun import TorchrunJob, child_pids
-from launcher import executors
+from launcher.backends import get_backend
 from launcher.follow import HEARTBEAT_POLL_S, HangReporter, StageFailed, Submitted, follow
 from pipeline.train.tracking import TENSORBOARD_DIR
 from pipeline.core.heartbeat import HEARTBEAT_DIR, diagnose, read_heartbeats
@@ -161,7 +161,8 @@ def test_the_launchers_follow_output_names_the_stopped_rank_and_its_host(tmp_pat
     data_dir = tiny_data(tmp_path / "data", num_classes=4, train_per_class=32, val_per_class=2)
     cfg = tiny_config(data_dir, tmp_path / "run", "--epochs", "50", "--hang-timeout-s", str(TIMEOUT_S))
     cfg.launch.gpus_per_node, cfg.launch.preflight_timeout_s = 2, 0
-    executor = executors.make_executor("local", cfg, executors.executor_parameters("local", cfg, "train"))
+    local = get_backend("local")
+    executor = local.executor(cfg, local.parameters(cfg, "train"))
     sub = Submitted("train", executor.submit(TorchrunJob("train", cfg)), "local")
     out = io.StringIO()
     following = threading.Thread(target=follow_until_cancelled, args=(sub, out), daemon=True)

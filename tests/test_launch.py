@@ -19,7 +19,8 @@ import launch
 from jobs.preflight import EXIT_NO_ANSWER
 from jobs.torchrun import TorchrunJob, child_pids, rendezvous_port, torchrun_command
 from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
-from launcher import executors
+from launcher.backends import get_backend
+from launcher.backends import slurm as slurm_backend
 from launcher.follow import LogFollower, StageFailed, Submitted, failure_text, follow
 from pipeline.core.config import Config
 from train_helpers import TINY_FLAGS  # resnet18 on 32 px crops: the smallest real training
@@ -132,7 +133,7 @@ def test_bad_input_is_a_clear_error(argv, message, no_slurm_path, tmp_path, caps
     (b"[model]\nmodel = 'builtins:print'\n", "model 'builtins:print' is not a model factory"),
     (b"lr = 0.5\n[model]\nmodel = 'resnet18'\n", "unknown key 'lr' at the top level; keys belong in sections "
                                                    "[data], [prep], [download], [model], [optim], [train], [eval], "
-                                                   "[launch] (lr belongs in [optim])"),
+                                                   "[launch], [slurm] (lr belongs in [optim])"),
     (b"colour = 'red'\n", "unknown key 'colour' at the top level; keys belong in sections [data]"),
     (b"[launch]\nnodes = 1\n[launch.extra]\n", "unknown key 'extra' in [launch]"),
 ])
@@ -193,7 +194,7 @@ def test_dry_run_torchrun_line_pastes_into_a_shell(no_slurm_path, tmp_path, caps
     (["--model", "os:system"], "model 'os:system' is not a model factory"),
     (["--pretrained", "{tmp}/w.pt"], "weights file {tmp}/w.pt does not exist"),
     (["--job-name", "x\nsrun rm -rf ~"], "holds control character(s) '\\n'"),
-    (["--sbatch", "comment=a\rb"], "launch.sbatch (--sbatch) = 'comment=a\\rb' holds"),
+    (["--sbatch", "comment=a\rb"], "slurm.sbatch (--sbatch) = 'comment=a\\rb' holds"),
     (["--data-dir", "{tmp}/d\x1b[2J"], "holds control character(s) '\\x1b'"),
     (["--train-crop-size", "100000"], "data.train_crop_size (--train-crop-size) = 100000: must be at most 2048"),
     (["--val-resize-size", "4096"], "val_resize_size (--val-resize-size) = 4096: must be at most 2048"),
@@ -281,7 +282,8 @@ def local_torchrun_job(tmp_path, module: str, nproc: int, **launch_fields) -> Su
     cfg.launch.gpus_per_node = nproc
     for key, value in launch_fields.items():
         setattr(cfg.launch, key, value)
-    executor = executors.make_executor("local", cfg, executors.executor_parameters("local", cfg, "train"))
+    local = get_backend("local")
+    executor = local.executor(cfg, local.parameters(cfg, "train"))
     return Submitted("train", executor.submit(TorchrunJob("train", cfg, module=module)), "local")
 
 
@@ -549,9 +551,9 @@ def test_the_plain_sbatch_script_asks_for_what_submitits_does(no_slurm_path, tmp
     cfg = launch.resolve_config(launch.get_args_parser().parse_args(
         ["--stage", "train", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--setup", "module load x",
          "--sbatch", "mail-type=END", "--run-dir", str(tmp_path / "run")]))[0]
-    params = executors.executor_parameters("slurm", cfg, "train")
-    plain = executors.plain_sbatch_script("python -m x", params).splitlines()
-    rendered = executors.sbatch_script(cfg, params).splitlines()
+    params = get_backend("slurm").parameters(cfg, "train")
+    plain = slurm_backend.plain_sbatch_script("python -m x", params).splitlines()
+    rendered = slurm_backend.sbatch_script(cfg, params).splitlines()
     wanted = ("--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--cpus-per-task=20", "--signal=USR2@90",
               "--mail-type=END", "--time=60")
     for option in wanted:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from pipeline.core import flags as tv_flags
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import UserError
 from pipeline.core.redact import redacted_download
+
+log = logging.getLogger("pipeline.config")
 
 
 class ConfigError(UserError, ValueError):
@@ -162,32 +165,41 @@ class EvalConfig:
 
 @dataclass
 class LaunchConfig:
-    executor: Literal["auto", "slurm", "local", "debug"] = opt("auto", "slurm where sbatch exists, else local")
+    """How jobs run, in any scheduler's terms (a scheduler's own options: [slurm])."""
+
+    executor: str = opt("auto", "scheduler backend by name (launcher/backends/): slurm, local (this machine), debug "
+                                "(in this process); auto: slurm where sbatch exists, else local")
     nodes: int = opt(1, "nodes per job")
     gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
     cpus_per_task: int = opt(0, "CPUs per node task; 0: processes per node x (--workers + 1) (train, eval: each "
                                 "process and its loader workers), --workers + 1 (prep), at most a node's CPUs")
     mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
     time: int = opt(60, "time limit, minutes")
-    partition: str = opt("", "Slurm partition")
-    account: str = opt("", "Slurm account")
-    qos: str = opt("", "Slurm QOS")
-    constraint: str = opt("", "Slurm node constraint")
-    exclusive: bool = opt(False, "whole nodes for the job")
     job_name: str = opt("imagenet", "job name prefix")
-    sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
     setup: list[str] = opt([], "shell lines every job runs before its processes start, repeatable: e.g. 'source "
                                "/usr/local/Ascend/ascend-toolkit/set_env.sh' (CANN) or 'module load cuda'")
-    npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
-                               "per node>")
     max_restarts: int = opt(2, "torchrun restarts of a crashed worker group before the job fails")
-    signal_delay_s: int = opt(90, "seconds before the time limit at which Slurm signals a checkpoint")
+    signal_delay_s: int = opt(90, "seconds before the time limit at which the scheduler signals a checkpoint")
     max_requeues: int = opt(10, "times a job may be requeued after reaching its time limit (preemptions do not count)")
     preflight_timeout_s: int = opt(120, "bound of the all-reduce pre-flight before multi-process training, s; 0 is off")
     detach: bool = opt(False, "print job ids and return instead of waiting")
     array_parallelism: int = opt(0, "a --sweep on Slurm: at most this many of its points run at once (each job "
                                     "array's %%N); 0: no limit")
     dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
+
+
+@dataclass
+class SlurmConfig:
+    """Options only Slurm knows (launcher/backends/slurm.py); other schedulers ignore them."""
+
+    partition: str = opt("", "Slurm partition")
+    account: str = opt("", "Slurm account")
+    qos: str = opt("", "Slurm QOS")
+    constraint: str = opt("", "Slurm node constraint")
+    exclusive: bool = opt(False, "whole nodes for the job")
+    sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
+    npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
+                               "per node>")
 
 
 @dataclass
@@ -200,9 +212,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+LAUNCH_SECTIONS = ("launch", "slurm")  # how to run a job, not what a run trained with
+# (section, key) of a key that moved -> its section now; files that name the old place still load, with a note
+MOVED = {("launch", f.name): "slurm" for f in dataclasses.fields(SlurmConfig)}
 # Other spellings of the same flag, torchvision's reference ones among them (pipeline/core/flags.py: its other flags).
 FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"], "data_dir": ["--data-path"], "batch_size": ["-b"],
                 "workers": ["-j"], "optimizer": ["--opt"], "weight_decay": ["--wd"], "scheduler": ["--lr-scheduler"],
@@ -302,8 +318,9 @@ def read_toml(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def build_config(file_values: dict[str, dict[str, Any]] | None = None,
-                 cli_values: dict[str, Any] | None = None, where: str = "config") -> Config:
-    """Defaults, then the file's tables, then the flags: the one place precedence is applied."""
+                 cli_values: dict[str, Any] | None = None, where: str = "config", note_moved: bool = True) -> Config:
+    """Defaults, then the file's tables, then the flags: the one place precedence is applied. A key in the table it
+    moved from (``MOVED``) is read into its new one, with a note unless ``note_moved`` is off."""
     cfg = Config()
     for section, table in (file_values or {}).items():
         if not isinstance(table, dict) and section not in SECTIONS:  # ``lr = 0.1`` above every [section] line
@@ -315,10 +332,13 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
         for name, value in table.items():
-            if name not in FIELDS or FIELDS[name][0] != section:
+            owner = MOVED.get((section, name), section)
+            if owner != section and note_moved:  # a file written before the key moved still loads
+                log.warning("note: %s: [%s] %s is read from [%s] now; move it there", where, section, name, owner)
+            if name not in FIELDS or FIELDS[name][0] != owner:
                 hint = f" (it belongs in [{FIELDS[name][0]}])" if name in FIELDS else ""
                 raise ConfigError(f"{where}: unknown key {name!r} in [{section}]{hint}")
-            setattr(getattr(cfg, section), name, _check_value(name, FIELDS[name][2], value, where))
+            setattr(getattr(cfg, owner), name, _check_value(name, FIELDS[name][2], value, where))
     for name, value in (cli_values or {}).items():
         if name not in FIELDS:
             raise ConfigError(f"unknown option {name!r}")
@@ -351,8 +371,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a config file (e.g. a run dir's resolved config.toml) over the defaults."""
-    return build_config(read_toml(Path(path)), where=str(path))
+    """Read a config file (e.g. a run dir's resolved config.toml) over the defaults. A run dir written before a key
+    moved holds it in the old table: read without a note (nobody edits a resolved config; a report of many runs
+    would repeat it for each)."""
+    return build_config(read_toml(Path(path)), where=str(path), note_moved=False)
 
 
 def ema_update_decay(cfg: Config, world_size: int) -> float | None:

@@ -18,10 +18,10 @@ from typing import Any, Iterable, Sequence
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.dataset_kinds import dataset_kind
 from pipeline.core.redact import redact_header, redact_url
+from pipeline.core.stages import BATCH, LINKS, MODEL, OPTIM, PRETRAINED, STAGES, TRACKERS, checks_of
 from pipeline.prep.links import check_links, load_cookies, parse_headers, read_links
 
 LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators: they break TOML and shells
-MODEL_STAGES = ("train", "eval")
 
 # field: (lowest allowed, why); every int and float field not named here may be any finite number
 AT_LEAST = {
@@ -55,21 +55,23 @@ UNIT_INTERVAL = {"random_erase": "a probability", "warmup_decay": "a fraction of
 BELOW_ONE = {"label_smoothing": "1 would make every target uniform"}
 
 
-def validate(cfg: Config, stages: Iterable[str] = ("prep", "train", "eval", "report")) -> None:
-    """Raise ConfigError with one line saying what to change at the first value the ``stages`` cannot run with."""
-    stages = set(stages)
+def validate(cfg: Config, stages: Iterable[str] | None = None) -> None:
+    """Raise ConfigError with one line saying what to change at the first value the ``stages`` (default: those of
+    --stage all) cannot run with; each stage's row in pipeline.core.stages names the groups of checks it needs."""
+    checks = checks_of(set(stages if stages is not None else (n for n, s in STAGES.items() if s.in_all(cfg))))
     for section, name, value in _fields(cfg):
         _check_field(section, name, value)
-    _check_relations(cfg, stages)
+    _check_relations(cfg, checks)
     check_folders(cfg)
-    if "train" in stages:
+    if TRACKERS in checks:
         check_trackers_installed(cfg)
+    if PRETRAINED in checks:
         check_weights_file(cfg.model.pretrained)
-    if stages & set(MODEL_STAGES):
-        check_model(cfg, pretrained="train" in stages)
-    if "train" in stages:
+    if MODEL in checks:
+        check_model(cfg, pretrained=PRETRAINED in checks)
+    if BATCH in checks:
         check_batch_fits(cfg)
-    if "download" in stages:
+    if LINKS in checks:
         check_download(cfg)
 
 
@@ -114,7 +116,7 @@ def _check_field(section: str, name: str, value: Any) -> None:
         raise ConfigError(f"{where} = {value}: must lie in [0, 1) ({BELOW_ONE[name]})")
 
 
-def _check_relations(cfg: Config, stages: set[str]) -> None:
+def _check_relations(cfg: Config, checks: set[str]) -> None:
     """Checks between fields: schedule vs epochs, signal vs time limit, decode vs dataset, ..."""
     optim, launch = cfg.optim, cfg.launch
     if launch.signal_delay_s >= launch.time * 60:
@@ -132,7 +134,7 @@ def _check_relations(cfg: Config, stages: set[str]) -> None:
     if cfg.data.decode == "device" and not dataset_kind(cfg.data.dataset).jpeg_files:
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")
-    if "train" not in stages:
+    if OPTIM not in checks:
         return
     if optim.lr <= 0:
         raise ConfigError(f"optim.lr = {optim.lr}: must be positive")

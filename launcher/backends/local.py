@@ -1,0 +1,39 @@
+"""This machine: submitit's LocalExecutor (a process per job, stages one after another) and its DebugExecutor (in
+the launcher's own process, for pdb). One node only; nothing queues, so the launcher follows each job to its end
+before it submits the next."""
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.backends import register
+from launcher.backends.base import Backend
+from launcher.executors import setup_lines, stage_resources
+from pipeline.core.config import Config
+
+
+@register
+class LocalBackend(Backend):
+    name, title = "local", "the local executor"
+    auto, order = True, 50
+
+    def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
+                   node_cpus: int | None = None) -> dict[str, Any]:
+        _, _, gpus = stage_resources(cfg, stage)
+        return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
+                "signal_delay_s": cfg.launch.signal_delay_s, "setup": setup_lines(cfg)}
+
+    def make_executor(self, folder: str, cfg: Config) -> Any:
+        import submitit
+
+        return submitit.LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+
+
+@register
+class DebugBackend(LocalBackend):
+    name, title = "debug", "the debug executor"
+    auto, order, in_process = False, 90, True
+
+    def make_executor(self, folder: str, cfg: Config) -> Any:
+        import submitit
+
+        return submitit.DebugExecutor(folder)
