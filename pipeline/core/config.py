@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +34,6 @@ from pipeline.core import flags as tv_flags
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import UserError
 from pipeline.core.redact import redacted_download
-
-log = logging.getLogger("pipeline.config")
 
 
 class ConfigError(UserError, ValueError):
@@ -334,7 +332,7 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
         for name, value in table.items():
             owner = MOVED.get((section, name), section)
             if owner != section and note_moved:  # a file written before the key moved still loads
-                log.warning("note: %s: [%s] %s is read from [%s] now; move it there", where, section, name, owner)
+                print(f"note: {where}: [{section}] {name} is read from [{owner}] now; move it there", file=sys.stderr)
             if name not in FIELDS or FIELDS[name][0] != owner:
                 hint = f" (it belongs in [{FIELDS[name][0]}])" if name in FIELDS else ""
                 raise ConfigError(f"{where}: unknown key {name!r} in [{section}]{hint}")

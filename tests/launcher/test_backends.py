@@ -2,7 +2,6 @@
 own code, the registry picks by name, Slurm's options live in [slurm] and old [launch] keys still load."""
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -159,11 +158,10 @@ def test_slurm_options_live_in_their_own_table():
     assert "partition" not in backends.get_backend("local").parameters(cfg, "train")
 
 
-def test_an_old_config_with_slurm_keys_in_launch_loads_with_a_note(caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.config"):
-        cfg = build_config({"launch": {"partition": "gpu", "exclusive": True, "time": 30}}, where="old.toml")
+def test_an_old_config_with_slurm_keys_in_launch_loads_with_a_note(capsys):
+    cfg = build_config({"launch": {"partition": "gpu", "exclusive": True, "time": 30}}, where="old.toml")
     assert (cfg.slurm.partition, cfg.slurm.exclusive, cfg.launch.time) == ("gpu", True, 30)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert capsys.readouterr().err.splitlines() == [
         "note: old.toml: [launch] partition is read from [slurm] now; move it there",
         "note: old.toml: [launch] exclusive is read from [slurm] now; move it there"]
 
@@ -180,10 +178,9 @@ def test_a_run_dirs_saved_config_keeps_the_slurm_table_out_of_eval(tmp_path):
     assert resolved.slurm.partition == ""  # how to run this job is this command's business
 
 
-def test_a_run_dir_from_before_the_slurm_table_loads_without_notes(tmp_path, caplog):
+def test_a_run_dir_from_before_the_slurm_table_loads_without_notes(tmp_path, capsys):
     from pipeline.core.config import load_config
 
     (tmp_path / "config.toml").write_text('[launch]\nnodes = 2\npartition = "gpu"\nsbatch = []\nnpu_gres = "npu"\n')
-    with caplog.at_level(logging.WARNING, logger="pipeline.config"):
-        cfg = load_config(tmp_path / "config.toml")
-    assert (cfg.launch.nodes, cfg.slurm.partition) == (2, "gpu") and not caplog.records
+    cfg = load_config(tmp_path / "config.toml")
+    assert (cfg.launch.nodes, cfg.slurm.partition) == (2, "gpu") and capsys.readouterr().err == ""
