@@ -40,7 +40,8 @@ def test_recipe_values_from_their_sources():
     assert (cifar.data.dataset, cifar.data.train_crop_size, cifar.train.batch_size) == ("cifar10", 32, 64)
     assert cifar.optim.nesterov and cifar.train.epochs == 300
     mbv2 = recipes["mobilenet_v2"]
-    assert (mbv2.optim.lr, mbv2.optim.weight_decay, mbv2.optim.lr_gamma, mbv2.train.epochs) == (0.045, 4e-5, 0.98, 300)  # torchvision's README
+    # torchvision's references/classification README
+    assert (mbv2.optim.lr, mbv2.optim.weight_decay, mbv2.optim.lr_gamma, mbv2.train.epochs) == (0.045, 4e-5, 0.98, 300)
     shuffle = recipes["shufflenet_v2"]
     assert not shuffle.optim.norm_weight_decay and shuffle.train.epochs == 240
     assert recipes["resnet50_v1b"].train.amp in ("bf16", "fp16")
