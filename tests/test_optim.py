@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.core.config import Config, ConfigError, OptimConfig
+from pipeline.core.config import Config, ConfigError, OptimConfig, load_config
 from pipeline.core.validate import validate
-from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.report.build import report
+from pipeline.train.optim import build_optimizer, build_scheduler, lr_for_batch
+from train_helpers import run_module, tiny_argv, tiny_data
 
 STEPS_PER_EPOCH = 10
 
@@ -135,3 +137,29 @@ def test_impossible_recipes_are_refused_by_the_one_validation(change, message):
     cfg.train.epochs, cfg.optim = 5, dataclasses.replace(OptimConfig(), **change)
     with pytest.raises(ConfigError, match=message):
         validate(cfg, ["train"])
+
+
+@pytest.mark.parametrize("scale, processes, expected", [
+    ("linear", 1, 0.05), ("linear", 4, 0.2), ("sqrt", 4, 0.1 * math.sqrt(2)), ("sqrt", 1, 0.1 / math.sqrt(2))])
+def test_the_lr_follows_the_global_batch_from_the_recipes_base(scale, processes, expected):
+    cfg = dataclasses.replace(OptimConfig(), lr=0.7, lr_base=0.1, lr_base_batch=256, lr_base_scale=scale)
+    assert lr_for_batch(cfg, processes * 128) == pytest.approx(expected)  # 128 images per process
+    assert lr_for_batch(dataclasses.replace(cfg, lr_base=0.0), processes * 128) == 0.7  # a plain lr stays
+
+
+@pytest.mark.slow
+def test_a_sweep_over_processes_keeps_one_recipe_and_the_report_shows_each_lr(tmp_path):
+    """torchrun with 1 and 2 processes of 8 images and lr_base 0.1 for 32: lr 0.025 and 0.05 in config.toml, the
+    epoch records and the report's summary."""
+    data_dir = tiny_data(tmp_path / "data")
+    runs = []
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"p{nproc}"
+        done = run_module("jobs.train", tiny_argv(data_dir, run_dir, "--epochs", "1", "--lr-base", "0.1",
+                                                  "--lr-base-batch", "32"), nproc=nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"lr {0.025 * nproc:g}: lr_base 0.1 for 32 images per step" in done.stderr
+        runs.append(run_dir)
+    summary = report(runs, echo=False).summary
+    assert summary["peak_lr"].tolist() == [0.025, 0.05]
+    assert [load_config(run / "config.toml").optim.lr for run in runs] == [0.025, 0.05]

@@ -119,6 +119,11 @@ class ModelConfig:
 class OptimConfig:
     optimizer: Literal["sgd", "rmsprop", "adamw"] = opt("sgd", "optimizer")
     lr: float = opt(0.1, "peak learning rate for the global batch")
+    lr_base: float = opt(0.0, "the recipe's peak lr for lr_base_batch images per step: when set, lr is derived from "
+                              "the run's global batch (processes x batch per process) by lr_base_scale; 0: lr as given")
+    lr_base_batch: int = opt(256, "the global batch (images per step) lr_base is given for")
+    lr_base_scale: Literal["linear", "sqrt"] = opt("linear", "lr = lr_base x (global batch / lr_base_batch), or its "
+                                                             "square root")
     momentum: float = opt(0.9, "momentum (SGD, RMSprop)")
     nesterov: bool = opt(False, "Nesterov momentum (SGD)")
     weight_decay: float = opt(1e-4, "weight decay")

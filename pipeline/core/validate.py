@@ -39,7 +39,7 @@ AT_LEAST = {
     "download_workers": (1, "files at once"), "download_ranges": (1, "1 is one stream"),
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"), "download_min_speed_bps": (0, "0 is no limit"),
-    "download_speed_time_s": (1, "seconds"),
+    "download_speed_time_s": (1, "seconds"), "lr_base": (0.0, "0 is off"), "lr_base_batch": (1, "images per step"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),

@@ -45,6 +45,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: b
     return [g for g in groups if g["params"]]
 
 
+def lr_for_batch(cfg: OptimConfig, global_batch: int) -> float:
+    """The run's peak lr: ``cfg.lr``, or with ``lr_base`` set, lr_base scaled from lr_base_batch to ``global_batch``
+    images per step, linearly (Goyal et al. 2017) or by the square root (timm's --lr-base-scale sqrt), so every
+    point of a sweep over nodes or GPUs keeps one recipe."""
+    if cfg.lr_base <= 0:
+        return cfg.lr
+    ratio = global_batch / cfg.lr_base_batch
+    return cfg.lr_base * (ratio if cfg.lr_base_scale == "linear" else math.sqrt(ratio))
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), RMSprop (torchvision's alpha and eps) or AdamW over the model's parameters."""
     groups = parameter_groups(model, cfg.weight_decay, cfg.norm_weight_decay)

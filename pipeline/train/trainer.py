@@ -27,6 +27,7 @@ Throughput in the records is steady state over all processes (pipeline.core.metr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -57,7 +58,7 @@ from pipeline.models.registry import build_model
 from pipeline.train import tracking, watchdog
 from pipeline.train.checkpoint import config_digest, finish_copies, remove_stale_temporaries, resolve_resume
 from pipeline.train.loop import EpochResult, Stepper, run_epoch, run_perf
-from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.optim import build_optimizer, build_scheduler, lr_for_batch
 from pipeline.train.preemption import PreemptionFlag
 from pipeline.train.state import TrainingState, seed_everything
 
@@ -102,10 +103,24 @@ def rounded(value: float, digits: int) -> float | str:
     return round(value, digits) if math.isfinite(value) else ""
 
 
+def with_lr_for_batch(cfg: Config, world_size: int) -> Config:
+    """``cfg`` with the peak lr derived from its global batch when the recipe gives ``lr_base`` (said once, and saved
+    in config.toml, as every value that made the numbers)."""
+    if cfg.optim.lr_base <= 0:
+        return cfg
+    global_batch = world_size * cfg.train.batch_size  # processes x images per process per step
+    lr = lr_for_batch(cfg.optim, global_batch)
+    distributed.on_main_process(log.info, "lr %.6g: lr_base %g for %d images per step, scaled (%s) to this run's "
+                                "%d (%d processes x %d)", lr, cfg.optim.lr_base, cfg.optim.lr_base_batch,
+                                cfg.optim.lr_base_scale, global_batch, world_size, cfg.train.batch_size)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
+
+
 class Trainer:
     """The objects of one training process, built from the config (and a checkpoint when resuming)."""
 
     def __init__(self, cfg: Config, env: distributed.DistEnv, device: torch.device):
+        cfg = with_lr_for_batch(cfg, env.world_size)
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.train.run_dir)
         self.info = dataset_info(cfg)
