@@ -11,7 +11,7 @@ import torch.nn as nn
 from pipeline.core.config import Config, ConfigError, OptimConfig, load_config
 from pipeline.core.validate import validate
 from pipeline.report.build import report
-from pipeline.train.optim import build_optimizer, build_scheduler, lr_for_batch
+from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor, lr_for_batch
 from train_helpers import run_module, tiny_argv, tiny_data
 
 STEPS_PER_EPOCH = 10
@@ -163,3 +163,34 @@ def test_a_sweep_over_processes_keeps_one_recipe_and_the_report_shows_each_lr(tm
     summary = report(runs, echo=False).summary
     assert summary["peak_lr"].tolist() == [0.025, 0.05]
     assert [load_config(run / "config.toml").optim.lr for run in runs] == [0.025, 0.05]
+
+
+@pytest.mark.parametrize("scheduler, extra, at_epochs, expected", [
+    ("multistep", {"lr_milestones": [3, 6], "lr_gamma": 0.1}, [0, 2.9, 3, 5.5, 6, 9.9], [1, 1, 0.1, 0.1, 0.01, 0.01]),
+    ("linear", {"min_lr": 0.0}, [0, 2.5, 5, 7.5], [1, 0.75, 0.5, 0.25]),
+    ("poly", {"lr_power": 2.0, "min_lr": 0.0}, [0, 5, 7.5], [1, 0.25, 0.0625]),
+])
+def test_multistep_linear_and_poly_follow_their_formulas_per_step(scheduler, extra, at_epochs, expected):
+    cfg = dataclasses.replace(OptimConfig(), lr=1.0, scheduler=scheduler, **extra)
+    factors = [lr_factor(round(t * STEPS_PER_EPOCH), cfg, epochs=10, steps_per_epoch=STEPS_PER_EPOCH)
+               for t in at_epochs]
+    assert factors == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("milestones", [[], [6, 3], [0, 3], [3, 10]])
+def test_multistep_milestones_outside_the_schedule_are_refused(milestones):
+    cfg = Config()
+    cfg.train.epochs, cfg.optim.scheduler, cfg.optim.lr_milestones = 10, "multistep", milestones
+    with pytest.raises(ConfigError, match="the multistep schedule needs epochs after warm-up, increasing"):
+        validate(cfg, ["train"])
+
+
+def test_milestones_come_as_repeated_flags_or_a_toml_list(tmp_path):
+    from jobs.common import get_args_parser
+    from pipeline.core.config import config_from_args
+
+    args = get_args_parser("test").parse_args(["--lr-milestones", "150", "--lr-milestones", "225"])
+    assert config_from_args(args).optim.lr_milestones == [150, 225]
+    (tmp_path / "c.toml").write_text('[optim]\nlr_milestones = [150, "225"]\n')
+    with pytest.raises(ConfigError, match="lr_milestones must be a list of whole numbers"):
+        load_config(tmp_path / "c.toml")

@@ -39,11 +39,13 @@ def test_recipe_values_from_their_sources():
     cifar = recipes["densenet100_cifar10"]
     assert (cifar.data.dataset, cifar.data.train_crop_size, cifar.train.batch_size) == ("cifar10", 32, 64)
     assert cifar.optim.nesterov and cifar.train.epochs == 300
+    assert (cifar.optim.scheduler, cifar.optim.lr_milestones, cifar.optim.lr_gamma) == ("multistep", [150, 225], 0.1)
     mbv2 = recipes["mobilenet_v2"]
     # torchvision's references/classification README
     assert (mbv2.optim.lr, mbv2.optim.weight_decay, mbv2.optim.lr_gamma, mbv2.train.epochs) == (0.045, 4e-5, 0.98, 300)
     shuffle = recipes["shufflenet_v2"]
     assert not shuffle.optim.norm_weight_decay and shuffle.train.epochs == 240
+    assert (shuffle.optim.scheduler, shuffle.optim.warmup_epochs, shuffle.optim.lr) == ("linear", 0, 0.5)
     assert recipes["resnet50_v1b"].train.amp in ("bf16", "fp16")
     v2 = recipes["resnet50_v2"]  # torchvision's IMAGENET1K_V2 recipe
     assert (v2.optim.lr, v2.optim.weight_decay, v2.train.epochs, v2.train.batch_size) == (0.5, 2e-5, 600, 128)

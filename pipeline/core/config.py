@@ -130,9 +130,14 @@ class OptimConfig:
     norm_weight_decay: bool = opt(True, "apply weight decay to norm and bias parameters too")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     clip_grad_norm: float = opt(0.0, "clip the gradients' total L2 norm to this before each step; 0 is off")
-    scheduler: Literal["step", "cosine", "exponential"] = opt("step", "learning-rate schedule after warm-up")
+    scheduler: Literal["step", "multistep", "cosine", "exponential", "linear", "poly"] = opt(
+        "step", "learning-rate schedule after warm-up")
     lr_step_size: int = opt(30, "epochs between decays (step)")
-    lr_gamma: float = opt(0.1, "decay factor: per lr_step_size epochs (step) or per epoch (exponential)")
+    lr_milestones: list[int] = opt([], "epochs after warm-up at which multistep multiplies the lr by lr_gamma, "
+                                       "repeatable: --lr-milestones 150 --lr-milestones 225", metavar="EPOCH")
+    lr_gamma: float = opt(0.1, "decay factor: per lr_step_size epochs (step), per milestone (multistep) or per "
+                               "epoch (exponential)")
+    lr_power: float = opt(2.0, "poly: lr falls as (1 - progress) ** lr_power to min_lr (linear is power 1)")
     min_lr: float = opt(0.0, "floor of the cosine schedule, and the rate during cool-down")
     warmup_epochs: int = opt(0, "linear warm-up epochs")
     warmup_decay: float = opt(0.01, "warm-up starts at lr * warmup_decay")
@@ -243,6 +248,7 @@ def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 FIELDS = _field_owner()
 
 
+LIST_ITEMS = {str: "strings", int: "whole numbers"}  # what a list field holds, in words
 CREDENTIAL_FIELDS = ("url", "header", "cookie_file")  # values that may hold a token: never echoed in errors
 
 
@@ -261,8 +267,9 @@ def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {name} = {shown} is not one of {list(typing.get_args(kind))}")
         return value
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {name} must be a list of strings, got {shown}")
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list) or not all(type(v) is item for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of {LIST_ITEMS[item]}, got {shown}")
         return list(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -294,7 +301,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                    type=tv_flags.choice_type(name, typing.get_args(kind)), help=help_text, **bare)
             elif origin is list:
                 group.add_argument(*flags, dest=name, action="append", default=argparse.SUPPRESS,
-                                   metavar=f.metadata["metavar"], help=help_text)
+                                   type=typing.get_args(kind)[0], metavar=f.metadata["metavar"], help=help_text)
             else:
                 group.add_argument(*flags, dest=name, type=tv_flags.TYPES.get(name, kind), default=argparse.SUPPRESS,
                                    help=help_text)

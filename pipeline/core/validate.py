@@ -97,7 +97,7 @@ def _check_field(section: str, name: str, value: Any) -> None:
     if isinstance(value, str):
         check_text(where, value)
     elif isinstance(value, list):
-        for item in value:
+        for item in (v for v in value if isinstance(v, str)):
             check_text(where, item, SHOWN_REDACTED[name](item) if name in SHOWN_REDACTED else None)
     elif isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} = {value}: must be a finite number")
@@ -142,6 +142,12 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
         raise ConfigError("optim.nesterov needs momentum > 0; set --momentum (e.g. 0.9) or --no-nesterov")
     if optim.scheduler == "exponential" and optim.lr_gamma <= 0:
         raise ConfigError(f"optim.lr_gamma = {optim.lr_gamma}: the exponential schedule needs it positive")
+    main_epochs = cfg.train.epochs - optim.warmup_epochs - optim.cooldown_epochs
+    if optim.scheduler == "multistep" and not (optim.lr_milestones and optim.lr_milestones == sorted(
+            set(optim.lr_milestones)) and 0 < optim.lr_milestones[0] and optim.lr_milestones[-1] < main_epochs):
+        raise ConfigError(f"optim.lr_milestones = {optim.lr_milestones}: the multistep schedule needs epochs after "
+                          f"warm-up, increasing, within its {main_epochs} epochs (e.g. --lr-milestones 150 "
+                          "--lr-milestones 225)")
     if optim.warmup_epochs + optim.cooldown_epochs >= cfg.train.epochs:
         raise ConfigError(f"optim.warmup_epochs ({optim.warmup_epochs}) + cooldown_epochs "
                           f"({optim.cooldown_epochs}) leave no epoch of the main schedule in "

@@ -5,9 +5,12 @@ The schedule is one ``LambdaLR`` stepped once per optimizer step; with t = steps
 
 - warm-up, t < W:          lr * (warmup_decay + (1 - warmup_decay) * t / W), linear from lr * warmup_decay
 - main part, W <= t < E-C:  step         lr * lr_gamma ** floor(s / lr_step_size)   (staircase, as StepLR per epoch)
+                            multistep    lr * lr_gamma ** (milestones <= s)          (MultiStepLR: given epochs)
                             exponential  lr * lr_gamma ** s                           (smooth; equals ExponentialLR
                                                                                       at each epoch boundary)
                             cosine       min_lr + (lr - min_lr) * (1 + cos(pi * s / (E - C - W))) / 2
+                            linear       min_lr + (lr - min_lr) * (1 - s / (E - C - W))
+                            poly         min_lr + (lr - min_lr) * (1 - s / (E - C - W)) ** lr_power
 - cool-down, t >= E-C:     min_lr
 
 The main part starts counting at the end of warm-up, as torchvision's SequentialLR(warmup, main) does.
@@ -79,9 +82,14 @@ def lr_factor(step: int, cfg: OptimConfig, *, epochs: int, steps_per_epoch: int)
     s = t - warmup
     if cfg.scheduler == "step":
         return cfg.lr_gamma ** math.floor(s / cfg.lr_step_size)
+    if cfg.scheduler == "multistep":
+        return cfg.lr_gamma ** sum(s >= milestone for milestone in cfg.lr_milestones)
     if cfg.scheduler == "exponential":
         return cfg.lr_gamma ** s
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * s / (main_end - warmup)))
+    progress = s / (main_end - warmup)
+    if cfg.scheduler in ("linear", "poly"):
+        return floor + (1.0 - floor) * (1.0 - progress) ** (1.0 if cfg.scheduler == "linear" else cfg.lr_power)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epochs: int,
