@@ -50,18 +50,19 @@ def axis_weights(plan: AxisPlan, out_size: int, padded: int) -> torch.Tensor:
     return (weights / weights.sum(dim=2, keepdim=True).clamp(min=1e-12)).float()  # no input pixel: black (padding)
 
 
-def _chunks(areas: list[int], heights: list[int], widths: list[int]) -> list[list[int]]:
-    """Sample indices in groups whose padded float32 tensor stays under PADDED_ELEMENTS_PER_CHUNK (largest first)."""
-    order = sorted(range(len(areas)), key=lambda i: -areas[i])
+def _chunks(heights: list[int], widths: list[int]) -> list[list[int]]:
+    """Sample indices in groups whose padded float32 tensor stays under PADDED_ELEMENTS_PER_CHUNK (largest first);
+    linear in the batch, with each group's largest height and width kept as it grows."""
     chunks: list[list[int]] = []
-    for i in order:
-        if chunks:
-            chunk = chunks[-1] + [i]
-            if 3 * len(chunk) * max(heights[j] for j in chunk) * max(widths[j] for j in chunk) \
-                    <= PADDED_ELEMENTS_PER_CHUNK:
-                chunks[-1] = chunk
-                continue
-        chunks.append([i])
+    height = width = 0
+    for i in sorted(range(len(heights)), key=lambda i: -heights[i] * widths[i]):
+        grown_h, grown_w = max(height, heights[i]), max(width, widths[i])
+        if chunks and 3 * (len(chunks[-1]) + 1) * grown_h * grown_w <= PADDED_ELEMENTS_PER_CHUNK:
+            chunks[-1].append(i)
+            height, width = grown_h, grown_w
+        else:
+            chunks.append([i])
+            height, width = heights[i], widths[i]
     return chunks
 
 
@@ -72,7 +73,7 @@ def resample(images: list[torch.Tensor], rows: AxisPlan, cols: AxisPlan, out_siz
     device = images[0].device if images else rows.start.device
     out = torch.empty((n, 3, out_size, out_size), dtype=torch.uint8, device=device)
     heights, widths = [int(im.shape[1]) for im in images], [int(im.shape[2]) for im in images]
-    for chunk in _chunks([h * w for h, w in zip(heights, widths)], heights, widths):
+    for chunk in _chunks(heights, widths):
         height, width = max(heights[i] for i in chunk), max(widths[i] for i in chunk)
         padded = torch.zeros((len(chunk), 3, height, width), dtype=torch.float32, device=device)
         for slot, i in enumerate(chunk):
