@@ -36,6 +36,9 @@ PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of t
                 "itself, localhost:0); JOB_ID, RESTARTS: the Slurm job id and requeue count (one node adds a "
                 "random suffix to the run id)")
 
+DATA_STAGES = {"prep": "writes", "train": "reads", "eval": "reads"}  # stage: what it does with the data dir
+
+
 def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backend, out: TextIO) -> None:
     node_cpus = backend.cpu_cap(cfg)
     backend.cpu_warnings(cfg, stages, node_cpus, out)
@@ -43,6 +46,9 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
         after = f"<{stages[i - 1]} job id>" if i and backend.queued else None
         out.write(backend.render(cfg, stage, backend.parameters(cfg, stage, after=after, node_cpus=node_cpus)))
         row = STAGES[stage]
+        if stage in DATA_STAGES:
+            out.write(f"===== {stage}: {DATA_STAGES[stage]} the {cfg.data.layout!r} layout in {cfg.data.data_dir} "
+                      "(--layout) =====\n")
         if not row.torchrun:
             out.write(f"===== {stage}: the job's one process runs {row.door_text()} =====\n")
             continue

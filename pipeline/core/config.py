@@ -66,6 +66,9 @@ class DataConfig:
     prefetch_factor: int = opt(4, "batches each loader worker prepares ahead")
     decode: Literal["cpu", "device"] = opt("cpu", "where ImageNet JPEGs are decoded and augmented: in the loader "
                                                   "workers (PIL), or on the training device, batched (nvJPEG on CUDA)")
+    layout: Literal["folders", "archives", "shards"] = opt("folders", "ImageNet data layout, written by prep and read "
+                                                                      "by train and eval: extracted folders, the official "
+                                                                      "archives read in place, or packed tar shards")
 
 
 @dataclass
@@ -73,6 +76,11 @@ class PrepConfig:
     archive_dir: str = opt("archives", "folder holding the official ILSVRC2012 (or CIFAR-10) archives")
     skip_checksum: bool = opt(False, "do not check the official MD5s (for mirrors and subsets)")
     delete_archives: bool = opt(False, "delete each archive once its split is extracted and verified")
+    shard_size_mb: int = opt(512, "--layout shards: bytes per shard, about (MB)")
+    shard_max_side: int = opt(0, "--layout shards: re-encode images whose longer side exceeds this to that side "
+                                 "(pixels, FFCV-style); 0 keeps the original bytes")
+    shard_quality: int = opt(90, "--layout shards: JPEG quality of re-encoded images")
+    shard_seed: int = opt(0, "--layout shards: seed of the order that mixes the classes in the shards")
 
 
 @dataclass

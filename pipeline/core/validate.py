@@ -40,10 +40,13 @@ AT_LEAST = {
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"), "download_min_speed_bps": (0, "0 is no limit"),
     "download_speed_time_s": (1, "seconds"), "lr_base": (0.0, "0 is off"), "lr_base_batch": (1, "images per step"),
+    "shard_size_mb": (1, "MB"), "shard_max_side": (0, "0 keeps the original bytes"),
+    "shard_quality": (1, "JPEG quality"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),
-           "download_ranges": (64, "connections per file; servers refuse or throttle more")}
+           "download_ranges": (64, "connections per file; servers refuse or throttle more"),
+           "shard_quality": (100, "JPEG quality")}
 SLURM_MEMORY = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)  # sbatch --mem: a number of MiB, or with a unit suffix
 WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; its legacy pickle (protocol 2 and later)
 FOLDERS = {"train": ("run_dir", "--run-dir"), "data": ("data_dir", "--data-dir"),
@@ -134,6 +137,12 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
     if cfg.data.decode == "device" and not dataset_kind(cfg.data.dataset).jpeg_files:
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")
+    if cfg.data.layout == "archives" and cfg.prep.delete_archives:
+        raise ConfigError("prep.delete_archives with data.layout = 'archives' would delete the data itself: the "
+                          "archives layout reads the archives in place; drop --delete-archives")
+    if cfg.data.layout != "folders" and cfg.data.dataset != "imagenet":
+        raise ConfigError(f"data.layout = {cfg.data.layout!r} packs ImageNet's JPEGs; dataset {cfg.data.dataset!r} is "
+                          "read from its own batches: use --layout folders")
     if OPTIM not in checks:
         return
     if optim.lr <= 0:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import multiprocessing
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from pipeline.core.file_index import IMAGE_EXTENSIONS, FileIndexError, index_path, list_split, read_index
@@ -65,15 +66,16 @@ class ClassList:
     names: tuple[str, ...]
 
 
-def imagenet_classes(data_dir: Path) -> ClassList:
-    """The label order: classes.tsv when present, else the sorted folder names under train/."""
+def imagenet_classes(data_dir: Path, packed: bool = False) -> ClassList:
+    """The label order: classes.tsv when present, else the sorted folder names under train/ (``packed``: a data dir
+    of the archives or shards layout, which has no folders and always a classes.tsv)."""
     train = data_dir / "train"
-    if not train.is_dir() or not (data_dir / "val").is_dir():
+    if not packed and (not train.is_dir() or not (data_dir / "val").is_dir()):
         raise data_dir_error(data_dir, f"data dir {data_dir} has no train/ and val/ folders", IMAGENET_LAYOUT)
-    if (data_dir / CLASSES_FILE).is_file():
+    if packed or (data_dir / CLASSES_FILE).is_file():
         try:
             entries = read_classes(data_dir)
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             raise data_dir_error(data_dir, f"{data_dir / CLASSES_FILE} is malformed ({exc})", IMAGENET_LAYOUT) from exc
         if [e.index for e in entries] != list(range(len(entries))):
             raise data_dir_error(data_dir, f"{data_dir / CLASSES_FILE} indices are not 0..N-1 in order",
@@ -115,22 +117,49 @@ def check_pixels(header: Image.Image) -> None:
                                  "allowed (a decompression bomb or not a photo)")
 
 
-class ImageFiles(Dataset):
-    """Images on disk with labels; ``[i]`` is (RGB PIL image, label) and raises on an unreadable file."""
+def open_header(data: bytes, name: str) -> Image.Image:
+    """PIL's view of a file's bytes (header parsed, no pixel decoded); the error names the file, not a buffer."""
+    try:
+        header = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
+    check_pixels(header)
+    return header
 
-    def __init__(self, paths: np.ndarray, labels: np.ndarray):
-        self.paths, self.labels = paths, labels
+
+class Source(Dataset):
+    """The seam every data layout implements (pipeline.data.sources picks one by name): random access by sample
+    index to a file's encoded bytes (``read``), its label (``labels``) and a name for messages (``describe``).
+    ``[i]`` is (RGB PIL image, label) decoded from those bytes and raises what PIL raises on an unreadable file."""
+
+    labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def describe(self, index: int) -> str:
-        return self.paths[index].decode()
+        raise NotImplementedError
+
+    def read(self, index: int) -> bytes:
+        raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.describe(index)) as img:
-            check_pixels(img)
+        with open_header(self.read(index), self.describe(index)) as img:
             return img.convert("RGB"), int(self.labels[index])
+
+
+class ImageFiles(Source):
+    """The ``folders`` layout: one file per image, named by path."""
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray):
+        self.paths, self.labels = paths, labels
+
+    def describe(self, index: int) -> str:
+        return self.paths[index].decode()
+
+    def read(self, index: int) -> bytes:
+        with open(self.paths[index], "rb") as fh:
+            return fh.read()
 
 
 def imagenet_split(data_dir: Path, split: str, classes: ClassList) -> ImageFiles:

@@ -29,14 +29,13 @@ its own label, takes its place, so batches stay full; val: it is dropped and cou
 """
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms as v1
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
@@ -44,7 +43,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.core.accelerator import Accelerator
 from pipeline.data.batched_geometry import eval_plans, resample, train_plans
-from pipeline.data.datasets import DECODE_ERRORS, DataDirError, ImageFiles, check_pixels, seeded_cpu_rng
+from pipeline.data.datasets import DECODE_ERRORS, DataDirError, Source, open_header, seeded_cpu_rng
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +51,6 @@ JPEG_END = b"\xff\xd9"  # end-of-image marker; a file without it near its end wa
 END_SLACK = 1024  # bytes after the marker that writers append (padding, trailers) and decoders ignore
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's, as in pipeline.data.transforms
 ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)  # RandomErasing's defaults, as the CPU path uses them
-
-
-def open_header(data: bytes, name: str) -> Image.Image:
-    """PIL's view of a file's bytes (header parsed, no pixel decoded); the error names the file, not a buffer."""
-    try:
-        header = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
-    check_pixels(header)
-    return header
 
 
 def _rgb_pixels(image: Image.Image) -> np.ndarray:
@@ -82,11 +71,12 @@ class EncodedImage:
     name: str  # the path, to name the file if the device cannot decode it either
 
 
-class EncodedFiles(ImageFiles):
-    """Image files as EncodedImage; raises what PIL raises for an unreadable header or fallback decode."""
+class EncodedFiles(Source):
+    """A source's images as EncodedImage, whatever its layout; raises what PIL raises for an unreadable header or
+    fallback decode."""
 
-    def __init__(self, paths: np.ndarray, labels: np.ndarray):
-        super().__init__(paths, labels)
+    def __init__(self, source: Source):
+        self.source, self.labels = source, source.labels
         self._cpu_decoded = multiprocessing.get_context().Value("q", 0)  # shared with the workers
 
     @property
@@ -94,10 +84,12 @@ class EncodedFiles(ImageFiles):
         """Images decoded by PIL in the workers so far (not JPEG, not 3-channel, or cut short)."""
         return int(self._cpu_decoded.value)
 
+    def describe(self, index: int) -> str:
+        return self.source.describe(index)
+
     def __getitem__(self, index: int) -> tuple[EncodedImage, int]:
         name = self.describe(index)
-        with open(name, "rb") as fh:
-            data = fh.read()
+        data = self.source.read(index)
         header = open_header(data, name)
         label = int(self.labels[index])
         if _device_decodable(data, header):

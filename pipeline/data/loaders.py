@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from pipeline.core.config import Config, ConfigError
 from pipeline.core.dataset_kinds import dataset_kind
-from pipeline.data.datasets import (DataDirError, SampleSet, cifar_split, imagenet_classes, imagenet_split,
-                                    sample_seed, seeded_cpu_rng)
+from pipeline.data.datasets import DataDirError, SampleSet, cifar_split, sample_seed, seeded_cpu_rng
+from pipeline.data.sources import layout_classes, open_split
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import Precision
 from pipeline.core.signals import STOP_SIGNALS
@@ -72,13 +72,13 @@ class DatasetInfo:
     val_size: int         # images in the val split
 
 
-def _imagenet_splits(data_dir: Path) -> tuple[Dataset, Dataset, list[str], list[str]]:
-    classes = imagenet_classes(data_dir)
-    train, val = imagenet_split(data_dir, "train", classes), imagenet_split(data_dir, "val", classes)
+def _imagenet_splits(data_dir: Path, layout: str) -> tuple[Dataset, Dataset, list[str], list[str]]:
+    classes = layout_classes(data_dir, layout)
+    train, val = open_split(layout, data_dir, "train", classes), open_split(layout, data_dir, "val", classes)
     return train, val, list(classes.wnids), list(classes.names)
 
 
-def _cifar_splits(data_dir: Path) -> tuple[Dataset, Dataset, list[str], list[str]]:
+def _cifar_splits(data_dir: Path, layout: str) -> tuple[Dataset, Dataset, list[str], list[str]]:
     train, val = cifar_split(data_dir, True), cifar_split(data_dir, False)
     return train, val, list(train.classes), list(train.classes)
 
@@ -92,7 +92,7 @@ def _splits(cfg: Config) -> tuple[Dataset, Dataset, list[str], list[str]]:
     if not data_dir.is_dir():
         raise DataDirError(f"data dir {data_dir} does not exist; run `python launch.py --stage prep "
                            f"--archive-dir ARCHIVES --data-dir {data_dir}` first, or pass --data-dir")
-    return READERS[cfg.data.dataset](data_dir)
+    return READERS[cfg.data.dataset](data_dir, cfg.data.layout)
 
 
 def dataset_info(cfg: Config) -> DatasetInfo:
@@ -259,7 +259,7 @@ def build_train_loader(cfg: Config, env: DistEnv, device: torch.device, *,
                           f"images each of the {env.world_size} processes gets ({len(source)} in {cfg.data.data_dir}); "
                           "lower --batch-size or use fewer processes")
     if cfg.data.decode == "device":
-        dataset = SampleSet(EncodedFiles(source.paths, source.labels), DrawCrop(), seed=seed, replace_failed=True)
+        dataset = SampleSet(EncodedFiles(source), DrawCrop(), seed=seed, replace_failed=True)
         collate: Collate | EncodedCollate = EncodedCollate()
     else:
         dataset, collate = SampleSet(source, train_transform(cfg.data), seed=seed, replace_failed=True), Collate()
@@ -280,7 +280,7 @@ def build_val_loader(cfg: Config, env: DistEnv, device: torch.device) -> DataLoa
     _, source, _, _ = _splits(cfg)
     side = dataset_kind(cfg.data.dataset).image_side or cfg.data.val_crop_size
     if cfg.data.decode == "device":
-        dataset = SampleSet(EncodedFiles(source.paths, source.labels), NoDraw(), seed=cfg.train.seed,
+        dataset = SampleSet(EncodedFiles(source), NoDraw(), seed=cfg.train.seed,
                             replace_failed=False)
         collate: Collate | EncodedCollate = EncodedCollate()
     else:

@@ -174,8 +174,9 @@ def archive_exists(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRead]:
-    """Open ``path`` (tar or tar.gz) for one front-to-back pass; on leaving, check its end and its MD5.
+def read_archive(path: Path, *, expected_md5: str | None, digest: bool = False) -> Iterator[ArchiveRead]:
+    """Open ``path`` (tar or tar.gz) for one front-to-back pass; on leaving, check its end and its MD5 (computed
+    also without one to check when ``digest``: a packed data dir's manifest records it).
 
     A truncated or corrupt archive raises ArchiveError, a wrong MD5 ChecksumError; both name the file.
     """
@@ -189,7 +190,7 @@ def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRea
         raise unreadable_archive_error(path, exc) from None
     stat = os.fstat(fh.fileno())
     with fh, Progress(path.name, stat.st_size, unit="B", logger=log) as progress:
-        reader = HashingReader(fh, hashing=expected_md5 is not None, on_read=progress.update)
+        reader = HashingReader(fh, hashing=digest or expected_md5 is not None, on_read=progress.update)
         try:
             mode = "r:gz" if path.name.endswith(".gz") else "r:"
             read.tar = tarfile.open(fileobj=reader, mode=mode, encoding=NAME_ENCODING)  # type: ignore[call-overload]
@@ -199,14 +200,14 @@ def read_archive(path: Path, *, expected_md5: str | None) -> Iterator[ArchiveRea
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise ArchiveError(f"archive {path} is truncated or corrupt ({exc}); download it again") from None
         finally:
-            digest = reader.finish()
+            md5 = reader.finish()
     seconds = time.monotonic() - start
     size = stat.st_size
-    read.stats = {"bytes": size, "mtime_ns": stat.st_mtime_ns, "md5": digest, "expected_md5": expected_md5,
-                  "checksum": "skipped" if expected_md5 is None else "ok" if digest == expected_md5 else "mismatch",
+    read.stats = {"bytes": size, "mtime_ns": stat.st_mtime_ns, "md5": md5, "expected_md5": expected_md5,
+                  "checksum": "skipped" if expected_md5 is None else "ok" if md5 == expected_md5 else "mismatch",
                   "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 1)}
     if read.stats["checksum"] == "mismatch":
-        raise ChecksumError(f"checksum mismatch for {path}: MD5 {digest}, expected {expected_md5}. The file is "
+        raise ChecksumError(f"checksum mismatch for {path}: MD5 {md5}, expected {expected_md5}. The file is "
                             "damaged or not the official one: download it again, or pass --skip-checksum "
                             "for a mirror or a subset you trust")
 

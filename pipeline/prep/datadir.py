@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline.core.atomic import atomic_write_text
+from pipeline.core.data_manifest import MANIFEST_FILE
 from pipeline.core.logs import human_bytes
 from pipeline.core.records import read_json
 from pipeline.prep.archives import PrepError
@@ -26,6 +27,7 @@ from pipeline.prep.archives import PrepError
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "prep_report.json"
+STATE_DIR = ".prep"  # what prep keeps to resume: one record per finished split, the scans of the archives
 CIFAR_FOLDER = "cifar-10-batches-py"
 DATASET_MARKERS = {"imagenet": ("train", "val", ".train.partial", ".val.partial"), "cifar10": (CIFAR_FOLDER,)}
 
@@ -99,6 +101,19 @@ def check_dataset(data_dir: Path, dataset: str) -> None:
         if found:
             raise DataDirError(f"{data_dir} holds {found[0]}/ of the {other} dataset; choose another --data-dir "
                                f"for {dataset}")
+
+
+def check_layout(data_dir: Path, layout: str) -> None:
+    """Refuse a data dir prepared (or being prepared) in another layout: one data dir holds one layout."""
+    report = read_report(data_dir)
+    found = report.get("layout", "folders") if report else None
+    if found is None and (data_dir / MANIFEST_FILE).exists():
+        found = "archives or shards"
+    if found is None and layout != "folders" and any((data_dir / split).exists() for split in ("train", "val")):
+        found = "folders"
+    if found is not None and found != layout:
+        raise DataDirError(f"{data_dir} holds the {found} layout; choose another --data-dir for --layout {layout} "
+                           f"(or pass --layout {found} to use it)")
 
 
 def write_report(data_dir: Path, report: dict[str, Any], *, start: float) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import tarfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 from pipeline.prep.archives import (NAME_ENCODING, ArchiveError, check_end, check_member, flat_name, member_bytes,
                                     read_archive, safe_name, write_file, write_member)
@@ -80,15 +80,19 @@ def remove_temp_dirs(folder: Path) -> None:
         shutil.rmtree(leftover)
 
 
-def extract_class(data: bytes, wnid: str, staging: Path, where: str) -> None:
-    """Extract one class tar (in memory) to ``staging/<wnid>.tmp``, then rename it to ``staging/<wnid>``.
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
-    The class tar must be whole (end-of-archive marker), hold at least one file and each name once: a class
-    cut short or doubled inside an intact train tar would otherwise pass as complete.
+
+def class_members(data: bytes, where: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str]]:
+    """The checked file members of one class tar held in memory: (the open tar to read its data, member, name).
+
+    The class tar must be a plain tar (not compressed: the archives layout reads its members by offset), whole
+    (end-of-archive marker), hold at least one file, each name once and every member inside its bytes: a class cut
+    short or doubled inside an intact train tar would otherwise pass as complete.
     """
-    tmp, final = staging / (wnid + TMP_SUFFIX), staging / wnid
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if data.startswith(COMPRESSED_MAGIC):
+        raise ArchiveError(f"{where} is compressed; the official class tars are plain tars: download the train "
+                           "archive again")
     names: set[str] = set()
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding=NAME_ENCODING) as tar:
@@ -102,18 +106,48 @@ def extract_class(data: bytes, wnid: str, staging: Path, where: str) -> None:
                 if safe_name(name, f"{where}: member") in names:
                     raise ArchiveError(f"{where} holds {name!r} twice; the official class tars hold each file "
                                        "once: download the train archive again")
+                if member.offset_data + member.size > len(data):
+                    raise ArchiveError(f"{where}: member {name!r} runs past the end of its class tar; download the "
+                                       "train archive again")
                 names.add(name)
-                write_member(tar, member, tmp / name)
+                yield tar, member, name
             check_end(tar, where)
-        if not names:
-            raise ArchiveError(f"{where} holds no files; download the train archive again")
-        os.rename(tmp, final)
     except tarfile.TarError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ArchiveError(f"{where} is not a readable tar ({exc}); download the train archive again") from None
+    if not names:
+        raise ArchiveError(f"{where} holds no files; download the train archive again")
+
+
+def extract_class(data: bytes, wnid: str, staging: Path, where: str) -> None:
+    """Extract one class tar (in memory) to ``staging/<wnid>.tmp``, then rename it to ``staging/<wnid>``."""
+    tmp, final = staging / (wnid + TMP_SUFFIX), staging / wnid
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for tar, member, name in class_members(data, where):
+            write_member(tar, member, tmp / name)
+        os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def class_tars(tar: tarfile.TarFile, archive: Path, classes: Collection[str],
+               extra: list[str]) -> Iterator[tuple[str, tarfile.TarInfo]]:
+    """(wnid, member) of each ``<wnid>.tar`` of the train archive; anything else, or a second ``<wnid>.tar``, goes
+    to ``extra``. An archive without any class tar is an ArchiveError."""
+    seen: set[str] = set()
+    for member in tar:
+        name = flat_name(check_member(member, archive.name))
+        if member.isdir():
+            continue
+        wnid = name[: -len(".tar")] if name and name.endswith(".tar") else None
+        if wnid not in classes or wnid in seen:
+            extra.append(member.name)
+            continue
+        seen.add(wnid)
+        yield wnid, member
+    require_some(len(seen), archive, f"<wnid>.tar of the devkit's {len(classes)} classes")
 
 
 def extract_train(archive: Path, staging: Path, *, classes: Collection[str], expected_md5: str | None,
@@ -125,22 +159,12 @@ def extract_train(archive: Path, staging: Path, *, classes: Collection[str], exp
     if done:
         log.info("resuming: %d of %d classes are already extracted", len(done), len(classes))
     extra: list[str] = []  # not a class tar, or a second <wnid>.tar (the first one is extracted)
-    seen: set[str] = set()
     with read_archive(archive, expected_md5=expected_md5) as read, BoundedPool(workers) as pool:
         assert read.tar is not None
-        for member in read.tar:
-            name = flat_name(check_member(member, archive.name))
-            if member.isdir():
-                continue
-            wnid = name[: -len(".tar")] if name and name.endswith(".tar") else None
-            if wnid not in classes or wnid in seen:
-                extra.append(member.name)
-                continue
-            seen.add(wnid)
+        for wnid, member in class_tars(read.tar, archive, classes, extra):
             if wnid not in done:
                 data = member_bytes(read.tar, member)
                 pool.submit(len(data), extract_class, data, wnid, staging, f"{archive.name}:{member.name}")
-    require_some(len(seen), archive, f"<wnid>.tar of the devkit's {len(classes)} classes")
     return {"archive": read.stats, "extra": extra}
 
 
@@ -167,6 +191,32 @@ class _Batcher:
             self.batch, self.nbytes = [], 0
 
 
+def val_members(tar: tarfile.TarFile, archive: Path, devkit: Devkit,
+                record: dict[str, Any]) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, file name, wnid) of every val file, labelled by the number in its own name through the devkit; once done,
+    ``record`` lists the files ``missing`` from the archive, ``unlabelled`` (no ground-truth line) and ``extra``."""
+    seen: set[int] = set()
+    unlabelled: list[str] = []
+    extra: list[str] = []
+    for member in tar:
+        name = flat_name(check_member(member, archive.name))
+        if member.isdir():
+            continue
+        number = val_number(name) if name else None
+        wnid = devkit.val_wnid(number) if number else None
+        if number is None or number in seen:
+            extra.append(member.name)
+        elif wnid is None:
+            unlabelled.append(member.name)
+        else:
+            seen.add(number)
+            yield member, name, wnid
+    require_some(len(seen), archive, f"val file with a ground-truth line (ILSVRC2012_val_<k>.JPEG, k = 1.."
+                 f"{len(devkit.ground_truth)})")
+    missing = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, len(devkit.ground_truth) + 1) if k not in seen]
+    record.update(missing=missing, unlabelled=unlabelled, extra=extra)
+
+
 def extract_val(archive: Path, staging: Path, *, devkit: Devkit, expected_md5: str | None,
                 workers: int) -> dict[str, Any]:
     """Every val file into ``staging/<wnid>/`` by the number in its own name; the rest is reported by name.
@@ -176,30 +226,14 @@ def extract_val(archive: Path, staging: Path, *, devkit: Devkit, expected_md5: s
     shutil.rmtree(staging, ignore_errors=True)
     for wnid in devkit.wnids:
         (staging / wnid).mkdir(parents=True)
-    seen: set[int] = set()
-    unlabelled: list[str] = []
-    extra: list[str] = []
+    record: dict[str, Any] = {}
     with read_archive(archive, expected_md5=expected_md5) as read, BoundedPool(workers) as pool:
         assert read.tar is not None
         batcher = _Batcher(pool)
-        for member in read.tar:
-            name = flat_name(check_member(member, archive.name))
-            if member.isdir():
-                continue
-            number = val_number(name) if name else None
-            wnid = devkit.val_wnid(number) if number else None
-            if number is None or number in seen:
-                extra.append(member.name)
-            elif wnid is None:
-                unlabelled.append(member.name)
-            else:
-                seen.add(number)
-                batcher.add(staging / wnid / name, member_bytes(read.tar, member))
+        for member, name, wnid in val_members(read.tar, archive, devkit, record):
+            batcher.add(staging / wnid / name, member_bytes(read.tar, member))
         batcher.flush()
-    require_some(len(seen), archive, f"val file with a ground-truth line (ILSVRC2012_val_<k>.JPEG, k = 1.."
-                 f"{len(devkit.ground_truth)})")
-    missing = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, len(devkit.ground_truth) + 1) if k not in seen]
-    return {"archive": read.stats, "missing": missing, "unlabelled": unlabelled, "extra": extra}
+    return {"archive": read.stats, **record}
 
 
 def extract_flat(archive: Path, staging: Path, *, expected_md5: str | None, workers: int) -> dict[str, Any]:

@@ -24,24 +24,23 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.prep.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, TRAIN_TAR, VAL_TAR, ArchiveError,
-                                    ChecksumError, archive_exists, missing_archive_error)
+from pipeline.prep.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_TAR, ArchiveError, ChecksumError,
+                                    archive_exists, missing_archive_error)
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import Config
 from pipeline.core.file_index import index_path, write_index
 from pipeline.prep.classes import CLASSES_FILE, read_classes, write_classes
-from pipeline.prep.datadir import (REPORT_FILE, DataDirError, archive_stat, check_dataset, check_same_archive,
-                                   delete_archive, disk_full_guard, make_data_dir, read_report, staging_dir, write_report)
+from pipeline.prep.datadir import (REPORT_FILE, STATE_DIR, DataDirError, archive_stat, check_dataset, check_layout,
+                                   check_same_archive, delete_archive, disk_full_guard, make_data_dir, read_report,
+                                   staging_dir, write_report)
 from pipeline.core.records import read_json
 from pipeline.prep.devkit import Devkit, read_devkit
+from pipeline.prep.imagenet_report import SPLIT_ARCHIVES, imagenet_report, log_summary
 from pipeline.prep.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}
-SPLIT_ARCHIVES = {"train": TRAIN_TAR, "val": VAL_TAR, "test": TEST_TAR}
 INDEXED_SPLITS = ("train", "val")  # the splits training reads: each gets a file index
-STATE_DIR = ".prep"  # one record per finished split: what the report says about it
 REDO_HINT = f"remove the changed split folder and {REPORT_FILE}, then run prep again to redo that split"
 
 
@@ -54,6 +53,10 @@ def prepare(cfg: Config) -> dict[str, Any]:
 
         return prepare_cifar10(archive_dir, data_dir, expected_md5=expected and expected[CIFAR10_TAR],
                                delete_archives=cfg.prep.delete_archives)
+    if cfg.data.layout != "folders":
+        from pipeline.prep.packed import prepare_packed
+
+        return prepare_packed(cfg, expected_md5=expected)
     return prepare_imagenet(archive_dir, data_dir, workers=cfg.data.workers, expected_md5=expected,
                             delete_archives=cfg.prep.delete_archives)
 
@@ -65,6 +68,7 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
     archive_dir, data_dir = Path(archive_dir), Path(data_dir)
     make_data_dir(data_dir)
     check_dataset(data_dir, "imagenet")
+    check_layout(data_dir, "folders")
     if read_report(data_dir) is not None:
         report = reverify_imagenet(data_dir, archive_dir)
         write_missing_indexes(data_dir)  # a data dir prepared before indexes existed gets them now
@@ -89,11 +93,11 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
                 split, archive, data_dir, devkit, expected_md5=expected.get(archive.name), workers=workers)
             if delete_archives:
                 delete_archive(archive)
-        report = _imagenet_report(archive_dir, data_dir, devkit, records)
+        report = imagenet_report(archive_dir, data_dir, devkit, records)
         write_report(data_dir, report, start=start)
     if delete_archives:
         delete_archive(archive_dir / DEVKIT_TAR)
-    _log_summary(report, data_dir)
+    log_summary(report, data_dir)
     return report
 
 
@@ -179,21 +183,6 @@ def write_missing_indexes(data_dir: Path) -> None:
             log.info("writing the file index of %s (%d images)", data_dir / split, write_index(data_dir, split))
 
 
-def _imagenet_report(archive_dir: Path, data_dir: Path, devkit: Devkit,
-                     records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    archives = {DEVKIT_TAR: devkit.stats}
-    splits = {}
-    for split, record in records.items():
-        archives[SPLIT_ARCHIVES[split]] = record.pop("archive")
-        splits[split] = record
-    train_classes = set(splits["train"]["per_class"])
-    splits["train"]["missing_classes"] = [w for w in devkit.wnids if w not in train_classes]
-    counts = {"train": splits["train"]["images"], "val": splits["val"]["images"], "classes": len(devkit.wnids)}
-    return {"dataset": "imagenet", "archive_dir": str(archive_dir.absolute()), "data_dir": str(data_dir.absolute()),
-            "classes": len(devkit.wnids), "archives": archives, "splits": splits,
-            "official_counts": OFFICIAL_COUNTS, "official_counts_match": counts == OFFICIAL_COUNTS}
-
-
 def _check_same_archives(archive_dir: Path, data_dir: Path, recorded: Mapping[str, Mapping[str, Any]]) -> None:
     """The archives in archive_dir must be those the finished splits were made from (see check_same_archive)."""
     split_of = {name: split for split, name in SPLIT_ARCHIVES.items()}
@@ -230,16 +219,3 @@ def reverify_imagenet(data_dir: Path, archive_dir: Path) -> dict[str, Any]:
     log.info("%s is already prepared: counts re-verified in %.1f s (%s)", data_dir, time.monotonic() - start,
              ", ".join(f"{s} {r['images']:,}" for s, r in report["splits"].items()))
     return report
-
-
-def _log_summary(report: dict[str, Any], data_dir: Path) -> None:
-    val = report["splits"]["val"]
-    log.info("prep done in %.1f s (%.1f MB/s): %d train images in %d classes, %d val images; official counts "
-             "match: %s", report["seconds"], report["mb_per_s"], report["splits"]["train"]["images"],
-             len(report["splits"]["train"]["per_class"]), val["images"], report["official_counts_match"])
-    for key in ("missing", "unlabelled", "extra"):
-        if val[key]:
-            log.warning("val files %s (%d): %s", key, len(val[key]), ", ".join(val[key][:20]))
-    if report["splits"]["train"]["missing_classes"]:
-        log.warning("classes without a train tar: %s", report["splits"]["train"]["missing_classes"])
-    log.info("report: %s", data_dir / REPORT_FILE)

@@ -48,6 +48,7 @@ from pipeline.core.dir_lock import locked_by_main_process
 from pipeline.core.metrics import Throughput, peak_memory_mib
 from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
+from pipeline.data.sources import data_provenance
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
                                    RUN_STATE_FILE, append_row, write_record)
 from pipeline.core.stage_process import stage_process
@@ -196,6 +197,7 @@ class Trainer:
         if distributed.is_main_process():
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
             record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
+            record.update(data_provenance(self.cfg))
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
             write_record(self.run_dir / PROVENANCE_FILE, record)
