@@ -1,0 +1,121 @@
+"""Bad input to the packed layouts: hostile archives refused at prep, a truncated, changed or missing archive or
+shard and an index from another data dir refused in one line, prep resumable and never half-written."""
+from __future__ import annotations
+
+import os
+import shutil
+import gzip
+import tarfile
+
+import pytest
+
+from layout_helpers import layout_config, prep_layouts
+from pipeline.core.config import ConfigError
+from pipeline.core.data_manifest import MANIFEST_FILE
+from pipeline.core.validate import validate
+from pipeline.data.loaders import DataDirError, dataset_info
+from pipeline.prep.archives import TRAIN_TAR, ArchiveError, UnsafeMemberError
+from pipeline.prep.prepare import prepare
+from prep_fixtures import replace_class_tar, tar_bytes, tar_members
+from pipeline.prep.synthetic import make_imagenet_archives
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    return prep_layouts(tmp_path_factory.mktemp("packed"), layouts=("archives", "shards"))
+
+
+def copy_layout(packed, layout, tmp_path):
+    """A private copy of a prepared data dir (and, for archives, of the archives it reads) a test may damage."""
+    archives, dirs = packed
+    data_dir = tmp_path / "data"
+    shutil.copytree(dirs[layout], data_dir)
+    if layout == "archives":
+        shutil.copytree(archives, tmp_path / "archives")
+        text = (data_dir / MANIFEST_FILE).read_text().replace(str(archives.absolute()), str(tmp_path / "archives"))
+        (data_dir / MANIFEST_FILE).write_text(text)
+    return archives, data_dir
+
+
+def one_line_error(cfg) -> str:
+    with pytest.raises(DataDirError) as info:
+        dataset_info(cfg)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("layout, victim", [("archives", TRAIN_TAR), ("shards", "shards/train-000000.tar")])
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_a_truncated_or_missing_large_file_is_one_line_naming_it(packed, tmp_path, layout, victim, damage):
+    archives, data_dir = copy_layout(packed, layout, tmp_path)
+    path = (tmp_path / "archives" / victim) if layout == "archives" else data_dir / victim
+    if damage == "truncate":
+        os.truncate(path, path.stat().st_size - 512)
+    else:
+        path.unlink()
+    message = one_line_error(layout_config(data_dir, archives, layout))
+    assert str(path) in message and ("missing" if damage == "remove" else "truncated") in message
+    assert "prepare (or stage) the data dir again" in message
+
+
+def test_an_index_from_another_data_dir_or_layout_is_refused(packed, tmp_path):
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    shutil.copy(packed[1]["archives"] / "val.samples.npy", data_dir / "train.samples.npy")
+    message = one_line_error(layout_config(data_dir, archives, "shards"))
+    assert "train.samples.npy" in message and "another data dir" in message
+    message = one_line_error(layout_config(data_dir, archives, "archives"))
+    assert "holds the 'shards' layout" in message and "--layout shards" in message
+    (tmp_path / "unfinished").mkdir()
+    shutil.copy(data_dir / "classes.tsv", tmp_path / "unfinished")
+    assert "has no manifest.json" in one_line_error(layout_config(tmp_path / "unfinished", archives, "shards"))
+
+
+def test_prep_refuses_another_layout_in_a_prepared_data_dir_and_archives_with_delete(packed, tmp_path):
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    with pytest.raises(DataDirError, match="holds the shards layout; choose another --data-dir"):
+        prepare(layout_config(data_dir, archives, "archives"))
+    with pytest.raises(ConfigError, match="would delete the data itself"):
+        validate(layout_config(data_dir, archives, "archives", "--delete-archives"), ["prep"])
+
+
+@pytest.mark.parametrize("hostile, error, message", [
+    ("compressed", ArchiveError, "is compressed"),
+    ("link", UnsafeMemberError, "is a link"),
+    ("past the end", ArchiveError, "past the end|truncated"),
+])
+def test_hostile_class_tars_are_refused_and_nothing_is_written(tmp_path, hostile, error, message):
+    archives = make_imagenet_archives(tmp_path / "archives", num_classes=2, train_per_class=2, val_per_class=1,
+                                      size=(16, 16)).archive_dir
+    wnid = sorted(m.name for m, _ in tar_members(archives / TRAIN_TAR))[0].removesuffix(".tar")
+
+    def change(data: bytes) -> bytes:
+        if hostile == "compressed":
+            return gzip.compress(data)
+        if hostile == "link":
+            link = tarfile.TarInfo("evil.JPEG")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            return tar_bytes([*tar_members(data), (link, None)])
+        last = tar_members(data)[-1][0]
+        return data[:last.offset_data + last.size // 2]  # the last member's data runs past the end of its class tar
+    replace_class_tar(archives, wnid, change)
+    data_dir = tmp_path / "data"
+    with pytest.raises(error, match=message):
+        prepare(layout_config(data_dir, archives, "archives"))
+    assert not (data_dir / MANIFEST_FILE).exists() and not list(data_dir.glob("*.samples.npy"))
+
+
+def test_shard_prep_resumes_keeping_verified_shards_and_rewriting_a_damaged_one(tmp_path):
+    archives, dirs = prep_layouts(tmp_path, layouts=("shards",), num_classes=8, train_per_class=40,
+                                  val_per_class=2, size=(200, 150))
+    data_dir = dirs["shards"]
+    shards = sorted((data_dir / "shards").glob("train-*.tar"))
+    assert len(shards) >= 2  # about 1 MB each
+    before = {p.name: p.read_bytes() for p in shards}
+    inodes = {p.name: p.stat().st_ino for p in shards}
+    (data_dir / MANIFEST_FILE).unlink()  # as if killed before the end
+    (data_dir / "train.samples.npy").unlink()
+    os.truncate(shards[0], 1024)
+    prepare(layout_config(data_dir, archives, "shards"))
+    assert {p.name: p.read_bytes() for p in shards} == before  # rewritten identically, others kept
+    assert [p.stat().st_ino == inodes[p.name] for p in shards] == [False] + [True] * (len(shards) - 1)
+    assert dataset_info(layout_config(data_dir, archives, "shards")).train_size == 320
