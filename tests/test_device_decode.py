@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 from pipeline.core.config import Config
 from pipeline.core.distributed import DistEnv
 from pipeline.core.precision import setup_precision
-from pipeline.data.datasets import seeded_cpu_rng
+from pipeline.data.datasets import ImageFiles, seeded_cpu_rng
 from pipeline.data.device_decode import DeviceDecoder, DrawCrop, EncodedCollate, EncodedFiles, EncodedImage
 from pipeline.data.loaders import build_train_loader, build_val_loader, device_batcher, skipped_images
 from pipeline.eval.evaluate import validate
@@ -187,7 +187,7 @@ def test_an_image_that_takes_a_failed_ones_place_keeps_its_own_label(tmp_path, b
     root = make_image_folder(tmp_path / "data", num_classes=2, train_per_class=1, val_per_class=1, size=(64, 52))
     first, second = sorted((root / "train").rglob("*.JPEG"))  # labels 0 and 1
     replace_with(first, "no_scan")  # read by the worker, rejected on the device
-    files = EncodedFiles(np.array([str(first).encode(), str(second).encode()]), np.array([0, 1]))
+    files = EncodedFiles(ImageFiles(np.array([str(first).encode(), str(second).encode()]), np.array([0, 1])))
     with seeded_cpu_rng(0):
         samples = [(DrawCrop()(files[i][0]), int(files.labels[i]), 0) for i in range(2)]
     batch, labels = EncodedCollate()(samples)

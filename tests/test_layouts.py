@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from layout_helpers import LAYOUTS, layout_config, prep_layouts, prepared  # noqa: F401 (a fixture)
+from layout_helpers import layout_config, prep_layouts, prepared  # noqa: F401 (a fixture)
 from pipeline.core.data_manifest import files_dir, read_manifest
 from pipeline.data.sources import data_provenance, layout_classes, open_split
 from test_device_decode import decoded_batches

@@ -23,6 +23,9 @@ from pipeline.core.data_manifest import MANIFEST_FILE
 from pipeline.core.logs import human_bytes
 from pipeline.core.records import read_json
 from pipeline.prep.archives import PrepError
+from pipeline.prep.classes import CLASSES_FILE, read_classes
+from pipeline.prep.devkit import Devkit
+from pipeline.prep.extract import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +148,24 @@ def disk_full_guard(data_dir: Path, needs: str) -> Iterator[None]:
                             f"{exc.filename or 'a file'}: the half-written part was removed. Free space (the dataset "
                             f"needs {needs}) or pass another --data-dir, then run prep again: what is finished is "
                             "kept and it resumes") from None
+
+
+def check_classes(data_dir: Path, devkit: Devkit) -> None:
+    """A class list or class folders that are not the devkit's mean the data dir holds another dataset."""
+    known = set(devkit.wnids)
+    if (data_dir / CLASSES_FILE).exists():
+        try:
+            listed = [entry.wnid for entry in read_classes(data_dir)]
+        except ValueError as exc:
+            raise DataDirError(f"{exc}; remove it, or choose an empty --data-dir") from None
+        if listed != devkit.wnids:
+            raise DataDirError(f"{data_dir / CLASSES_FILE} lists {len(listed)} classes that are not the devkit's "
+                               f"{len(known)} (e.g. {sorted(set(listed) ^ known)[:3]}): the data dir holds another "
+                               "dataset; choose an empty --data-dir")
+    for split in ("train", "val"):
+        for folder in (data_dir / split, staging_dir(data_dir, split)):
+            strangers = sorted(p.name for p in folder.iterdir() if p.is_dir() and
+                               p.name.removesuffix(TMP_SUFFIX) not in known) if folder.is_dir() else []
+            if strangers:
+                raise DataDirError(f"{folder} holds folders that are not classes of the devkit ({strangers[:3]}): "
+                                   "the data dir holds another dataset; choose an empty --data-dir")

@@ -24,11 +24,10 @@ from pipeline.core.data_manifest import DataManifestError, Manifest, ManifestFil
 from pipeline.core.sample_index import samples_name, write_samples
 from pipeline.prep.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, ArchiveError, archive_exists, missing_archive_error
 from pipeline.prep.classes import CLASSES_FILE, write_classes
-from pipeline.prep.datadir import (DataDirError, check_dataset, check_layout, delete_archive, disk_full_guard,
+from pipeline.prep.datadir import (DataDirError, check_classes, check_dataset, check_layout, delete_archive, disk_full_guard,
                                    make_data_dir, read_report, write_report)
 from pipeline.prep.devkit import read_devkit
 from pipeline.prep.imagenet_report import SPLIT_ARCHIVES, imagenet_report, log_summary
-from pipeline.prep.prepare import check_classes
 from pipeline.prep.scan import scan_split
 from pipeline.prep.shards import SHARD_DIR, Resize, write_split_shards
 

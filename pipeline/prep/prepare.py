@@ -29,14 +29,14 @@ from pipeline.prep.archives import (CIFAR10_TAR, DEVKIT_TAR, OFFICIAL_MD5, TEST_
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import Config
 from pipeline.core.file_index import index_path, write_index
-from pipeline.prep.classes import CLASSES_FILE, read_classes, write_classes
-from pipeline.prep.datadir import (REPORT_FILE, STATE_DIR, DataDirError, archive_stat, check_dataset, check_layout,
-                                   check_same_archive, delete_archive, disk_full_guard, make_data_dir, read_report,
-                                   staging_dir, write_report)
+from pipeline.prep.classes import write_classes
+from pipeline.prep.datadir import (REPORT_FILE, STATE_DIR, DataDirError, archive_stat, check_classes, check_dataset,
+                                   check_layout, check_same_archive, delete_archive, disk_full_guard, make_data_dir,
+                                   read_report, staging_dir, write_report)
 from pipeline.core.records import read_json
 from pipeline.prep.devkit import Devkit, read_devkit
 from pipeline.prep.imagenet_report import SPLIT_ARCHIVES, imagenet_report, log_summary
-from pipeline.prep.extract import TMP_SUFFIX, count_files, extract_flat, extract_train, extract_val
+from pipeline.prep.extract import count_files, extract_flat, extract_train, extract_val
 
 log = logging.getLogger(__name__)
 
@@ -99,27 +99,6 @@ def prepare_imagenet(archive_dir: Path, data_dir: Path, *, workers: int = 4,
         delete_archive(archive_dir / DEVKIT_TAR)
     log_summary(report, data_dir)
     return report
-
-
-def check_classes(data_dir: Path, devkit: Devkit) -> None:
-    """A class list or class folders that are not the devkit's mean the data dir holds another dataset."""
-    known = set(devkit.wnids)
-    if (data_dir / CLASSES_FILE).exists():
-        try:
-            listed = [entry.wnid for entry in read_classes(data_dir)]
-        except ValueError as exc:
-            raise DataDirError(f"{exc}; remove it, or choose an empty --data-dir") from None
-        if listed != devkit.wnids:
-            raise DataDirError(f"{data_dir / CLASSES_FILE} lists {len(listed)} classes that are not the devkit's "
-                               f"{len(known)} (e.g. {sorted(set(listed) ^ known)[:3]}): the data dir holds another "
-                               "dataset; choose an empty --data-dir")
-    for split in ("train", "val"):
-        for folder in (data_dir / split, staging_dir(data_dir, split)):
-            strangers = sorted(p.name for p in folder.iterdir() if p.is_dir() and
-                               p.name.removesuffix(TMP_SUFFIX) not in known) if folder.is_dir() else []
-            if strangers:
-                raise DataDirError(f"{folder} holds folders that are not classes of the devkit ({strangers[:3]}): "
-                                   "the data dir holds another dataset; choose an empty --data-dir")
 
 
 def _split_done(data_dir: Path, split: str) -> bool:
