@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 
+from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
 from layout_helpers import layout_config, prep_layouts
 from pipeline.core.config import ConfigError
 from pipeline.core.data_manifest import MANIFEST_FILE
@@ -119,3 +120,11 @@ def test_shard_prep_resumes_keeping_verified_shards_and_rewriting_a_damaged_one(
     assert {p.name: p.read_bytes() for p in shards} == before  # rewritten identically, others kept
     assert [p.stat().st_ino == inodes[p.name] for p in shards] == [False] + [True] * (len(shards) - 1)
     assert dataset_info(layout_config(data_dir, archives, "shards")).train_size == 320
+
+
+def test_the_dry_run_shows_the_layout_each_stage_writes_or_reads(no_slurm_path, tmp_path, capsys):
+    for stage, verb in (("prep", "writes"), ("train", "reads")):
+        code, out, _ = run_main(capsys, "--stage", stage, "--layout", "shards", "--executor", "slurm", "--dry-run",
+                                "--data-dir", tmp_path / "data", "--run-dir", tmp_path / "run")
+        assert code == 0
+        assert f"===== {stage}: {verb} the 'shards' layout in {tmp_path / 'data'} (--layout) =====" in out
