@@ -54,9 +54,13 @@ def test_a_truncated_or_missing_large_file_is_one_line_naming_it(packed, tmp_pat
         os.truncate(path, path.stat().st_size - 512)
     else:
         path.unlink()
-    message = one_line_error(layout_config(data_dir, archives, layout))
+    cfg = layout_config(data_dir, archives, layout)
+    message = one_line_error(cfg)
     assert str(path) in message and ("missing" if damage == "remove" else "truncated") in message
     assert "prepare (or stage) the data dir again" in message
+    if layout == "shards":  # prep again on the finished data dir re-verifies its files
+        with pytest.raises(DataDirError, match=f"{path} is .*, the manifest of .* says"):
+            prepare(cfg)
 
 
 def test_an_index_from_another_data_dir_or_layout_is_refused(packed, tmp_path):

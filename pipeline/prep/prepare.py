@@ -9,7 +9,8 @@ submitit) or ``python -m jobs.prep --archive-dir A --data-dir D``. Produces, for
     D/classes.tsv                         index, wnid, words (index = label, sorted wnid order)
     D/prep_report.json                    counts, missing and extra files, checksums, time, MB/s
 
-and for CIFAR-10 (``--dataset cifar10``) ``D/cifar-10-batches-py/`` (see pipeline.prep.cifar). Each archive is
+With ``--layout archives`` or ``--layout shards`` nothing is extracted: see pipeline.prep.packed. And for CIFAR-10
+(``--dataset cifar10``) ``D/cifar-10-batches-py/`` (see pipeline.prep.cifar). Each archive is
 read once, its MD5 checked from the same bytes (``--skip-checksum`` for mirrors and subsets). An interrupted
 run resumes class by class; a finished data dir is re-verified (counts, and the archives' sizes against those it
 was prepared from) in seconds.
