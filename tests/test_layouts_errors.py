@@ -120,7 +120,9 @@ def test_shard_prep_resumes_keeping_verified_shards_and_rewriting_a_damaged_one(
     (data_dir / MANIFEST_FILE).unlink()  # as if killed before the end
     (data_dir / "train.samples.npy").unlink()
     os.truncate(shards[0], 1024)
+    archive_files = {p.name: p.stat().st_mtime_ns for p in archives.iterdir()}
     prepare(layout_config(data_dir, archives, "shards"))
+    assert {p.name: p.stat().st_mtime_ns for p in archives.iterdir()} == archive_files  # nothing written there
     assert {p.name: p.read_bytes() for p in shards} == before  # rewritten identically, others kept
     assert [p.stat().st_ino == inodes[p.name] for p in shards] == [False] + [True] * (len(shards) - 1)
     assert dataset_info(layout_config(data_dir, archives, "shards")).train_size == 320
