@@ -14,7 +14,10 @@ from PIL import Image
 
 from layout_helpers import layout_config, prep_layouts, prepared  # noqa: F401 (a fixture)
 from pipeline.core.data_manifest import files_dir, read_manifest
+from pipeline.core.distributed import DistEnv
+from pipeline.data.loaders import build_val_loader
 from pipeline.data.sources import data_provenance, layout_classes, open_split
+from pipeline.prep.prepare import prepare
 from test_device_decode import decoded_batches
 from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module, tiny_argv,
                            wait_for_line)
@@ -79,7 +82,6 @@ def test_shards_reencoded_at_a_max_side_are_smaller_and_recorded(tmp_path):
     archives, dirs = prep_layouts(tmp_path, layouts=("shards",), num_classes=2, train_per_class=4, val_per_class=2,
                                   missing_val=(), unlabelled_val=0)
     cfg = layout_config(tmp_path / "small", archives, "shards", "--shard-max-side", "20", "--shard-quality", "80")
-    from pipeline.prep.prepare import prepare
     prepare(cfg)
     small = open_split("shards", tmp_path / "small", "train", layout_classes(tmp_path / "small", "shards"))
     full = open_split("shards", dirs["shards"], "train", layout_classes(dirs["shards"], "shards"))
@@ -114,3 +116,14 @@ def test_a_mid_epoch_resume_on_a_packed_layout_equals_an_uninterrupted_run_and_e
             runs.items()}
     assert rows["whole"] == rows["resumed"] and rows["whole"][-1]["val_total"] == "23"
     assert json.loads((runs["whole"] / "provenance.json").read_text())["data_layout"] == layout
+
+
+def test_loader_workers_open_the_large_files_themselves_and_read_what_one_process_reads(prepared):
+    archives, dirs = prepared
+    cfg = layout_config(dirs["shards"], archives, "shards", "--workers", "2")
+    in_workers = decoded_batches(cfg, train=False)
+    reference = decoded_batches(layout_config(dirs["folders"], archives, "folders"), train=False)
+    assert all(torch.equal(a, b) and torch.equal(s, t) for (a, s), (b, t) in zip(in_workers, reference))
+    loader = build_val_loader(cfg, DistEnv(), torch.device("cpu"))
+    assert sum(len(t) for _, t in loader) == 23
+    assert loader.dataset.source._fds == {}  # the parent opened nothing its forked workers could share
