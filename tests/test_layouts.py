@@ -2,8 +2,10 @@
 (seed, epoch, index) on both decode paths, same eval counts; shards are WebDataset tars; resize is recorded."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import shutil
 import signal
 import tarfile
 
@@ -13,7 +15,7 @@ import torch
 from PIL import Image
 
 from layout_helpers import layout_config, prep_layouts, prepared  # noqa: F401 (a fixture)
-from pipeline.core.data_manifest import files_dir, read_manifest
+from pipeline.core.data_manifest import files_dir, read_manifest, write_manifest
 from pipeline.core.distributed import DistEnv
 from pipeline.data.loaders import build_val_loader
 from pipeline.data.sources import data_provenance, layout_classes, open_split
@@ -127,3 +129,20 @@ def test_loader_workers_open_the_large_files_themselves_and_read_what_one_proces
     loader = build_val_loader(cfg, DistEnv(), torch.device("cpu"))
     assert sum(len(t) for _, t in loader) == 23
     assert loader.dataset.source._fds == {}  # the parent opened nothing its forked workers could share
+
+
+@pytest.mark.parametrize("layout", ["archives", "shards"])
+def test_a_copy_laid_out_as_staging_makes_it_reads_the_same_samples(prepared, tmp_path, layout):
+    """The contract with node-local staging: meta files beside manifest.json, the large files under files_root."""
+    _, dirs = prepared
+    manifest = read_manifest(dirs[layout])
+    copy = tmp_path / "staged"
+    (copy / "files").mkdir(parents=True)
+    for name in manifest.meta:
+        shutil.copy(dirs[layout] / name, copy / name)
+    for entry in manifest.files:
+        shutil.copy(files_dir(dirs[layout], manifest) / entry.name, copy / "files" / entry.name)
+    write_manifest(copy, dataclasses.replace(manifest, files_root="files"))
+    staged, source = (open_split(layout, d, "val", layout_classes(d, layout)) for d in (copy, dirs[layout]))
+    assert [staged.read(i) for i in range(len(staged))] == [source.read(i) for i in range(len(source))]
+    assert str(copy / "files") in staged.describe(0)
