@@ -66,6 +66,9 @@ class DataConfig:
     prefetch_factor: int = opt(4, "batches each loader worker prepares ahead")
     decode: Literal["cpu", "device"] = opt("cpu", "where ImageNet JPEGs are decoded and augmented: in the loader "
                                                   "workers (PIL), or on the training device, batched (nvJPEG on CUDA)")
+    stage_data_to: str = opt("", "node-local folder (e.g. '$TMPDIR', in single quotes: each node expands its own) to "
+                                 "which train and eval copy the data dir's archives or shards once per node, verified, "
+                                 "and read them from; empty: read the data dir in place")
 
 
 @dataclass

@@ -53,6 +53,7 @@ from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF
 from pipeline.core.stage_process import stage_process
 from pipeline.core.validate import check_trackers_installed
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
+from pipeline.data.staging import as_given
 from pipeline.eval.evaluate import EvalResult, validate
 from pipeline.models.registry import build_model
 from pipeline.train import tracking, watchdog
@@ -194,8 +195,9 @@ class Trainer:
         """Called on every rank (the host list is a collective); rank 0 writes."""
         hosts = all_hostnames()
         if distributed.is_main_process():
-            save_config(self.cfg, self.run_dir / CONFIG_FILE)
-            record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
+            given, staged = as_given(self.cfg)  # a staged copy's records name the data dir staged
+            save_config(given, self.run_dir / CONFIG_FILE)
+            record = {**collect_provenance(self.device, self.env, self.cfg.train.seed, hosts), **staged}
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
             write_record(self.run_dir / PROVENANCE_FILE, record)
