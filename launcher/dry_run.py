@@ -12,7 +12,6 @@ from launcher.backends import Backend
 from launcher.executors import stage_resources
 from pipeline.core.config import Config
 from pipeline.core.stages import DATA_DIR, STAGES
-from pipeline.data.staging import describe
 
 PLACEHOLDER = re.compile(r"(\$(?:NODE_RANK|MASTER_ADDR|MASTER_PORT|JOB_ID|RESTARTS))")  # filled in by the job
 
@@ -51,6 +50,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
         if cfg.data.stage_data_to and DATA_DIR in row.reads:
+            from pipeline.data.staging import describe  # imports torch (dir_lock): only for a stage that has it
+
             out.write(f"  {describe(cfg.data.data_dir, cfg.data.stage_data_to)}\n")
         if row.on_preemption == "save":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
