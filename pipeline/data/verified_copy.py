@@ -1,24 +1,27 @@
 """Copy one large file while computing its MD5 in the same pass, and keep it only when size and MD5 match.
 
 Why one pass: staging reads 140 GB (ImageNet's train archive) from a shared file system; hashing the copy in a
-second read would double the time. The bytes are read into one of two large buffers; the write of a buffer runs
-in a thread while the MD5 of the same buffer is computed here and the next read starts (the reads, writes and
-hashlib all release the GIL), so the copy takes about as long as the slowest of the three, not their sum.
+second read would double the time. A reader thread reads ahead into a few large buffers, the MD5 of each buffer
+is computed here, then a writer thread writes it (reads, writes and hashlib all release the GIL), so the source
+is read without pause and the copy takes about as long as the slowest of the three, not their sum.
 The copy goes to a temporary name beside the target and is renamed only after its check: nothing half-copied
 or wrong ever carries the final name.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import os
+from concurrent.futures import Executor
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from pipeline.core.data_manifest import ManifestFile
 from pipeline.core.errors import UserError
 
-CHUNK = 16 << 20  # bytes per read and write: 16 MiB keeps system calls and thread hand-offs rare
+CHUNK = 8 << 20  # bytes per read and write: 8 MiB keeps system calls and thread hand-offs rare
+BUFFERS = 4  # per file: one read ahead, one hashed, writes in flight; 32 MiB
 REDO = "prepare the data dir again (or restore the file from its source)"
 
 
@@ -36,6 +39,40 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _pipeline(src: BinaryIO, reader: Executor, writer: Executor, fd: int) -> Iterator[tuple[int, memoryview]]:
+    """Yield each chunk of ``src`` in order as (bytes, buffer), reads ahead in ``reader`` and, once the caller has
+    seen a chunk, its write to ``fd`` in ``writer``: the source never waits for the hash or the destination."""
+    free = collections.deque(memoryview(bytearray(CHUNK)) for _ in range(BUFFERS))
+    reads: collections.deque = collections.deque()
+    writes: collections.deque = collections.deque()
+    at_end = False
+    while True:
+        while free and not at_end:
+            buffer = free.popleft()
+            reads.append((buffer, reader.submit(src.readinto, buffer)))
+        if not reads:
+            if at_end:
+                break
+            buffer, done = writes.popleft()  # every buffer waits for its write: the oldest frees first
+            done.result()
+            free.append(buffer)
+            continue
+        buffer, done = reads.popleft()
+        n = done.result()
+        if not n:
+            at_end = True  # the reads after it find the end too
+            free.append(buffer)
+            continue
+        yield n, buffer
+        writes.append((buffer, writer.submit(_write_all, fd, buffer[:n])))
+        while writes and writes[0][1].done():
+            buffer, done = writes.popleft()
+            done.result()
+            free.append(buffer)
+    for _, done in writes:
+        done.result()
+
+
 def copy_verified(source: Path, target: Path, expected: ManifestFile, progress: Callable[[int], None]) -> None:
     """Copy ``source`` to ``target`` (fsynced, then renamed into place) if its size and MD5 are ``expected``'s;
     StagingError naming ``source`` otherwise, and nothing left at ``target``. ``progress(bytes)`` after each chunk."""
@@ -49,23 +86,12 @@ def copy_verified(source: Path, target: Path, expected: ManifestFile, progress: 
                 raise StagingError(f"{source} has {size} bytes but its data manifest says {expected.size}: it "
                                    f"changed or was cut short since prep; {REDO}")
             os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            buffers = (bytearray(CHUNK), bytearray(CHUNK))
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="staging-write") as writer:
-                pending, turn = None, 0
-                while True:
-                    view = memoryview(buffers[turn])  # the buffer the write in flight is not using
-                    turn = 1 - turn
-                    n = src.readinto(view)
-                    if not n:
-                        break
-                    if pending is not None:
-                        pending.result()  # the other buffer is free again
-                    pending = writer.submit(_write_all, dst.fileno(), view[:n])
-                    md5.update(view[:n])
+            with (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="staging-read") as reader,
+                  concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="staging-write") as writer):
+                for n, buffer in _pipeline(src, reader, writer, dst.fileno()):
+                    md5.update(buffer[:n])
                     copied += n
                     progress(n)
-                if pending is not None:
-                    pending.result()
             os.fsync(dst.fileno())  # a verified copy must survive the node's crash as its marker does
         if copied != expected.size or md5.hexdigest() != expected.md5:
             raise StagingError(f"{source} does not match its data manifest ({copied} bytes with md5 "
