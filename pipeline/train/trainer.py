@@ -197,10 +197,10 @@ class Trainer:
         if distributed.is_main_process():
             given, staged = as_given(self.cfg)  # a staged copy's records name the data dir staged
             save_config(given, self.run_dir / CONFIG_FILE)
-            record = {**collect_provenance(self.device, self.env, self.cfg.train.seed, hosts), **staged}
+            record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
-            write_record(self.run_dir / PROVENANCE_FILE, record)
+            write_record(self.run_dir / PROVENANCE_FILE, {**record, **staged})
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": rounded(tp.img_per_s_all_ranks, 2),
