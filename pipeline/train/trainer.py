@@ -122,7 +122,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: distributed.DistEnv, device: torch.device):
         cfg = with_lr_for_batch(cfg, env.world_size)
-        self.cfg, self.env, self.device = cfg, env, device
+        self.env, self.device = env, device
+        # the run's config as recorded: a staged copy's data dir gives way to its source (the loaders below read cfg)
+        self.cfg, self.staged = as_given(cfg)
         self.run_dir = Path(cfg.train.run_dir)
         self.info = dataset_info(cfg)
         self.perf_mode = cfg.train.max_steps > 0
@@ -195,12 +197,11 @@ class Trainer:
         """Called on every rank (the host list is a collective); rank 0 writes."""
         hosts = all_hostnames()
         if distributed.is_main_process():
-            given, staged = as_given(self.cfg)  # a staged copy's records name the data dir staged
-            save_config(given, self.run_dir / CONFIG_FILE)
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
             record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
-            write_record(self.run_dir / PROVENANCE_FILE, {**record, **staged})
+            write_record(self.run_dir / PROVENANCE_FILE, {**record, **self.staged})
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": rounded(tp.img_per_s_all_ranks, 2),
