@@ -170,16 +170,22 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
     source_dir, total = files_dir(data_dir, manifest), sum(f.size for f in todo)
     log.info("staging %d of the %d files of %s (%s) to %s with %d thread(s)", len(todo), len(manifest.files),
              data_dir, human_bytes(total), target, min(workers, len(todo)) or 1)
-    start, guard = time.monotonic(), threading.Lock()
+    start, guard, failed = time.monotonic(), threading.Lock(), threading.Event()
     with Progress(f"staging {data_dir.name} to {target}", total, unit="B", logger=log, every_s=every_s) as progress:
         def one(entry: ManifestFile) -> None:
-            copy_verified(source_dir / entry.name, target / FILES / entry.name, entry, progress.update)
+            if failed.is_set():
+                return
+            try:
+                copy_verified(source_dir / entry.name, target / FILES / entry.name, entry, progress.update)
+            except BaseException:
+                failed.set()
+                raise
             with guard:
                 record["files"][entry.name] = _stamp(target, entry)
                 atomic_write_text(target / VERIFIED, json.dumps(record, indent=1))
         with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
             for done in [pool.submit(one, f) for f in sorted(todo, key=lambda f: -f.size)]:
-                done.result()  # the first failure, after the copies in flight end
+                done.result()  # the first failure, once the copies in flight end (no other starts after it)
         atomic_write_text(target / VERIFIED, json.dumps(record, indent=1))
     write_manifest(target, copy)
     elapsed = time.monotonic() - start
