@@ -5,6 +5,7 @@ that died."""
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 
 from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
 from pipeline.core.config import Config
-from pipeline.core.data_manifest import files_dir, read_manifest, write_manifest
+from pipeline.core.data_manifest import Manifest, ManifestFile, files_dir, read_manifest, write_manifest
 from pipeline.core.validate import validate
 from pipeline.data.staging import LOCK_FILE, STAGED_FROM, StagingError, expand_dest, stage_data, staged_dir
 from pipeline.prep.synthetic import make_image_folder
@@ -119,6 +120,38 @@ def test_a_destination_without_space_fails_before_copying_naming_it_and_the_byte
                                            rf"{need} bytes .*free space there or pass another --stage-data-to"):
         stage_data(data_dir, small_dest)
     assert not list(small_dest.rglob("*.tar")) and not list(small_dest.rglob("classes.tsv"))
+
+
+def one_big_shard(root):
+    """A data dir of one 2 MiB shard and no meta files."""
+    blob = os.urandom(2 << 20)
+    (root / "shards").mkdir(parents=True)
+    (root / "shards" / "shard-000000.tar").write_bytes(blob)
+    write_manifest(root, Manifest("shards", "shards", (ManifestFile("shard-000000.tar", len(blob),
+                                                                    hashlib.md5(blob).hexdigest()),), (), {}))
+    return root
+
+
+@pytest.mark.parametrize("full_at", ["a shard", "a meta file"])
+def test_a_disk_that_fills_during_the_copy_fails_with_one_line_and_keeps_nothing(tmp_path, small_dest, full_at,
+                                                                                  monkeypatch):
+    if not os.path.ismount(small_dest):
+        pytest.skip("needs a real 1 MiB tmpfs (mounting takes root)")
+    data_dir = one_big_shard(tmp_path / "big") if full_at == "a shard" else packed_data_dir(
+        tmp_path / "big", num_classes=2, train_per_class=60, val_per_class=2, size=(220, 220), shards=1)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 40))  # another job's writes
+    with pytest.raises(StagingError, match=r"copying .* to .* failed: No space left on device; free space there or "
+                                           "pass another --stage-data-to"):
+        stage_data(data_dir, small_dest)
+    assert not list(small_dest.rglob("*.tar")) and not list(small_dest.rglob("manifest.json"))
+    assert not list(small_dest.rglob("*.tmp")) and leftovers(small_dest) == []
+
+
+def test_a_staging_folder_this_user_cannot_write_is_named(data_dir, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StagingError, match=f"cannot write {tmp_path}/file/data-.*/.staging.lock"):
+        stage_data(data_dir, tmp_path / "file")
 
 
 def test_a_data_dir_without_a_manifest_is_refused_by_the_launcher_and_by_the_job(tmp_path, no_slurm_path,  # noqa: F811

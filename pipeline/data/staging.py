@@ -42,7 +42,7 @@ from pipeline.core.data_manifest import (MANIFEST_FILE, DataManifestError, Manif
                                          read_manifest, write_manifest)
 from pipeline.core.dir_lock import locked
 from pipeline.core.logs import Progress, format_seconds, human_bytes
-from pipeline.data.verified_copy import REDO, StagingError, copy_verified, part_name
+from pipeline.data.verified_copy import REDO, StagingError, copy_failed, copy_verified
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ def stageable(data_dir: str | Path) -> Manifest:
 @contextlib.contextmanager
 def _lock(target: Path, every_s: float) -> Iterator[None]:
     """Hold the copy's lock, waiting while another process (this node's other rank, another job) stages."""
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / LOCK_FILE).touch()  # so that a failure below can only mean another holder
+    except OSError as exc:
+        raise StagingError(f"--stage-data-to: cannot write {target / LOCK_FILE} ({exc.strerror}); pass a folder "
+                           "this user can write on every node") from None
     said = 0.0
     while True:
         stack = contextlib.ExitStack()
@@ -164,8 +170,11 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
     _check_space(data_dir, target, sum(f.size for f in todo) + sum(stamp["size"] for stamp in meta.values()),
                  len(todo))
     for name in manifest.meta:
-        with atomic_path(target / name) as tmp:
-            shutil.copyfile(data_dir / name, tmp)
+        try:
+            with atomic_path(target / name) as tmp:
+                shutil.copyfile(data_dir / name, tmp)
+        except OSError as exc:
+            raise copy_failed(data_dir / name, target / name, exc) from None
         record["meta"][name] = meta[name]
     source_dir, total = files_dir(data_dir, manifest), sum(f.size for f in todo)
     log.info("staging %d of the %d files of %s (%s) to %s with %d thread(s)", len(todo), len(manifest.files),

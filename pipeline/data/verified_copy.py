@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
 import hashlib
 import os
 from concurrent.futures import Executor
@@ -27,6 +28,15 @@ REDO = "prepare the data dir again (or restore the file from its source)"
 
 class StagingError(UserError, RuntimeError):
     """Staging cannot make a valid copy: the message names the file or folder and what to do."""
+
+
+def copy_failed(source: Path, target: Path, exc: OSError) -> StagingError:
+    """The one line for a copy the file systems refused (a missing source, a full disk, an I/O error)."""
+    if isinstance(exc, FileNotFoundError) and exc.filename == str(source):
+        return StagingError(f"{source} is missing, but the data manifest lists it; {REDO}")
+    hint = ("free space there or pass another --stage-data-to" if exc.errno == errno.ENOSPC else
+            "check both file systems, then start again (the files verified so far are kept)")
+    return StagingError(f"copying {source} to {target.parent} failed: {exc.strerror or exc}; {hint}")
 
 
 def part_name(target: Path) -> Path:
@@ -104,9 +114,7 @@ def copy_verified(source: Path, target: Path, expected: ManifestFile, progress: 
                                f"{md5.hexdigest()}, expected {expected.size} bytes with md5 {expected.md5}): it "
                                f"changed or is damaged; {REDO}")
         os.replace(tmp, target)
-    except FileNotFoundError as exc:
-        if exc.filename != str(source):
-            raise
-        raise StagingError(f"{source} is missing, but the data manifest lists it; {REDO}") from None
+    except OSError as exc:
+        raise copy_failed(source, target, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
