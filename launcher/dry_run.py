@@ -50,7 +50,7 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
         if cfg.data.stage_data_to and DATA_DIR in row.reads:
-            from pipeline.data.staging import describe  # imports torch (dir_lock): only for a stage that has it
+            from pipeline.data.staging import describe  # imports torch (through dir_lock): only when shown
 
             out.write(f"  {describe(cfg.data.data_dir, cfg.data.stage_data_to)}\n")
         if row.on_preemption == "save":
