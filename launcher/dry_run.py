@@ -47,12 +47,12 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
             out.write(f"===== {stage}: the job's one process runs {row.door_text()} =====\n")
             continue
         nodes, nproc, _ = stage_resources(cfg, stage)
-        out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
-                  f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
         if cfg.data.stage_data_to and DATA_DIR in row.reads:
             from pipeline.data.staging import describe  # imports torch (through dir_lock): only when shown
 
-            out.write(f"  {describe(cfg.data.data_dir, cfg.data.stage_data_to)}\n")
+            out.write(f"===== {stage}: {describe(cfg.data.data_dir, cfg.data.stage_data_to)} =====\n")
+        out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
+                  f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
         if row.on_preemption == "save":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
                       if cfg.train.resume in ("", "auto") else

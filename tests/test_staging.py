@@ -170,8 +170,9 @@ def test_dry_run_shows_the_staging_step_with_the_variable_left_for_the_node(data
     code, out, _ = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--data-dir", data_dir,
                             "--run-dir", tmp_path / "run", "--stage-data-to", "$TMPDIR/stage")
     staged = staged_dir(data_dir, tmp_path).name
-    assert code == 0 and f"each node first stages data dir {data_dir} to $TMPDIR/stage/{staged} (variables " in out
-    assert "one process per node copies" in out and not (tmp_path / "run" / "logs").exists()
+    assert code == 0 and (f"===== train: the processes of each node first stage data dir {data_dir} to "
+                          f"$TMPDIR/stage/{staged} (variables expanded on the node): one copies") in out
+    assert out.index("first stage data dir") < out.index("runs one torchrun") and not (tmp_path / "run" / "logs").exists()
 
 
 @pytest.mark.parametrize("value, ok", [("/scratch/x", True), ("$TMPDIR", True), ("${TMPDIR}/a b/c", True),

@@ -96,9 +96,9 @@ def stage_data(data_dir: str | Path, dest: str | Path, *, workers: int = 4, ever
 
 def describe(data_dir: str, value: str) -> str:
     """The staging step as ``--dry-run`` shows it."""
-    return (f"each node first stages data dir {data_dir} to {staged_dir(data_dir, Path(value))} (variables expanded "
-            "on the node): one process per node copies the files its manifest lists, verified by size and md5 (or "
-            "reuses an earlier verified copy) while the others wait, and all read that copy")
+    return (f"the processes of each node first stage data dir {data_dir} to {staged_dir(data_dir, Path(value))} "
+            "(variables expanded on the node): one copies the files its manifest lists, verified by size and md5 (or "
+            "finds an earlier verified copy) while the others wait, then all read that copy")
 
 
 def stageable(data_dir: str | Path) -> Manifest:
