@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import Any, Callable, Sequence
 from jobs import failures
 from pipeline.core.config import Config, add_config_arguments, config_from_args
 from pipeline.core.errors import UserError
-from pipeline.core.stages import STAGES
+from pipeline.core.stages import DATA_DIR, STAGES
 
 
 def get_args_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
@@ -67,9 +68,22 @@ def run_stage(argv: Sequence[str] | None, stage: str, description: str,
         status = before(cfg) if before else 0
         if status:
             raise SystemExit(status)
-        return run_door(STAGES[stage].door, validated(cfg, stage))
+        return run_door(STAGES[stage].door, staged(validated(cfg, stage), stage))
 
     return exit_status(f"jobs.{stage}", work)
+
+
+def staged(cfg: Config, stage: str) -> Config:
+    """With --stage-data-to, this process's config reads the node's verified copy of the data dir, staged first
+    where none is complete (pipeline/data/staging.py); the run's records still name the data dir given."""
+    if not cfg.data.stage_data_to or DATA_DIR not in STAGES[stage].reads:
+        return cfg
+    from pipeline.core.logs import setup_logging
+    from pipeline.data.staging import expand_dest, stage_data
+
+    setup_logging()
+    copy = stage_data(cfg.data.data_dir, expand_dest(cfg.data.stage_data_to))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(copy)))
 
 
 def validated(cfg: Config, stage: str) -> Config:

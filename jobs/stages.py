@@ -90,6 +90,18 @@ def check_data_dir(cfg: Config, run_dirs: list[str]) -> None:
     if not Path(cfg.data.data_dir).is_dir():
         raise StageInputError(f"data dir {cfg.data.data_dir} does not exist; run --stage prep first, "
                               "or pass --data-dir with a prepared dataset")
+    if cfg.data.stage_data_to:
+        check_stageable(cfg.data.data_dir)
+
+
+def check_stageable(data_dir: str) -> None:
+    """--stage-data-to copies what a data manifest lists: a data dir without one would fail on every node."""
+    from pipeline.data.staging import StagingError, stageable
+
+    try:
+        stageable(data_dir)
+    except StagingError as exc:
+        raise StageInputError(str(exc)) from None
 
 
 def check_resume(cfg: Config, run_dirs: list[str]) -> None:

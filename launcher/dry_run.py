@@ -11,7 +11,7 @@ from jobs.torchrun import torchrun_command
 from launcher.backends import Backend
 from launcher.executors import stage_resources
 from pipeline.core.config import Config
-from pipeline.core.stages import STAGES
+from pipeline.core.stages import DATA_DIR, STAGES
 
 PLACEHOLDER = re.compile(r"(\$(?:NODE_RANK|MASTER_ADDR|MASTER_PORT|JOB_ID|RESTARTS))")  # filled in by the job
 
@@ -53,6 +53,10 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
             out.write(f"===== {stage}: the job's one process runs {row.door_text()} =====\n")
             continue
         nodes, nproc, _ = stage_resources(cfg, stage)
+        if cfg.data.stage_data_to and DATA_DIR in row.reads:
+            from pipeline.data.staging import describe  # imports torch (through dir_lock): only when shown
+
+            out.write(f"===== {stage}: {describe(cfg.data.data_dir, cfg.data.stage_data_to)} =====\n")
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
         if row.on_preemption == "save":

@@ -50,6 +50,9 @@ def opt(default: Any, help: str, metavar: str = "KEY=VALUE") -> Any:
 @dataclass
 class DataConfig:
     data_dir: str = opt("data", "prepared data dir: train/<wnid>/, val/<wnid>/ (ImageNet) or cifar-10-batches-py/")
+    stage_data_to: str = opt("", "node-local folder (e.g. '$TMPDIR', in single quotes: each node expands its own) to "
+                                 "which train and eval copy the data dir's archives or shards once per node, verified, "
+                                 "and read them from; empty: read the data dir in place")
     dataset: Literal["imagenet", "cifar10"] = opt("imagenet", "which dataset the data dir holds")
     workers: int = opt(4, "worker processes: data loading per training process, or class extraction in prep")
     train_crop_size: int = opt(224, "RandomResizedCrop output size, pixels (CIFAR recipes use 32)")

@@ -7,7 +7,8 @@ Contract between the stages (train and eval write, report reads):
   ``torchvision``, ``cuda``, ``cudnn``, ``device_type``, ``device_name``, ``hostname`` (rank 0), ``hosts``
   (every node), ``rank_hosts`` (host of each rank), ``world_size``,
   ``nodes``, ``seed``, ``started_at`` (ISO 8601, the run's first start); after a resume also ``resumed_at``
-  (this job's start) and ``resumes`` (how many jobs continued the run).
+  (this job's start) and ``resumes`` (how many jobs continued the run); a job that read a staged copy
+  (--stage-data-to) adds ``data_dir`` (the data dir staged) and ``staged_data_dir`` (the copy), as does eval.json.
 - ``epochs.csv``: one row per finished epoch, rank 0 only, columns ``EPOCH_COLUMNS``.
 - ``perf.csv``: one row per performance-mode run (``--max-steps``), columns ``PERF_COLUMNS``.
 - ``eval.json``: exact counts of the eval stage, keys ``EVAL_KEYS``.

@@ -56,6 +56,8 @@ SHOWN_REDACTED = {"url": redact_url, "header": redact_header}  # may hold a toke
 UNIT_INTERVAL = {"random_erase": "a probability", "warmup_decay": "a fraction of lr",
                  "ema_decay": "a decay per update", "ema_decay_per_image": "a decay before the adjustment for scale"}
 BELOW_ONE = {"label_smoothing": "1 would make every target uniform"}
+VARIABLE = r"\$(?:[A-Za-z_]\w*|\{[A-Za-z_]\w*\})"  # $NAME or ${NAME}: expanded by each node, never a shell
+STAGE_DEST = re.compile(rf"(?:/|{VARIABLE})(?:[^$`]|{VARIABLE})*")
 
 
 def validate(cfg: Config, stages: Iterable[str] | None = None) -> None:
@@ -117,6 +119,10 @@ def _check_field(section: str, name: str, value: Any) -> None:
         raise ConfigError(f"{where} = {value}: must lie in [0, 1] ({UNIT_INTERVAL[name]})")
     if name in BELOW_ONE and not 0 <= value < 1:
         raise ConfigError(f"{where} = {value}: must lie in [0, 1) ({BELOW_ONE[name]})")
+    if name == "stage_data_to" and value and not STAGE_DEST.fullmatch(value):
+        raise ConfigError(f"{where} = {value!r}: pass an absolute path, or one that starts with a variable every node "
+                          "sets, e.g. '$TMPDIR/imagenet' in single quotes (each node expands its own); '$' may only "
+                          "begin $NAME or ${NAME}")
 
 
 def _check_relations(cfg: Config, checks: set[str]) -> None:

@@ -36,6 +36,7 @@ from pipeline.core.stage_process import stage_process
 from pipeline.data.loaders import (DeviceBatcher, build_val_loader, cpu_decoded_images, dataset_info, device_batcher,
                                    skipped_images)
 from pipeline.data.prefetch import DeviceInputs
+from pipeline.data.staging import as_given
 from pipeline.models.registry import build_model, read_state_dict
 from pipeline.core.checkpoint_file import (BEST, CheckpointError, NotATrainingCheckpointError, checkpoint_dir,
                                            load_checkpoint)
@@ -162,6 +163,6 @@ def _evaluate(cfg: Config, env: distributed.DistEnv, device: torch.device) -> di
     distributed.on_main_process(log.info, result.line())
     record = {"checkpoint": str(path), "weights": cfg.eval.weights, "top1_correct": result.top1_correct,
               "top5_correct": result.top5_correct, "total": result.total, "acc1": result.acc1, "acc5": result.acc5,
-              "loss": result.loss, "world_size": env.world_size}
+              "loss": result.loss, "world_size": env.world_size, **as_given(cfg)[1]}
     distributed.on_main_process(write_record, Path(cfg.train.run_dir) / EVAL_FILE, record)
     return record

@@ -54,6 +54,7 @@ from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF
 from pipeline.core.stage_process import stage_process
 from pipeline.core.validate import check_trackers_installed
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
+from pipeline.data.staging import as_given
 from pipeline.eval.evaluate import EvalResult, validate
 from pipeline.models.registry import build_model
 from pipeline.train import tracking, watchdog
@@ -122,7 +123,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: distributed.DistEnv, device: torch.device):
         cfg = with_lr_for_batch(cfg, env.world_size)
-        self.cfg, self.env, self.device = cfg, env, device
+        self.env, self.device = env, device
+        # the run's config as recorded: a staged copy's data dir gives way to its source (the loaders below read cfg)
+        self.cfg, self.staged = as_given(cfg)
         self.run_dir = Path(cfg.train.run_dir)
         self.info = dataset_info(cfg)
         self.perf_mode = cfg.train.max_steps > 0
@@ -200,7 +203,7 @@ class Trainer:
             record.update(data_provenance(self.cfg))
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
-            write_record(self.run_dir / PROVENANCE_FILE, record)
+            write_record(self.run_dir / PROVENANCE_FILE, {**record, **self.staged})
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": rounded(tp.img_per_s_all_ranks, 2),
