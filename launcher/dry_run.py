@@ -37,11 +37,11 @@ PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of t
                 "random suffix to the run id)")
 
 def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backend, out: TextIO) -> None:
-    node_cpus = backend.cpu_cap(cfg)
-    backend.cpu_warnings(cfg, stages, node_cpus, out)
+    backend.cpu_warnings(cfg, stages, out)
     for i, stage in enumerate(stages):
         after = f"<{stages[i - 1]} job id>" if i and backend.queued else None
-        out.write(backend.render(cfg, stage, backend.parameters(cfg, stage, after=after, node_cpus=node_cpus)))
+        params = backend.parameters(cfg, stage, after=after, node_cpus=backend.cpu_cap(cfg, stage))
+        out.write(backend.render(cfg, stage, params) + backend.request_text(cfg, stage, params))
         row = STAGES[stage]
         if not row.torchrun:
             out.write(f"===== {stage}: the job's one process runs {row.door_text()} =====\n")
