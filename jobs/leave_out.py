@@ -25,6 +25,7 @@ log = logging.getLogger("jobs.node")
 EXCLUDED_FILE = "excluded_hosts.json"  # in the run dir: {"schema": 1, "hosts": [{host, job, reason, at}, ...]}
 SCHEMA = 1
 CALL_TIMEOUT_S = 60
+UPDATE_WITHIN_S = 20  # how long to keep asking Slurm to take the excluded nodes after the requeue, s
 
 
 class Requeued(SystemExit):
@@ -48,13 +49,24 @@ def read_excluded(run_dir: str | Path) -> list[dict[str, Any]]:
         return []
 
 
+def scontrol(*args: str) -> str:
+    """Run scontrol; its error text, empty on success."""
+    result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
+    return "" if result.returncode == 0 else (result.stderr or result.stdout).strip() or f"status {result.returncode}"
+
+
 def slurm_requeue_excluding(job_id: str, hosts: Sequence[str]) -> None:
-    """Requeue the running job, then set its excluded nodes while it completes."""
-    for args in (["scontrol", "requeue", job_id], ["scontrol", "update", f"JobId={job_id}",
-                                                    f"ExcNodeList={','.join(hosts)}"]):
-        result = subprocess.run(args, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
-        if result.returncode != 0:
-            raise RuntimeError(f"`{' '.join(args)}` failed: {(result.stderr or result.stdout).strip()}")
+    """Requeue the running job, then set its excluded nodes as soon as Slurm takes them (once it is no longer
+    running: at once, or within a few seconds), before the job may start again."""
+    error = scontrol("requeue", job_id)
+    if error:
+        raise RuntimeError(f"scontrol requeue {job_id} failed: {error}")
+    deadline = time.monotonic() + UPDATE_WITHIN_S
+    while error := scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(hosts)}"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id} was requeued, but Slurm did not take ExcNodeList={','.join(hosts)} "
+                               f"within {UPDATE_WITHIN_S} s: {error}")
+        time.sleep(0.2)
 
 
 REQUEUE_EXCLUDING: dict[str, Callable[[str, Sequence[str]], None]] = {"slurm": slurm_requeue_excluding}
@@ -90,8 +102,8 @@ def leave_out_and_requeue(run_dir: str | Path, env: JobEnv, marker: Path, limit:
     rows = read_excluded(run_dir) + [{"host": host, "job": env.unique_id, "reason": message, "at": time.time()}
                                      for host in hosts if host not in earlier]
     leave = sorted(set(earlier) | set(hosts))
-    REQUEUE_EXCLUDING[env.cluster](env.unique_id, leave)
     atomic_write_text(Path(run_dir) / EXCLUDED_FILE, json.dumps({"schema": SCHEMA, "hosts": rows}, indent=2) + "\n")
+    REQUEUE_EXCLUDING[env.cluster](env.unique_id, leave)
     log.warning("the pre-flight named %s: job %s requeued without %s (%d of at most %d hosts; %s)",
                 ", ".join(hosts), env.unique_id, ",".join(leave), len(leave), limit,
                 Path(run_dir) / EXCLUDED_FILE)
