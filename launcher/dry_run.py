@@ -49,6 +49,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
         nodes, nproc, _ = stage_resources(cfg, stage)
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
+        if cfg.launch.container:
+            out.write(f"  inside {cfg.launch.container}, where python is the image's python3\n")
         if row.on_preemption == "save":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
                       if cfg.train.resume in ("", "auto") else

@@ -240,7 +240,7 @@ def test_whole_pipeline_runs_as_a_chain_of_dependent_jobs(launcher, tmp_path):
     run_dir = tmp_path / "run"
     result = launcher("--stage", "all", "--nodes", 2, "--procs-per-node", 1, "--archive-dir", archives,
                       "--skip-checksum", "--data-dir", tmp_path / "data", "--run-dir", run_dir, "--epochs", 1,
-                      "--preflight-timeout-s", 0, *TINY, timeout_s=420)
+                      "--preflight-timeout-s", 0, "--eval-nodes", 2, *TINY, timeout_s=420)  # eval: 1 node unless told
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr
     prep, train, evaluate, report = launcher.job_ids
     for parent, child in ((prep, train), (train, evaluate), (evaluate, report)):

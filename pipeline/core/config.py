@@ -187,6 +187,7 @@ REQUEST_STAGES = ("download", "prep", "eval", "report")  # train's request is [l
 
 
 def request_table(stage: str) -> Any:
+    """The field of a stage's request table in [launch] (its flags: --<stage>-<key>)."""
     return field(default_factory=StageRequest, metadata={"help": f"the {stage} job's own request"})
 
 

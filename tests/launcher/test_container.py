@@ -45,6 +45,7 @@ def test_every_process_of_a_slurm_job_runs_in_the_image(no_slurm_path, tmp_path,
     for stage, gpu in (("prep", ""), ("train", "--nv "), ("eval", "--nv "), ("report", "")):
         assert srun_line(out, stage).endswith(f" $CONTAINER_RUNTIME exec {gpu}--bind {binds} {image} python3 -u -m "
                                               f"submitit.core._submit {run_dir}/logs/%j")
+    assert f"  inside {image}, where python is the image's python3" in out
     setup = out.split("===== train: sbatch script")[1].split("# command")[0]
     assert re.search(r"^CONTAINER_RUNTIME=\$\(command -v apptainer \|\| command -v singularity\) \|\| \{ echo .*"
                      r"exit 2; \}$", setup, re.M)
