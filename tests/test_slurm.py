@@ -130,7 +130,8 @@ def test_partition_that_does_not_exist_submits_nothing(launcher, tmp_path):
     launcher.partition = "no-such-partition"
     result = launcher("--stage", "all", "--archive-dir", archives, "--run-dir", tmp_path / "run")
     assert result.returncode == 2
-    assert "partition 'no-such-partition' does not exist on this cluster; known partitions: ['debug', 'cpu']" in result.stderr
+    assert ("partition 'no-such-partition' does not exist on this cluster; known partitions: ['debug', 'cpu']"
+            in result.stderr)
     assert not launcher.job_ids and not (tmp_path / "run" / "logs").exists()
 
 
