@@ -67,11 +67,13 @@ def sweep_dir_config(cfg: Config) -> Config:
 def job_arrays(plans: Sequence[SweepPlan], backend: Backend) -> list[JobArray]:
     """The points grouped by their train job's scheduler parameters, in the order of their first point."""
     groups: dict[str, JobArray] = {}
-    for plan in plans:
-        params = backend.parameters(plan.cfg, "train", node_cpus=backend.cpu_cap(plan.cfg, "train"))
+    for plan in plans:  # the sweep dir as run dir: what the job is given of its folders (--container binds them)
+        # is the same for all its points
+        cfg = sweep_dir_config(plan.cfg)
+        params = backend.parameters(cfg, "train", node_cpus=backend.cpu_cap(cfg, "train"))
         key = repr((sorted(params.items()), plan.cfg.launch.max_requeues))  # the executor's, not a job option
         if key not in groups:
-            groups[key] = JobArray([], params, sweep_dir_config(plan.cfg))
+            groups[key] = JobArray([], params, cfg)
         groups[key].plans.append(plan)
     for group in groups.values():
         group.params["array_parallelism"] = min(group.cfg.launch.array_parallelism or len(group.plans),

@@ -93,3 +93,14 @@ def test_a_local_job_runs_through_the_runtime(tmp_path, monkeypatch, capsys):
     assert call.startswith(f"exec --bind {REPO_ROOT},{run_dir},{data},{archives} {image} python3 -u -m "
                            "submitit.core._submit")
     assert (data / "classes.tsv").is_file()
+
+
+def test_a_sweeps_points_share_one_array_that_binds_the_sweep_dir(no_slurm_path, tmp_path, capsys):
+    image, sweep_dir = tmp_path / "img", tmp_path / "sweep"
+    image.mkdir()
+    code, out, _ = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--container", image,
+                            "--sweep", "model=resnet18,resnet50", "--run-dir", sweep_dir)
+    assert code == 0 and "train 1 of 1: a job array, 2 points" in out
+    array = out.split("===== train 1 of 1")[1].split("=====")[1]
+    (line,) = [line for line in array.splitlines() if line.startswith("srun ")]
+    assert f" --bind {REPO_ROOT},{sweep_dir}," in line  # every point's run dir lies in it
