@@ -58,11 +58,12 @@ BELOW_ONE = {"label_smoothing": "1 would make every target uniform"}
 def validate(cfg: Config, stages: Iterable[str] | None = None) -> None:
     """Raise ConfigError with one line saying what to change at the first value the ``stages`` (default: those of
     --stage all) cannot run with; each stage's row in pipeline.core.stages names the groups of checks it needs."""
-    checks = checks_of(set(stages if stages is not None else (n for n, s in STAGES.items() if s.in_all(cfg))))
+    chosen = set(stages if stages is not None else (n for n, s in STAGES.items() if s.in_all(cfg)))
+    checks = checks_of(chosen)
     for section, name, value in _fields(cfg):
         _check_field(section, name, value)
     _check_relations(cfg, checks)
-    check_stage_requests(cfg)
+    check_stage_requests(cfg, chosen)
     check_folders(cfg)
     check_container(cfg)
     if TRACKERS in checks:
@@ -159,9 +160,9 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
                           "on CPU use --no-sync-bn")
 
 
-def check_stage_requests(cfg: Config) -> None:
-    """[launch.<stage>] values: 0 or empty takes the default; nodes only for torchrun stages; a time limit longer
-    than the warning signal's delay."""
+def check_stage_requests(cfg: Config, stages: set[str]) -> None:
+    """[launch.<stage>] values: 0 or empty takes the default; nodes only for torchrun stages; the time limit of each
+    of ``stages`` longer than the warning signal's delay."""
     for stage in REQUEST_STAGES:
         request = getattr(cfg.launch, stage)
         for key in REQUEST_KEYS:
@@ -176,8 +177,9 @@ def check_stage_requests(cfg: Config) -> None:
         if request.nodes > 1 and not STAGES[stage].torchrun:
             raise ConfigError(f"launch.{stage}.nodes (--{stage}-nodes) = {request.nodes}: the {stage} job runs one "
                               "process on one node; leave it 0")
-        if request.time and request.time * 60 <= cfg.launch.signal_delay_s:
-            raise ConfigError(f"launch.{stage}.time (--{stage}-time) = {request.time} min is not longer than "
+        minutes = request.time or STAGES[stage].time_min  # else [launch] time, checked with the relations
+        if stage in stages and minutes and minutes * 60 <= cfg.launch.signal_delay_s:
+            raise ConfigError(f"launch.{stage}.time (--{stage}-time) = {minutes} min is not longer than "
                               f"launch.signal_delay_s = {cfg.launch.signal_delay_s} s; raise it")
 
 
