@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,13 @@ shift
 shift
 exec {python} "$@"
 """
+
+
+def stand_in_runtime(bin_dir: Path, image: Path, log: Path) -> None:
+    """``bin_dir/apptainer``: checks what a runtime is given, logs it, runs the rest as the image's python3."""
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(STAND_IN.format(log=log, image=image, python=sys.executable))
+    (bin_dir / "apptainer").chmod(0o755)
 
 
 def srun_line(out: str, stage: str) -> str:
@@ -82,9 +90,7 @@ def test_a_local_job_runs_through_the_runtime(tmp_path, monkeypatch, capsys):
     make_imagenet_archives(archives, num_classes=2, train_per_class=3, val_per_class=1)
     image.mkdir()
     bin_dir, log = tmp_path / "bin", tmp_path / "runtime.log"
-    bin_dir.mkdir()
-    (bin_dir / "apptainer").write_text(STAND_IN.format(log=log, image=image, python=sys.executable))
-    (bin_dir / "apptainer").chmod(0o755)
+    stand_in_runtime(bin_dir, image, log)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     code, out, err = run_main(capsys, "--stage", "prep", "--executor", "local", "--container", image,
                               "--archive-dir", archives, "--data-dir", data, "--run-dir", run_dir, "--skip-checksum")

@@ -1,12 +1,16 @@
 """On the real two-node Slurm test cluster (.ci/slurm: partitions debug and cpu): a prep job goes to its own
-partition without GPUs and runs with srun's CPU binding; a requeue leaves out the host the pre-flight named."""
+partition without GPUs and runs with srun's CPU binding; a job runs through the container runtime its node finds;
+a requeue leaves out the host the pre-flight named."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from jobs.leave_out import EXCLUDED_FILE
+from jobs.torchrun import REPO_ROOT
+from test_container import stand_in_runtime
 from test_slurm import TINY, epoch_rows, job_fields, launcher, slurm_cluster, tiny_data  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slurm
@@ -26,6 +30,24 @@ def test_a_prep_job_asks_its_own_partition_for_cpus_and_no_gpu(launcher, tmp_pat
     assert "gpu" not in fields["TRES"] and fields["JobState"] == "COMPLETED"
     script = (run_dir / "logs" / job_id / f"{job_id}_submission.sh").read_text()
     assert " --cpu-bind cores " in script and (tmp_path / "data" / "classes.tsv").is_file()  # bound, and it ran
+
+
+def test_a_slurm_job_runs_in_the_container_its_node_finds(launcher, tmp_path, monkeypatch):
+    """The runtime is found by the job's shell on its node (here a stand-in apptainer on the PATH the job gets)."""
+    from pipeline.prep.synthetic import make_imagenet_archives
+
+    archives, data, run_dir, image = tmp_path / "archives", tmp_path / "data", tmp_path / "run", tmp_path / "img"
+    make_imagenet_archives(archives, num_classes=2, train_per_class=3, val_per_class=1)
+    image.mkdir()
+    log = tmp_path / "runtime.log"
+    stand_in_runtime(tmp_path / "bin", image, log)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    result = launcher("--stage", "prep", "--container", image, "--archive-dir", archives, "--skip-checksum",
+                      "--data-dir", data, "--run-dir", run_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    (call,) = log.read_text().splitlines()
+    assert call.startswith(f"exec --bind {REPO_ROOT},{run_dir},{data},{archives} {image} python3 -u -m submitit")
+    assert (data / "classes.tsv").is_file()
 
 
 @pytest.mark.slow
