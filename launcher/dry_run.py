@@ -37,7 +37,7 @@ PLACEHOLDERS = ("NODE_RANK: 0..N-1 ($SLURM_NODEID); MASTER_ADDR: first host of t
                 "random suffix to the run id)")
 
 def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backend, out: TextIO) -> None:
-    backend.cpu_warnings(cfg, stages, out)
+    backend.request_warnings(cfg, stages, out)
     for i, stage in enumerate(stages):
         after = f"<{stages[i - 1]} job id>" if i and backend.queued else None
         params = backend.parameters(cfg, stage, after=after, node_cpus=backend.cpu_cap(cfg, stage))

@@ -40,7 +40,7 @@ def submit_chain(backend: Backend, cfg: Config, plan: list[tuple[str, Callable[[
     a refusal cancels the jobs already submitted."""
     backend.check_cluster(cfg)
     stages = [stage for stage, _ in plan]
-    backend.cpu_warnings(cfg, stages, out)
+    backend.request_warnings(cfg, stages, out)
     for stage in stages:
         backend.check_job(cfg, stage, backend.parameters(cfg, stage, node_cpus=backend.cpu_cap(cfg, stage)))
     submitted: list[Submitted] = []

@@ -99,7 +99,7 @@ def run_sweep(plans: Sequence[SweepPlan], backend: Backend, out: TextIO) -> int:
         for array in arrays:
             backend.check_cluster(array.cfg)
         for array in arrays:
-            backend.cpu_warnings(array.plans[0].cfg, ["train"], out)
+            backend.request_warnings(array.plans[0].cfg, ["train"], out)
             backend.check_job(array.cfg, "train", array.params, len(array.plans))
         write_manifest(sweep_dir, plans)
         return submit_arrays(arrays, sweep_dir, backend, out)

@@ -98,8 +98,9 @@ class Backend(abc.ABC):
         """The cap of the stage's default CPU request (``node_cpus``); None when its CPUs are given."""
         return None if stage_request(cfg, stage).cpus else self.node_cpus(cfg, stage)
 
-    def cpu_warnings(self, cfg: Config, stages: Sequence[str], out: TextIO) -> None:
-        """Say where a default CPU request is more than the nodes have (the request is capped)."""
+    def request_warnings(self, cfg: Config, stages: Sequence[str], out: TextIO) -> None:
+        """Say where a default CPU request is more than the nodes have (the request is capped), or a stage could
+        ask elsewhere."""
 
     def partition(self, cfg: Config, stage: str) -> str:
         """Where the stage's job queues, in the scheduler's words; empty: its default."""

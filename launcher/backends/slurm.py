@@ -96,7 +96,7 @@ class SlurmBackend(Backend):
             self._node_cpus[partition] = node_cpus(partition)
         return self._node_cpus[partition]
 
-    def cpu_warnings(self, cfg: Config, stages: Sequence[str], out: TextIO) -> None:
+    def request_warnings(self, cfg: Config, stages: Sequence[str], out: TextIO) -> None:
         for stage in stages:
             wanted = None if stage_request(cfg, stage).cpus else default_cpus(cfg, stage)
             most = self.node_cpus(cfg, stage) if wanted else None
@@ -106,6 +106,15 @@ class SlurmBackend(Backend):
                 out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
                           f"partition {self.partition(cfg, stage) or '(default)'} have at most {most}; it asks for "
                           f"{most} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
+        gpu_stages = [stage for stage in stages if stage_resources(cfg, stage).gpus_per_node]
+        shared = [stage for stage in stages if not stage_resources(cfg, stage).gpus_per_node and cfg.slurm.partition
+                  and not own_request(cfg, stage).partition]
+        if gpu_stages and shared:
+            flags = ", ".join(f"--{stage}-partition" for stage in shared)
+            jobs = f"the {' and '.join(shared)} job{'s ask' if len(shared) > 1 else ' asks'}"
+            out.write(f"note: {jobs} for no GPU but queue{'s' if len(shared) == 1 else ''} in partition "
+                      f"{cfg.slurm.partition} with the {gpu_stages[0]} job; {flags} NAME send them to a CPU "
+                      "partition\n")
 
     def check_cluster(self, cfg: Config) -> None:
         check_partition(cfg.slurm.partition)

@@ -34,6 +34,14 @@ def test_a_chain_sends_each_stage_where_it_belongs_with_what_it_uses(no_slurm_pa
     assert asks["prep"] == "1 node(s) x 1 process(es), no GPUs, 4 CPUs per node, 1440 min, partition cpu"
     assert asks["train"] == "2 node(s) x 4 process(es), 4 GPU(s) per node, 16 CPUs per node, 1440 min, partition gpu"
     assert asks["eval"].startswith("1 node(s) x 4 process(es), 4 GPU(s) per node")
+    assert "note: the report job asks for no GPU but queues in partition gpu with the train job; --report-partition" in out
+
+
+def test_a_chain_without_a_partition_per_stage_says_how_to_give_one(no_slurm_path, tmp_path, capsys):
+    code, out, _ = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--partition", "gpu",
+                            "--run-dir", tmp_path / "run")
+    assert code == 0 and ("note: the prep and report jobs ask for no GPU but queue in partition gpu with the train "
+                          "job; --prep-partition, --report-partition NAME send them to a CPU partition") in out
 
 
 def test_a_config_files_stage_tables_and_the_flags_over_them(no_slurm_path, tmp_path, capsys):
