@@ -59,7 +59,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
             if nodes * nproc > 1 and cfg.launch.preflight_timeout_s:
                 out.write("  each training process first runs the pre-flight (jobs.preflight, asked for through "
                           f"$JOBS_PREFLIGHT_DIR): an all-reduce over all {nodes * nproc} ranks, bounded by "
-                          f"{cfg.launch.preflight_timeout_s} s\n")
+                          f"{cfg.launch.preflight_timeout_s} s; hosts it names are left out of a requeue "
+                          f"(jobs/leave_out.py), at most {cfg.launch.max_excluded_hosts} (--max-excluded-hosts)\n")
     try:
         check_inputs(stages, cfg, run_dirs)
     except StageInputError as exc:
