@@ -30,14 +30,15 @@ from typing import Any, Sequence, TextIO
 from jobs.stages import check_inputs, stage_chain
 from launcher import backends, sweep_jobs
 from launcher.backends import Backend
+from launcher.container import check_image
 from launcher.dry_run import dry_run
 from launcher.executors import LaunchError
 from launcher.follow import StageFailed
 from launcher.submit import run_chain
 from launcher.sweep import add_sweep_arguments, sweep_points
 from launcher.sweep_jobs import SweepPlan
-from pipeline.core.config import (FIELDS, LAUNCH_SECTIONS, Config, LaunchConfig, add_config_arguments, build_config,
-                                  read_toml)
+from pipeline.core.config import (LAUNCH_SECTIONS, Config, LaunchConfig, add_config_arguments, build_config,
+                                  flag_values, read_toml)
 from pipeline.core.errors import UserError
 from pipeline.core.records import CONFIG_FILE
 from pipeline.core.stages import STAGES
@@ -76,7 +77,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
         prep=dataclasses.replace(cfg.prep, archive_dir=str(Path(absolute["archive_dir"]).absolute())),
         train=dataclasses.replace(cfg.train, run_dir=str(Path(absolute["run_dir"]).absolute())),
         eval=dataclasses.replace(cfg.eval, checkpoint=_absolute_if_file(cfg.eval.checkpoint)),
-        model=dataclasses.replace(cfg.model, pretrained=_absolute_if_file(cfg.model.pretrained)))
+        model=dataclasses.replace(cfg.model, pretrained=_absolute_if_file(cfg.model.pretrained)),
+        launch=dataclasses.replace(cfg.launch, container=_absolute_if_file(cfg.launch.container)))
     return cfg, [str(Path(d).absolute()) for d in (run_dirs or [cfg.train.run_dir])]
 
 
@@ -86,7 +88,7 @@ def config_layers(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict
     Without --config, eval and report read the run dir's resolved config.toml, so they see the data dir, crops
     and precision the run trained with; its [launch] and [slurm] tables are left out (how to run this job, --detach or
     --nodes, is this command's business)."""
-    cli = {name: value for name, value in vars(args).items() if name in FIELDS}
+    cli = flag_values(args)
     if args.config:
         return read_toml(args.config), cli, str(args.config)
     run_config = Path(getattr(args, "run_dir", "")) / CONFIG_FILE
@@ -128,6 +130,7 @@ def run_sweep(args: argparse.Namespace, out: TextIO) -> int:
     for plan in plans:
         check_launch(plan.cfg.launch, ["train"], backend)
         backends.check_options(plan.cfg)
+        check_image(plan.cfg)
     return sweep_jobs.run_sweep(plans, backend, out)
 
 
@@ -145,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = backends.choose(cfg.launch.executor, out)
         check_launch(cfg.launch, stages, backend)
         backends.check_options(cfg)
+        check_image(cfg)
         if cfg.launch.dry_run:
             dry_run(cfg, stages, run_dirs, backend, out)
             return 0

@@ -47,11 +47,12 @@ def preflight_env(folder: str | Path, hosts: Sequence[str]) -> dict[str, str]:
     return {DIR_ENV: str(folder), HOSTS_ENV: ",".join(hosts)}
 
 
-def record_failure(marker: Path | None, code: int, message: str) -> None:
+def record_failure(marker: Path | None, code: int, message: str, hosts: Sequence[str] = ()) -> None:
+    """failed.json: the exit status, the message and the hosts it names (jobs/leave_out.py leaves them out)."""
     if marker is not None:
         from pipeline.core.atomic import atomic_write_text
 
-        atomic_write_text(marker, json.dumps({"code": code, "message": message}))
+        atomic_write_text(marker, json.dumps({"code": code, "message": message, "hosts": list(hosts)}))
 
 
 def environment_record(backend: str, device: Any) -> dict[str, Any]:
@@ -103,11 +104,12 @@ class Watchdog(threading.Thread):
     def ranks_with(self, prefix: str) -> set[int]:
         return {int(p.stem.split("_")[1]) for p in self.folder.glob(f"{prefix}_*.json")}
 
+    def host(self, rank: int) -> str:
+        node = rank // max(self.local_world_size, 1)
+        return self.hosts[node] if node < len(self.hosts) else f"node {node}"
+
     def describe(self, ranks: Sequence[int]) -> str:
-        def host(rank: int) -> str:
-            node = rank // max(self.local_world_size, 1)
-            return self.hosts[node] if node < len(self.hosts) else f"node {node}"
-        return ", ".join(f"rank {r} ({host(r)})" for r in ranks)
+        return ", ".join(f"rank {r} ({self.host(r)})" for r in ranks)
 
     def give_up(self, cause: str = "") -> None:
         """End the process, naming the ranks that never arrived, else those that did not finish."""
@@ -121,7 +123,7 @@ class Watchdog(threading.Thread):
         message = (f"pre-flight failed after {time.monotonic() - self.start_time:.0f} s: no answer from {what}; "
                    f"heartbeats in {self.folder}{f' ({cause})' if cause else ''}")
         log.error("%s", message)
-        record_failure(self.marker, EXIT_NO_ANSWER, message)
+        record_failure(self.marker, EXIT_NO_ANSWER, message, sorted({self.host(r) for r in absent or stuck}))
         logging.shutdown()
         os._exit(EXIT_NO_ANSWER)
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from jobs import failures
 from jobs.job_env import JobEnv, job_env
+from jobs.leave_out import leave_out_and_requeue
 from jobs.preflight import FAILED_FILE, preflight_env
 from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
@@ -92,8 +93,9 @@ def node_rendezvous(env: JobEnv) -> Rendezvous:
 
 
 def node_hosts(env: JobEnv) -> list[str]:
-    """Host of each node rank, for messages that name the node a silent rank lives on."""
-    return [socket.gethostname()] if env.num_nodes == 1 else list(env.hostnames)
+    """Host of each node rank in the scheduler's names (those it can leave out of a requeue), for messages that
+    name the node a silent rank lives on."""
+    return list(env.hostnames)
 
 
 def torchrun_command(*, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
@@ -303,9 +305,12 @@ class TorchrunJob:
         if returncode != 0:
             assert self._running is not None
             what = "pre-flight" if (preflight_dir / FAILED_FILE).exists() else self.stage
+            kept = (leave_out_and_requeue(self.cfg.train.run_dir, job, preflight_dir / FAILED_FILE,
+                                          launch.max_excluded_hosts) if what == "pre-flight" else "")
             first = failures.read_failures(failure_dir)
-            raise WorkerFailedError(failure_report(what, returncode, list(self._running.tail), log_dir,
-                                                   rdzv, launch.max_restarts, first[0] if first else None))
+            report = failure_report(what, returncode, list(self._running.tail), log_dir, rdzv, launch.max_restarts,
+                                    first[0] if first else None)
+            raise WorkerFailedError(f"{report}\nno requeue without the named hosts: {kept}" if kept else report)
         return {"stage": self.stage, "node": rdzv.node_rank, "host": socket.gethostname(), "world_size": world,
                 "log_dir": str(log_dir)}
 

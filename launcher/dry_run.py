@@ -40,11 +40,11 @@ DATA_STAGES = {"prep": "writes", "train": "reads", "eval": "reads"}  # stage: wh
 
 
 def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backend, out: TextIO) -> None:
-    node_cpus = backend.cpu_cap(cfg)
-    backend.cpu_warnings(cfg, stages, node_cpus, out)
+    backend.request_warnings(cfg, stages, out)
     for i, stage in enumerate(stages):
         after = f"<{stages[i - 1]} job id>" if i and backend.queued else None
-        out.write(backend.render(cfg, stage, backend.parameters(cfg, stage, after=after, node_cpus=node_cpus)))
+        params = backend.parameters(cfg, stage, after=after, node_cpus=backend.cpu_cap(cfg, stage))
+        out.write(backend.render(cfg, stage, params) + backend.request_text(cfg, stage, params))
         row = STAGES[stage]
         if stage in DATA_STAGES:
             out.write(f"===== {stage}: {DATA_STAGES[stage]} the {cfg.data.layout!r} layout in {cfg.data.data_dir} "
@@ -59,6 +59,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
             out.write(f"===== {stage}: {describe(cfg.data.data_dir, cfg.data.stage_data_to)} =====\n")
         out.write(f"===== {stage}: each of the {nodes} node(s) runs one torchrun =====\n"
                   f"{node_command(cfg, stage)}\n  {PLACEHOLDERS}\n")
+        if cfg.launch.container:
+            out.write(f"  inside {cfg.launch.container}, where python is the image's python3\n")
         if row.on_preemption == "save":
             out.write("  training resumes from the newest valid checkpoint in the run dir (resume = auto)\n"
                       if cfg.train.resume in ("", "auto") else
@@ -67,7 +69,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
             if nodes * nproc > 1 and cfg.launch.preflight_timeout_s:
                 out.write("  each training process first runs the pre-flight (jobs.preflight, asked for through "
                           f"$JOBS_PREFLIGHT_DIR): an all-reduce over all {nodes * nproc} ranks, bounded by "
-                          f"{cfg.launch.preflight_timeout_s} s\n")
+                          f"{cfg.launch.preflight_timeout_s} s; hosts it names are left out of a requeue "
+                          f"(jobs/leave_out.py), at most {cfg.launch.max_excluded_hosts} (--max-excluded-hosts)\n")
     try:
         check_inputs(stages, cfg, run_dirs)
     except StageInputError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from jobs.torchrun import REPO_ROOT
-from pipeline.core.config import Config
+from pipeline.core.config import REQUEST_STAGES, Config, StageRequest
 from pipeline.core.errors import UserError
 from pipeline.core.stages import STAGES
 
@@ -27,12 +27,34 @@ class Resources(NamedTuple):
     gpus_per_node: int  # CUDA devices to request (NPUs are a Slurm generic resource: [slurm] npu_gres)
 
 
+class Request(NamedTuple):
+    """The rest of a stage's request: its own ([launch.<stage>]), else the stage table's default, else [launch]."""
+
+    time: int  # minutes
+    mem: str  # per node; empty: the scheduler's default
+    cpus: int  # per node task, as given (the stage's own, else --cpus-per-task); 0: the stage's default
+
+
+def own_request(cfg: Config, stage: str) -> StageRequest:
+    """[launch.<stage>] (train has none: its request is [launch] itself)."""
+    return getattr(cfg.launch, stage) if stage in REQUEST_STAGES else StageRequest()
+
+
+def stage_request(cfg: Config, stage: str) -> Request:
+    own = own_request(cfg, stage)
+    return Request(time=own.time or STAGES[stage].time_min or cfg.launch.time, mem=own.mem or cfg.launch.mem,
+                   cpus=own.cpus or cfg.launch.cpus_per_task)
+
+
 def stage_resources(cfg: Config, stage: str) -> Resources:
-    """(nodes, processes per node, GPUs per node to request) of a stage's job."""
-    if not STAGES[stage].torchrun:
+    """(nodes, processes per node, GPUs per node to request) of a stage's job: one-process stages ask for no GPU,
+    eval for one node unless [launch.eval] nodes says more."""
+    row = STAGES[stage]
+    if not row.torchrun:
         return Resources(1, 1, 0)
     nproc = cfg.launch.gpus_per_node
-    return Resources(cfg.launch.nodes, nproc, nproc if cfg.train.device in ("auto", "cuda") else 0)
+    nodes = own_request(cfg, stage).nodes or (cfg.launch.nodes if row.nodes == "launch" else 1)
+    return Resources(nodes, nproc, nproc if cfg.train.device in ("auto", "cuda") else 0)
 
 
 def default_cpus(cfg: Config, stage: str) -> int | None:

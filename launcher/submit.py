@@ -39,16 +39,15 @@ def submit_chain(backend: Backend, cfg: Config, plan: list[tuple[str, Callable[[
     """Every stage's job at once, each waiting on the one before, after the scheduler has accepted each script;
     a refusal cancels the jobs already submitted."""
     backend.check_cluster(cfg)
-    node_cpus = backend.cpu_cap(cfg)
     stages = [stage for stage, _ in plan]
-    backend.cpu_warnings(cfg, stages, node_cpus, out)
+    backend.request_warnings(cfg, stages, out)
     for stage in stages:
-        backend.check_job(cfg, stage, backend.parameters(cfg, stage, node_cpus=node_cpus))
+        backend.check_job(cfg, stage, backend.parameters(cfg, stage, node_cpus=backend.cpu_cap(cfg, stage)))
     submitted: list[Submitted] = []
     try:
         for stage, fn in plan:
             after = submitted[-1].job.job_id if submitted else None
-            submitted.append(submit(backend, cfg, stage, fn, after, out, node_cpus))
+            submitted.append(submit(backend, cfg, stage, fn, after, out, backend.cpu_cap(cfg, stage)))
     except LaunchError:
         backend.cancel([s.job.job_id for s in submitted])
         raise

@@ -45,7 +45,6 @@ class JobArray:
     plans: list[SweepPlan]
     params: dict[str, Any]  # submitit's, the throttle included
     cfg: Config  # the first point's, with the sweep dir as run dir: the array's logs go there
-    node_cpus: int | None  # the most a node of its partition has
 
     @property
     def names(self) -> str:
@@ -68,12 +67,13 @@ def sweep_dir_config(cfg: Config) -> Config:
 def job_arrays(plans: Sequence[SweepPlan], backend: Backend) -> list[JobArray]:
     """The points grouped by their train job's scheduler parameters, in the order of their first point."""
     groups: dict[str, JobArray] = {}
-    for plan in plans:
-        node_cpus = backend.cpu_cap(plan.cfg)
-        params = backend.parameters(plan.cfg, "train", node_cpus=node_cpus)
+    for plan in plans:  # the sweep dir as run dir: what the job is given of its folders (--container binds them)
+        # is the same for all its points
+        cfg = sweep_dir_config(plan.cfg)
+        params = backend.parameters(cfg, "train", node_cpus=backend.cpu_cap(cfg, "train"))
         key = repr((sorted(params.items()), plan.cfg.launch.max_requeues))  # the executor's, not a job option
         if key not in groups:
-            groups[key] = JobArray([], params, sweep_dir_config(plan.cfg), node_cpus)
+            groups[key] = JobArray([], params, cfg)
         groups[key].plans.append(plan)
     for group in groups.values():
         group.params["array_parallelism"] = min(group.cfg.launch.array_parallelism or len(group.plans),
@@ -99,7 +99,7 @@ def run_sweep(plans: Sequence[SweepPlan], backend: Backend, out: TextIO) -> int:
         for array in arrays:
             backend.check_cluster(array.cfg)
         for array in arrays:
-            backend.cpu_warnings(array.plans[0].cfg, ["train"], array.node_cpus, out)
+            backend.request_warnings(array.plans[0].cfg, ["train"], out)
             backend.check_job(array.cfg, "train", array.params, len(array.plans))
         write_manifest(sweep_dir, plans)
         return submit_arrays(arrays, sweep_dir, backend, out)

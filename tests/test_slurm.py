@@ -130,7 +130,8 @@ def test_partition_that_does_not_exist_submits_nothing(launcher, tmp_path):
     launcher.partition = "no-such-partition"
     result = launcher("--stage", "all", "--archive-dir", archives, "--run-dir", tmp_path / "run")
     assert result.returncode == 2
-    assert "partition 'no-such-partition' does not exist on this cluster; known partitions: ['debug']" in result.stderr
+    assert ("partition 'no-such-partition' does not exist on this cluster; known partitions: ['debug', 'cpu']"
+            in result.stderr)
     assert not launcher.job_ids and not (tmp_path / "run" / "logs").exists()
 
 
@@ -240,7 +241,7 @@ def test_whole_pipeline_runs_as_a_chain_of_dependent_jobs(launcher, tmp_path):
     run_dir = tmp_path / "run"
     result = launcher("--stage", "all", "--nodes", 2, "--procs-per-node", 1, "--archive-dir", archives,
                       "--skip-checksum", "--data-dir", tmp_path / "data", "--run-dir", run_dir, "--epochs", 1,
-                      "--preflight-timeout-s", 0, *TINY, timeout_s=420)
+                      "--preflight-timeout-s", 0, "--eval-nodes", 2, *TINY, timeout_s=420)  # eval: 1 node unless told
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr
     prep, train, evaluate, report = launcher.job_ids
     for parent, child in ((prep, train), (train, evaluate), (evaluate, report)):

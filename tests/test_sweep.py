@@ -15,7 +15,7 @@ from launcher.backends import get_backend
 from launcher.executors import LaunchError
 from launcher.sweep import sweep_points
 from launcher.sweep_jobs import SweepPlan, point_failure, write_manifest
-from pipeline.core.config import Config
+from pipeline.core.config import FIELDS, Config
 from train_helpers import TINY_FLAGS, tiny_data
 
 
@@ -32,7 +32,7 @@ def test_two_keys_make_four_points_with_typed_values_and_named_run_dirs(tmp_path
     assert run_dirs == [str(tmp_path / "sw" / points[1].name)] and cfg.train.run_dir == run_dirs[0]
     assert cfg.model.model == "resnet18" and cfg.train.amp == "none"
     values = {name: getattr(getattr(cfg, section), name) for name, section in
-              [(n, launch.FIELDS[n][0]) for n in ("lr", "channels_last")]}
+              [(n, FIELDS[n][0]) for n in ("lr", "channels_last")]}
     assert values == {"lr": 0.1, "channels_last": True} and type(values["lr"]) is float
 
 

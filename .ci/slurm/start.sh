@@ -105,6 +105,8 @@ ReturnToService=2
 NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT+1)) CPUs=2 RealMemory=8000 State=UNKNOWN
 NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT+2)) CPUs=2 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
+# the same nodes again, for the tests of a stage sent to a partition of its own (--prep-partition cpu)
+PartitionName=cpu Nodes=node1,node2 Default=NO MaxTime=INFINITE State=UP
 CONF
 
 slurmctld -f "$CONF" || fail "slurmctld failed to start"

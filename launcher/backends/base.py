@@ -12,7 +12,8 @@ import abc
 import dataclasses
 from typing import Any, Callable, ClassVar, Sequence, TextIO
 
-from launcher.executors import LaunchError, job_folder, private_jobs_root, seal_job_inputs
+from launcher.executors import (LaunchError, job_folder, private_jobs_root, seal_job_inputs, stage_request,
+                                stage_resources)
 from pipeline.core.config import Config
 
 # A job's states, in Slurm's words; another scheduler maps its own onto them.
@@ -69,12 +70,15 @@ class Backend(abc.ABC):
         has (a default CPU request is capped there)."""
 
     @abc.abstractmethod
-    def make_executor(self, folder: str, cfg: Config) -> Any:
-        """The bare submitit executor writing its files into ``folder``."""
+    def make_executor(self, folder: str, cfg: Config, python: str | None = None) -> Any:
+        """The bare submitit executor writing its files into ``folder``; ``python``: the command that starts the
+        job's python (--container's runtime and image), None: this interpreter."""
 
     def executor(self, cfg: Config, params: dict[str, Any]) -> Any:
+        """The executor of a job with ``params`` (their ``python``, if any, is the executor's, not a parameter)."""
         private_jobs_root(cfg)
-        ex = self.make_executor(job_folder(cfg), cfg)
+        params = dict(params)
+        ex = self.make_executor(job_folder(cfg), cfg, params.pop("python", None))
         ex.update_parameters(**params)
         return ex
 
@@ -86,16 +90,32 @@ class Backend(abc.ABC):
         """One stage's job as the dry run shows it, heading included."""
         return f"===== {stage}: {self.name} executor on this machine, parameters {self.script(cfg, params)} =====\n"
 
-    def node_cpus(self, cfg: Config) -> int | None:
-        """The most CPUs a node the jobs may land on has, where the scheduler says; None: no cap."""
+    def node_cpus(self, cfg: Config, stage: str) -> int | None:
+        """The most CPUs a node the stage's job may land on has, where the scheduler says; None: no cap."""
         return None
 
-    def cpu_cap(self, cfg: Config) -> int | None:
-        """The cap of a default CPU request (``node_cpus``); None when --cpus-per-task names the request."""
-        return None if cfg.launch.cpus_per_task else self.node_cpus(cfg)
+    def cpu_cap(self, cfg: Config, stage: str) -> int | None:
+        """The cap of the stage's default CPU request (``node_cpus``); None when its CPUs are given."""
+        return None if stage_request(cfg, stage).cpus else self.node_cpus(cfg, stage)
 
-    def cpu_warnings(self, cfg: Config, stages: Sequence[str], node_cpus: int | None, out: TextIO) -> None:
-        """Say where a default CPU request is more than the nodes have (the request is capped)."""
+    def request_warnings(self, cfg: Config, stages: Sequence[str], out: TextIO) -> None:
+        """Say where a default CPU request is more than the nodes have (the request is capped), or a stage could
+        ask elsewhere."""
+
+    def partition(self, cfg: Config, stage: str) -> str:
+        """Where the stage's job queues, in the scheduler's words; empty: its default."""
+        return ""
+
+    def request_text(self, cfg: Config, stage: str, params: dict[str, Any]) -> str:
+        """One line of what the stage's job asks for, for the dry run."""
+        nodes, nproc, gpus = stage_resources(cfg, stage)
+        request = stage_request(cfg, stage)
+        cpus = params.get("cpus_per_task")
+        where = self.partition(cfg, stage) or "(default)"
+        parts = [f"{nodes} node(s) x {nproc} process(es)", f"{gpus} GPU(s) per node" if gpus else "no GPUs",
+                 f"{cpus} CPUs per node" if cpus else "the scheduler's default CPUs", f"{request.time} min",
+                 f"memory {request.mem}" if request.mem else "", f"partition {where}" if self.queued else ""]
+        return f"  {stage} asks for: {', '.join(part for part in parts if part)}\n"
 
     def check_cluster(self, cfg: Config) -> None:
         """Before anything is submitted: the scheduler answers and knows where ``cfg`` sends the jobs."""

@@ -7,7 +7,8 @@ from typing import Any
 
 from launcher.backends import register
 from launcher.backends.base import Backend
-from launcher.executors import setup_lines, stage_resources
+from launcher.container import job_python, runtime_here
+from launcher.executors import LaunchError, setup_lines, stage_request, stage_resources
 from pipeline.core.config import Config
 
 
@@ -19,13 +20,19 @@ class LocalBackend(Backend):
     def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
                    node_cpus: int | None = None) -> dict[str, Any]:
         _, _, gpus = stage_resources(cfg, stage)
-        return {"timeout_min": cfg.launch.time, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus,
-                "signal_delay_s": cfg.launch.signal_delay_s, "setup": setup_lines(cfg)}
+        params = {"timeout_min": stage_request(cfg, stage).time, "nodes": 1, "tasks_per_node": 1,
+                  "gpus_per_node": gpus, "signal_delay_s": cfg.launch.signal_delay_s, "setup": setup_lines(cfg)}
+        if cfg.launch.container:
+            if self.in_process:
+                raise LaunchError(f"--container runs a job in its own processes; the {self.name} executor runs it in "
+                                  "this one: use --executor local")
+            params["python"] = job_python(cfg, stage, runtime_here(cfg))
+        return params
 
-    def make_executor(self, folder: str, cfg: Config) -> Any:
+    def make_executor(self, folder: str, cfg: Config, python: str | None = None) -> Any:
         import submitit
 
-        return submitit.LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+        return submitit.LocalExecutor(folder, max_num_timeout=cfg.launch.max_requeues, python=python)
 
 
 @register
@@ -33,7 +40,7 @@ class DebugBackend(LocalBackend):
     name, title = "debug", "the debug executor"
     auto, order, in_process = False, 90, True
 
-    def make_executor(self, folder: str, cfg: Config) -> Any:
+    def make_executor(self, folder: str, cfg: Config, python: str | None = None) -> Any:
         import submitit
 
         return submitit.DebugExecutor(folder)

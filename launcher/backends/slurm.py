@@ -18,7 +18,9 @@ from typing import Any, Sequence, TextIO
 
 from launcher.backends import register
 from launcher.backends.base import Backend, JobInfo
-from launcher.executors import LaunchError, default_cpus, job_folder, setup_lines, stage_resources
+from launcher.container import job_python, runtime_setup
+from launcher.executors import (LaunchError, default_cpus, job_folder, own_request, setup_lines, stage_request,
+                                stage_resources)
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.stages import STAGES
@@ -56,21 +58,26 @@ class SlurmBackend(Backend):
     def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
                    node_cpus: int | None = None) -> dict[str, Any]:
         nodes, _, gpus = stage_resources(cfg, stage)
-        extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}"}
-        wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
+        request = stage_request(cfg, stage)
+        extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}", "time": request.time}
+        wanted = request.cpus or default_cpus(cfg, stage)
         if wanted:
-            extra["cpus_per_task"] = min(wanted, node_cpus or wanted)
+            extra["cpus_per_task"] = request.cpus or min(wanted, node_cpus or wanted)
+        extra.update({"mem": request.mem} if request.mem else {})
+        extra.update({"partition": self.partition(cfg, stage)} if self.partition(cfg, stage) else {})
         params = get_slurm_executor_parameters(cfg, nodes=nodes, gpus_per_node=gpus, **extra)
         params["additional_parameters"] = {**params["additional_parameters"], **npu_gres_request(cfg, stage)}
+        if cfg.launch.container:
+            params.update(python=job_python(cfg, stage), setup=[*params["setup"], *runtime_setup(cfg)])
         if after:
             params["dependency"] = f"{when}:{after}"
             params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
         return params
 
-    def make_executor(self, folder: str, cfg: Config) -> Any:
+    def make_executor(self, folder: str, cfg: Config, python: str | None = None) -> Any:
         import submitit
 
-        return submitit.SlurmExecutor(folder, max_num_timeout=cfg.launch.max_requeues)
+        return submitit.SlurmExecutor(folder, max_num_timeout=cfg.launch.max_requeues, python=python)
 
     def script(self, cfg: Config, params: dict[str, Any], array_size: int | None = None) -> str:
         return sbatch_script(cfg, params, array_size)
@@ -79,32 +86,48 @@ class SlurmBackend(Backend):
         return (f"===== {stage}: sbatch script (saved as {job_folder(cfg)}/%j_submission.sh) =====\n"
                 f"{self.script(cfg, params)}\n")
 
-    def node_cpus(self, cfg: Config) -> int | None:
-        partition = cfg.slurm.partition
+    def partition(self, cfg: Config, stage: str) -> str:
+        """[launch.<stage>] partition, else [slurm] partition."""
+        return own_request(cfg, stage).partition or cfg.slurm.partition
+
+    def node_cpus(self, cfg: Config, stage: str) -> int | None:
+        partition = self.partition(cfg, stage)
         if partition not in self._node_cpus:
             self._node_cpus[partition] = node_cpus(partition)
         return self._node_cpus[partition]
 
-    def cpu_warnings(self, cfg: Config, stages: Sequence[str], node_cpus: int | None, out: TextIO) -> None:
+    def request_warnings(self, cfg: Config, stages: Sequence[str], out: TextIO) -> None:
         for stage in stages:
-            wanted = None if cfg.launch.cpus_per_task else default_cpus(cfg, stage)
-            if wanted and node_cpus and wanted > node_cpus:
+            wanted = None if stage_request(cfg, stage).cpus else default_cpus(cfg, stage)
+            most = self.node_cpus(cfg, stage) if wanted else None
+            if wanted and most and wanted > most:
                 how = ("processes per node x (--workers + 1)" if STAGES[stage].cpus == "processes" else
                        "--workers + 1")
                 out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
-                          f"partition {cfg.slurm.partition or '(default)'} have at most {node_cpus}; it asks for "
-                          f"{node_cpus} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
+                          f"partition {self.partition(cfg, stage) or '(default)'} have at most {most}; it asks for "
+                          f"{most} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
+        gpu_stages = [stage for stage in stages if stage_resources(cfg, stage).gpus_per_node]
+        shared = [stage for stage in stages if not stage_resources(cfg, stage).gpus_per_node and cfg.slurm.partition
+                  and not own_request(cfg, stage).partition]
+        if gpu_stages and shared:
+            flags = ", ".join(f"--{stage}-partition" for stage in shared)
+            jobs = f"the {' and '.join(shared)} job{'s ask' if len(shared) > 1 else ' asks'}"
+            out.write(f"note: {jobs} for no GPU but queue{'s' if len(shared) == 1 else ''} in partition "
+                      f"{cfg.slurm.partition} with the {gpu_stages[0]} job; {flags} NAME send them to a CPU "
+                      "partition\n")
 
     def check_cluster(self, cfg: Config) -> None:
         check_partition(cfg.slurm.partition)
 
     def check_job(self, cfg: Config, stage: str, params: dict[str, Any], array_size: int | None = None) -> None:
-        """``sbatch --test-only`` of one job's script; a refusal is a LaunchError with Slurm's words and a hint."""
+        """The stage's partition exists and ``sbatch --test-only`` of its script passes; a refusal is a LaunchError
+        with Slurm's words and a hint."""
+        check_partition(self.partition(cfg, stage))
         try:
             test_only(self.script(cfg, params, array_size))
         except SlurmError as exc:
             hint = "; on a cluster without GPUs pass --device cpu" if "gres" in str(exc).lower() else ""
-            if STAGES[stage].cpus == "workers" and not cfg.launch.cpus_per_task:
+            if STAGES[stage].cpus == "workers" and not stage_request(cfg, stage).cpus:
                 hint += f"; the {stage} job asks for --workers + 1 = {cfg.data.workers + 1} CPUs: lower --workers"
             raise LaunchError(f"Slurm rejects the {stage} job, nothing was submitted: {exc}{hint}") from None
 
@@ -155,6 +178,9 @@ def get_slurm_executor_parameters(cfg: Config, *, nodes: int, gpus_per_node: int
     params.update(kwargs)
     if params.get("cpus_per_task"):  # Slurm >= 22.05: srun no longer inherits the job's --cpus-per-task
         params["srun_args"] = [*params.get("srun_args", []), "--cpus-per-task", str(params["cpus_per_task"])]
+    # one task per node holds all its CPUs: "cores" gives it a mask of its allocated cores (a fat mask, which
+    # srun's manual asks for multithreaded tasks), inherited by torchrun, its processes and their loader workers
+    params["srun_args"] = [*params.get("srun_args", []), "--cpu-bind", "cores" if slurm.cpu_bind else "none"]
     return params
 
 
@@ -170,7 +196,9 @@ def sbatch_script(cfg: Config, params: dict[str, Any], array_size: int | None = 
     private ``_make_sbatch_string`` (setup.cfg pins the submitit range it is known in); with another submitit, a
     plain script asking for the same resources. ``array_size``: a job array of that many tasks (a sweep's)."""
     folder = job_folder(cfg)
-    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(folder)}"
+    params = dict(params)
+    python = params.pop("python", None) or shlex.quote(sys.executable)
+    command = f"{python} -u -m submitit.core._submit {shlex.quote(folder)}"
     array = {"map_count": array_size} if array_size and array_size > 1 else {}
     try:
         from submitit.slurm.slurm import _make_sbatch_string

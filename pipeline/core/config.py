@@ -183,6 +183,26 @@ class EvalConfig:
 
 
 @dataclass
+class StageRequest:
+    """What one stage's job asks for where it differs from the training job's ([launch.prep], --prep-cpus, ...);
+    0 or empty: the stage's default (pipeline/core/stages.py), else [launch]'s and [slurm]'s value."""
+
+    partition: str = opt("", "partition; empty: [slurm] partition")
+    nodes: int = opt(0, "nodes (eval; the others run on one); 0: the stage's default")
+    cpus: int = opt(0, "CPUs of its node task; 0: what the stage uses (--cpus-per-task, else the stage's default)")
+    mem: str = opt("", "memory per node, e.g. 16G; empty: [launch] mem")
+    time: int = opt(0, "time limit, minutes or Slurm's formats; 0: the stage's default, else [launch] time")
+
+
+REQUEST_STAGES = ("download", "prep", "eval", "report")  # train's request is [launch] and [slurm] themselves
+
+
+def request_table(stage: str) -> Any:
+    """The field of a stage's request table in [launch] (its flags: --<stage>-<key>)."""
+    return field(default_factory=StageRequest, metadata={"help": f"the {stage} job's own request"})
+
+
+@dataclass
 class LaunchConfig:
     """How jobs run, in any scheduler's terms (a scheduler's own options: [slurm])."""
 
@@ -205,6 +225,16 @@ class LaunchConfig:
     array_parallelism: int = opt(0, "a --sweep on Slurm: at most this many of its points run at once (each job "
                                     "array's %%N); 0: no limit")
     dry_run: bool = opt(False, "print the sbatch scripts and torchrun commands, submit nothing")
+    download: StageRequest = request_table("download")
+    prep: StageRequest = request_table("prep")
+    eval: StageRequest = request_table("eval")
+    report: StageRequest = request_table("report")
+    container: str = opt("", "Apptainer/Singularity image (.sif file or sandbox dir) every process of a job runs in; "
+                             "empty: none")
+    container_runtime: Literal["auto", "apptainer", "singularity"] = opt(
+        "auto", "the container runtime; auto: apptainer, else singularity, whichever the job's node has on PATH")
+    max_excluded_hosts: int = opt(2, "hosts a job may leave out of its requeue after its pre-flight names them "
+                                     "bad; 0: the job fails instead")
 
 
 @dataclass
@@ -217,6 +247,8 @@ class SlurmConfig:
     constraint: str = opt("", "Slurm node constraint")
     exclusive: bool = opt(False, "whole nodes for the job")
     sbatch: list[str] = opt([], "other sbatch options as key=value, repeatable")
+    cpu_bind: bool = opt(True, "srun binds each node's task to its allocated cores (--cpu-bind=cores); "
+                               "--no-cpu-bind: --cpu-bind=none")
     npu_gres: str = opt("npu", "Slurm generic resource of the NPUs: --device npu asks for --gres=<this>:<processes "
                                "per node>")
 
@@ -257,6 +289,10 @@ def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 
 
 FIELDS = _field_owner()
+REQUEST_KEYS = typing.get_type_hints(StageRequest)
+# --prep-cpus and its kind: flag name -> (stage, key); one flag per key of each stage's request table
+STAGE_FLAGS = {f"{stage}_{key}": (stage, key) for stage in REQUEST_STAGES for key in REQUEST_KEYS}
+assert not set(STAGE_FLAGS) & set(FIELDS), "a stage's request flag has the name of a field"
 
 
 LIST_ITEMS = {str: "strings", int: "whole numbers"}  # what a list field holds, in words
@@ -273,6 +309,15 @@ def _check_value(name: str, kind: Any, value: Any, where: str) -> Any:
             return tv_flags.TYPES[name](value)
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"{where}: {name}: {exc}") from None
+    if dataclasses.is_dataclass(kind):  # a request table: [launch.prep]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name} must be a table ([launch.{name}]) of {sorted(REQUEST_KEYS)}, got "
+                              f"{shown}")
+        unknown = sorted(set(value) - set(REQUEST_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} in [launch.{name}]; known: {list(REQUEST_KEYS)}")
+        return kind(**{key: _check_value(key, REQUEST_KEYS[key], item, f"{where}: [launch.{name}]")
+                       for key, item in value.items()})
     if origin is Literal:
         if value not in typing.get_args(kind):
             raise ConfigError(f"{where}: {name} = {shown} is not one of {list(typing.get_args(kind))}")
@@ -296,6 +341,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         for name, (sec, f, kind) in FIELDS.items():
             if sec != section:
                 continue
+            if dataclasses.is_dataclass(kind):
+                _add_request_flags(group, name)
+                continue
             flags = ["--" + name.replace("_", "-")] + FLAG_ALIASES.get(name, [])
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             help_text = f"{f.metadata['help']} (default: {default!r})"
@@ -318,6 +366,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                    help=help_text)
     tv_flags.add_torchvision_flags(parser)
     parser.add_argument("--config", type=Path, default=None, help="TOML config file (see configs/)")
+
+
+def _add_request_flags(group: Any, stage: str) -> None:
+    """--<stage>-partition, --<stage>-cpus, ...: one flag per key of the stage's request table."""
+    for key, f in ((f.name, f) for f in dataclasses.fields(StageRequest)):
+        group.add_argument(f"--{stage}-{key}", dest=f"{stage}_{key}", default=argparse.SUPPRESS,
+                           type=tv_flags.TYPES.get(key, REQUEST_KEYS[key]),
+                           help=f"{stage} job: {f.metadata['help']} (default: {f.default!r})")
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given as flags (fields, and the stages' request keys)."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS or k in STAGE_FLAGS}
 
 
 def read_toml(path: Path) -> dict[str, dict[str, Any]]:
@@ -361,6 +422,10 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
                 raise ConfigError(f"{where}: unknown key {name!r} in [{section}]{hint}")
             setattr(getattr(cfg, owner), name, _check_value(name, FIELDS[name][2], value, where))
     for name, value in (cli_values or {}).items():
+        if name in STAGE_FLAGS:
+            stage, key = STAGE_FLAGS[name]
+            setattr(getattr(cfg.launch, stage), key, _check_value(key, REQUEST_KEYS[key], value, "command line"))
+            continue
         if name not in FIELDS:
             raise ConfigError(f"unknown option {name!r}")
         section = FIELDS[name][0]
@@ -370,7 +435,7 @@ def build_config(file_values: dict[str, dict[str, Any]] | None = None,
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The Config for parsed arguments of a parser that went through add_config_arguments."""
-    cli = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cli = flag_values(args)
     file_values = read_toml(args.config) if getattr(args, "config", None) else None
     return build_config(file_values, cli, where=str(args.config) if file_values is not None else "config")
 

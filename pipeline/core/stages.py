@@ -2,6 +2,8 @@
 
     download ──archives──▶ prep ──data dir──▶ train ──checkpoints, records──▶ eval ──counts──▶ report
 
+Each row also holds what its job asks for by default (GPUs only for torchrun stages, CPUs, nodes, time), which
+[launch.<stage>] overrides (launcher/executors.py resolves it).
 The launcher (launch.py, launcher/), the validation (pipeline.core.validate) and the jobs (jobs/stages.py,
 jobs/torchrun.py) read this table instead of testing stage names. Torch-free: the login node imports it.
 A new stage is one row here, its door in pipeline/ and its entry point in jobs/.
@@ -45,6 +47,8 @@ class Stage:
     door_reads: Literal["cfg", "run_dirs"] = "cfg"  # the door's argument
     cpus: Literal["processes", "workers", "default"] = "default"  # CPUs a node task asks for unless --cpus-per-task:
     # processes per node x (--workers + 1), --workers + 1 (prep's writer threads and reader), the scheduler's default
+    nodes: Literal["launch", "one"] = "one"  # nodes unless [launch.<stage>] nodes: --nodes (train), or one
+    time_min: int = 0  # time limit unless [launch.<stage>] time, minutes; 0: [launch] time (--time)
     checks: tuple[str, ...] = ()  # groups of pipeline.core.validate that apply
     on_preemption: Literal["save", "requeue", "end"] = "requeue"  # save: training saves first, then requeues
     run_config: bool = False  # without --config, read the run dir's resolved config.toml (what the run trained with)
@@ -60,12 +64,13 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           in_all=_has_links),
     Stage("prep", "pipeline.prep.prepare:prepare", reads=(ARCHIVES,), writes=(DATA_DIR,), cpus="workers"),
     Stage("train", "pipeline.train.trainer:train", reads=(DATA_DIR, RESUME), writes=(CHECKPOINT, RECORDS),
-          torchrun=True, entry="jobs.train", cpus="processes", checks=(OPTIM, TRACKERS, PRETRAINED, MODEL, BATCH),
+          torchrun=True, entry="jobs.train", cpus="processes", nodes="launch",
+          checks=(OPTIM, TRACKERS, PRETRAINED, MODEL, BATCH),
           on_preemption="save"),
     Stage("eval", "pipeline.eval.evaluate:evaluate", reads=(DATA_DIR, CHECKPOINT), writes=(COUNTS,), torchrun=True,
           entry="jobs.eval", cpus="processes", checks=(MODEL,), run_config=True),
     Stage("report", "pipeline.report.build:report", reads=(RECORDS,), writes=(TABLES,), door_reads="run_dirs",
-          on_preemption="end", run_config=True),
+          time_min=30, on_preemption="end", run_config=True),
 )}
 TORCHRUN_STAGES = tuple(name for name, stage in STAGES.items() if stage.torchrun)
 

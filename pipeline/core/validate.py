@@ -15,7 +15,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pipeline.core.config import Config, ConfigError
+from pipeline.core.config import REQUEST_KEYS, REQUEST_STAGES, Config, ConfigError
 from pipeline.core.dataset_kinds import dataset_kind
 from pipeline.core.redact import redact_header, redact_url
 from pipeline.core.stages import BATCH, LINKS, MODEL, OPTIM, PRETRAINED, STAGES, TRACKERS, checks_of
@@ -33,7 +33,7 @@ AT_LEAST = {
     "cooldown_epochs": (0, "epochs"), "nodes": (1, "nodes"), "gpus_per_node": (1, "processes per node"),
     "cpus_per_task": (0, "0 picks a default"), "time": (1, "minutes"), "max_restarts": (0, "restarts"),
     "signal_delay_s": (0, "seconds"), "max_requeues": (0, "requeues"), "preflight_timeout_s": (0, "0 is off"),
-    "array_parallelism": (0, "0 is no limit"),
+    "array_parallelism": (0, "0 is no limit"), "max_excluded_hosts": (0, "0 fails instead"),
     "momentum": (0.0, ""), "weight_decay": (0.0, ""), "clip_grad_norm": (0.0, "0 is off"), "min_lr": (0.0, ""),
     "color_jitter": (0.0, "0 is off"), "mixup_alpha": (0.0, "0 is off"), "cutmix_alpha": (0.0, "0 is off"),
     "download_workers": (1, "files at once"), "download_ranges": (1, "1 is one stream"),
@@ -63,11 +63,14 @@ STAGE_DEST = re.compile(rf"(?:/|{VARIABLE})(?:[^$`]|{VARIABLE})*")
 def validate(cfg: Config, stages: Iterable[str] | None = None) -> None:
     """Raise ConfigError with one line saying what to change at the first value the ``stages`` (default: those of
     --stage all) cannot run with; each stage's row in pipeline.core.stages names the groups of checks it needs."""
-    checks = checks_of(set(stages if stages is not None else (n for n, s in STAGES.items() if s.in_all(cfg))))
+    chosen = set(stages if stages is not None else (n for n, s in STAGES.items() if s.in_all(cfg)))
+    checks = checks_of(chosen)
     for section, name, value in _fields(cfg):
         _check_field(section, name, value)
     _check_relations(cfg, checks)
+    check_stage_requests(cfg, chosen)
     check_folders(cfg)
+    check_container(cfg)
     if TRACKERS in checks:
         check_trackers_installed(cfg)
     if PRETRAINED in checks:
@@ -170,6 +173,41 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
     if cfg.model.sync_bn and cfg.train.device == "cpu" and launch.nodes * launch.gpus_per_node > 1:
         raise ConfigError("model.sync_bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
                           "on CPU use --no-sync-bn")
+
+
+def check_stage_requests(cfg: Config, stages: set[str]) -> None:
+    """[launch.<stage>] values: 0 or empty takes the default; nodes only for torchrun stages; the time limit of each
+    of ``stages`` longer than the warning signal's delay."""
+    for stage in REQUEST_STAGES:
+        request = getattr(cfg.launch, stage)
+        for key in REQUEST_KEYS:
+            value, where = getattr(request, key), f"launch.{stage}.{key} (--{stage}-{key})"
+            if isinstance(value, str):
+                check_text(where, value)
+            elif value < 0:
+                raise ConfigError(f"{where} = {value}: must be at least 0 (0 takes the stage's default)")
+        if request.mem and not SLURM_MEMORY.fullmatch(request.mem):
+            raise ConfigError(f"launch.{stage}.mem (--{stage}-mem) = {request.mem!r}: write Slurm's format, a number "
+                              "of MiB (4096) or one with a unit K, M, G or T (16G); empty takes [launch] mem")
+        if request.nodes > 1 and not STAGES[stage].torchrun:
+            raise ConfigError(f"launch.{stage}.nodes (--{stage}-nodes) = {request.nodes}: the {stage} job runs one "
+                              "process on one node; leave it 0")
+        minutes = request.time or STAGES[stage].time_min  # else [launch] time, checked with the relations
+        if stage in stages and minutes and minutes * 60 <= cfg.launch.signal_delay_s:
+            raise ConfigError(f"launch.{stage}.time (--{stage}-time) = {minutes} min is not longer than "
+                              f"launch.signal_delay_s = {cfg.launch.signal_delay_s} s; raise it")
+
+
+def check_container(cfg: Config) -> None:
+    """--container: folders its --bind list can name (it splits the list at commas and colons); the image itself is
+    checked on the login node (launcher/container.py), a job inside it may not see it."""
+    if not cfg.launch.container:
+        return
+    for section, (name, flag) in FOLDERS.items():
+        path = str(getattr(getattr(cfg, section), name))
+        if "," in path or ":" in path:
+            raise ConfigError(f"{section}.{name} ({flag}) {path} holds a ',' or ':', which the container's --bind "
+                              "list cannot carry; rename the folder or pass a link to it without them")
 
 
 def check_folders(cfg: Config) -> None:
