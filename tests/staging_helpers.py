@@ -1,6 +1,6 @@
-"""A packed data dir for the staging tests, until the layouts ``archives`` and ``shards`` write their own: an image
-folder (which today's loaders read) whose files its manifest lists as meta files, plus real tar shards of its JPEGs
-as the large files. Its staged copy is therefore a complete data dir the train and eval jobs can read."""
+"""A packed data dir for the unit tests of staging's copy: an image folder whose files its manifest lists as meta
+files, plus real tar shards of its JPEGs as the large files, with shard counts and places the tests choose (the job
+tests stage real ``archives`` and ``shards`` data dirs that prep writes)."""
 from __future__ import annotations
 
 import tarfile

@@ -9,17 +9,17 @@ import pytest
 from pipeline.core.config import load_config
 from pipeline.core.data_manifest import read_manifest
 from pipeline.data.staging import staged_dir
-from staging_helpers import packed_data_dir
+from layout_helpers import prep_layouts
 from test_slurm import TINY, epoch_rows, launcher, slurm_cluster  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slurm
 
 
 def test_each_node_stages_to_its_own_folder_and_trains_from_it(launcher, tmp_path):  # noqa: F811
-    data_dir = packed_data_dir(tmp_path / "data", num_classes=2, train_per_class=16, val_per_class=4, size=(36, 36))
+    data_dir = prep_layouts(tmp_path, layouts=("shards",))[1]["shards"]
     run_dir, local = tmp_path / "run", tmp_path / "local"
     result = launcher("--stage", "train", "--nodes", 2, "--procs-per-node", 1, "--data-dir", data_dir,
-                      "--run-dir", run_dir, "--epochs", 1, "--preflight-timeout-s", 0, *TINY,
+                      "--run-dir", run_dir, "--layout", "shards", "--epochs", 1, "--preflight-timeout-s", 0, *TINY,
                       "--stage-data-to", f"{local}/$SLURMD_NODENAME")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr
     copies = {node: staged_dir(data_dir, local / node) for node in ("node1", "node2")}

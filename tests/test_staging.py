@@ -160,7 +160,7 @@ def test_a_data_dir_without_a_manifest_is_refused_by_the_launcher_and_by_the_job
     with pytest.raises(StagingError, match=f"data dir {folders} has no manifest.json: .*--layout shards"):
         stage_data(folders, tmp_path / "dest")
     code, out, err = run_main(capsys, "--stage", "train", "--data-dir", folders, "--run-dir", tmp_path / "run",
-                              "--stage-data-to", tmp_path / "dest", "--device", "cpu")
+                              "--layout", "shards", "--stage-data-to", tmp_path / "dest", "--device", "cpu")
     assert code == 2 and "has no manifest.json: --stage-data-to copies a packed data dir" in err
     assert not (tmp_path / "dest").exists() and not (tmp_path / "run" / "logs").exists()
 
@@ -168,7 +168,8 @@ def test_a_data_dir_without_a_manifest_is_refused_by_the_launcher_and_by_the_job
 def test_dry_run_shows_the_staging_step_with_the_variable_left_for_the_node(data_dir, tmp_path, no_slurm_path,  # noqa: F811
                                                                            capsys):
     code, out, _ = run_main(capsys, "--stage", "train", "--executor", "slurm", "--dry-run", "--data-dir", data_dir,
-                            "--run-dir", tmp_path / "run", "--stage-data-to", "$TMPDIR/stage")
+                            "--run-dir", tmp_path / "run", "--layout", "shards",
+                            "--stage-data-to", "$TMPDIR/stage")
     staged = staged_dir(data_dir, tmp_path).name
     assert code == 0 and (f"===== train: the processes of each node first stage data dir {data_dir} to "
                           f"$TMPDIR/stage/{staged} (variables expanded on the node): one copies") in out
@@ -180,12 +181,19 @@ def test_dry_run_shows_the_staging_step_with_the_variable_left_for_the_node(data
                                        ("$(id)", False), ("/x/`id`", False), ("/x/$", False), ("/a\nb", False)])
 def test_the_staging_folder_is_an_absolute_path_or_starts_with_a_variable(value, ok):
     cfg = Config()
-    cfg.data.stage_data_to = value
+    cfg.data.layout, cfg.data.stage_data_to = "archives", value
     if ok:
         validate(cfg, ["report"])
     else:
         with pytest.raises(ValueError, match="stage_data_to"):
             validate(cfg, ["report"])
+
+
+def test_staging_a_folders_layout_is_refused_before_anything_is_submitted():
+    cfg = Config()
+    cfg.data.stage_data_to = "/scratch/x"
+    with pytest.raises(ValueError, match="'folders' layout is a million small files: prep with --layout archives"):
+        validate(cfg, ["train"])
 
 
 def test_the_folder_expands_on_the_node_and_an_unset_variable_is_named(monkeypatch, tmp_path):

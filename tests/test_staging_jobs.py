@@ -1,5 +1,6 @@
-"""Staging in the jobs, under a real torchrun with gloo: of two processes one copies and the other waits, both train
-from the copy; the run's records keep the data dir given and note the copy; eval from the saved config reuses it."""
+"""Staging in the jobs, under a real torchrun with gloo, on a real ``archives`` data dir: of two processes one copies
+and the other waits, both train from the copy; the run's records keep the data dir given and note the copy; eval from
+the saved config reuses it and counts what eval of the data dir in place counts."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 
 from pipeline.core.config import load_config
 from pipeline.data.staging import staged_dir
-from staging_helpers import packed_data_dir
+from layout_helpers import prep_layouts
 from train_helpers import run_module, tiny_argv
 
 pytestmark = pytest.mark.slow
@@ -22,10 +23,12 @@ def staging_lines(log: str) -> tuple[list[str], list[str]]:
 
 
 def test_two_processes_stage_once_train_from_the_copy_and_eval_reuses_it(tmp_path):
-    data_dir = packed_data_dir(tmp_path / "data", num_classes=2, train_per_class=16, val_per_class=4, size=(36, 36))
+    _, dirs = prep_layouts(tmp_path, layouts=("archives",))
+    data_dir = dirs["archives"]
     dest, run_dir = tmp_path / "node-local", tmp_path / "run"
     copy = staged_dir(data_dir, dest)
-    result = run_module("jobs.train", tiny_argv(data_dir, run_dir, "--epochs", "1", "--stage-data-to", str(dest)),
+    result = run_module("jobs.train", tiny_argv(data_dir, run_dir, "--epochs", "1", "--layout", "archives",
+                                                          "--stage-data-to", str(dest)),
                         nproc=2, timeout_s=300)
     assert result.returncode == 0, result.stderr[-4000:]
     copied, reused = staging_lines(result.stderr)
@@ -40,4 +43,11 @@ def test_two_processes_stage_once_train_from_the_copy_and_eval_reuses_it(tmp_pat
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     assert staging_lines(evaluated.stderr) == ([], ["0"])
     record = json.loads((run_dir / "eval.json").read_text())
-    assert record["staged_data_dir"] == str(copy) and record["total"] == 2 * 4
+    assert record["staged_data_dir"] == str(copy)
+    in_place = run_module("jobs.eval", ["--config", str(run_dir / "config.toml"), "--stage-data-to", ""],
+                          timeout_s=120)
+    assert in_place.returncode == 0 and staging_lines(in_place.stderr) == ([], []), in_place.stderr[-4000:]
+    unstaged = json.loads((run_dir / "eval.json").read_text())
+    assert "staged_data_dir" not in unstaged and unstaged["total"] == 23  # 4 x 6 val images, one unlabelled
+    assert [record[k] for k in ("top1_correct", "top5_correct", "total")] == [
+        unstaged[k] for k in ("top1_correct", "top5_correct", "total")]

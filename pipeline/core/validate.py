@@ -149,6 +149,10 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
     if cfg.data.layout == "archives" and cfg.prep.delete_archives:
         raise ConfigError("prep.delete_archives with data.layout = 'archives' would delete the data itself: the "
                           "archives layout reads the archives in place; drop --delete-archives")
+    if cfg.data.stage_data_to and cfg.data.layout == "folders":
+        raise ConfigError(f"data.stage_data_to = {cfg.data.stage_data_to!r} copies a packed data dir; the 'folders' "
+                          "layout is a million small files: prep with --layout archives or --layout shards first, "
+                          "or drop --stage-data-to")
     if cfg.data.layout != "folders" and cfg.data.dataset != "imagenet":
         raise ConfigError(f"data.layout = {cfg.data.layout!r} packs ImageNet's JPEGs; dataset {cfg.data.dataset!r} is "
                           "read from its own batches: use --layout folders")
