@@ -85,3 +85,10 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def bn_free_net(*, num_classes: int) -> torch.nn.Module:
+    """A tiny conv net without BatchNorm or dropout (``--model train_helpers:bn_free_net``): its gradient over a
+    batch is the mean of its gradients over the batch's parts, so accumulated and whole batches train alike."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, num_classes))

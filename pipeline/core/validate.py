@@ -40,6 +40,7 @@ AT_LEAST = {
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"), "download_min_speed_bps": (0, "0 is no limit"),
     "download_speed_time_s": (1, "seconds"), "lr_base": (0.0, "0 is off"), "lr_base_batch": (1, "images per step"),
+    "accum_steps": (1, "batches per optimizer step; 1 is off"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),

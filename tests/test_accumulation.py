@@ -1,0 +1,95 @@
+"""Gradient accumulation (--accum-steps): batch b x accum_steps k trains as one batch of k x b, on one process and
+under a real torchrun; a stop inside a window resumes exactly."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from pipeline.core.checkpoint_file import load_checkpoint
+from pipeline.core.config import ConfigError
+from pipeline.train.trainer import train
+from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
+                           tiny_argv, tiny_config, tiny_data)
+
+BN_FREE = ("--model", "tests.train_helpers:bn_free_net")  # BatchNorm's statistics per batch would tell the two apart
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("data"), train_per_class=20)  # 80 images: 2 batches of 32, 5 of 16
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_two_batches_of_16_accumulated_train_as_one_batch_of_32(data_dir, tmp_path):
+    """The 5th batch of 16 (no whole window) is left out, as drop_last leaves out the 3rd of 32: 2 steps an epoch."""
+    whole = tmp_path / "whole"
+    train(tiny_config(data_dir, whole, *BN_FREE, "--epochs", "2", "--batch-size", "32", "--lr", "0.5"))
+    accumulated = tmp_path / "accumulated"
+    result = train(tiny_config(data_dir, accumulated, *BN_FREE, "--epochs", "2", "--batch-size", "16",
+                               "--grad-accum-steps", "2", "--lr", "0.5", "--ema-decay", "0.5"))
+    assert result["global_step"] == 4  # optimizer steps: 2 epochs x 2
+    assert_close_weights(checkpoint_weights(accumulated / "checkpoints" / "latest.pt"),
+                         checkpoint_weights(whole / "checkpoints" / "latest.pt"))
+    state = load_checkpoint(accumulated / "checkpoints" / "latest.pt")
+    assert state["scheduler"]["last_epoch"] == 4 and int(state["ema"]["n_averaged"]) == 4
+    rows, reference = read_rows(accumulated / "epochs.csv"), read_rows(whole / "epochs.csv")
+    assert [r["steps"] for r in rows] == [r["steps"] for r in reference] == ["2", "4"]
+    assert [r["val_top1_correct"] for r in rows] == [r["val_top1_correct"] for r in reference]
+    assert load_checkpoint(whole / "checkpoints" / "latest.pt")["accum_steps"] == 1
+    assert 'accum_steps = 2' in (accumulated / "config.toml").read_text()
+
+
+def test_an_epoch_without_a_whole_window_is_refused_in_one_line(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"accum_steps \(--accum-steps\) = 6 batches per optimizer step, but an "
+                                          r"epoch has 5 batch\(es\) per process"):
+        train(tiny_config(data_dir, tmp_path / "run", *BN_FREE, "--batch-size", "16", "--accum-steps", "6"))
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_train_as_one_process_with_the_global_batch(data_dir, tmp_path):
+    """torchrun, 2 processes x 8 images x 2 batches a step = 32 images a step, as one process with batch 32."""
+    whole = tmp_path / "whole"
+    train(tiny_config(data_dir, whole, *BN_FREE, "--epochs", "1", "--batch-size", "32", "--lr", "0.5"))
+    run_dir = tmp_path / "ddp"
+    done = run_module("jobs.train", tiny_argv(data_dir, run_dir, *BN_FREE, "--epochs", "1", "--batch-size", "8",
+                                              "--accum-steps", "2", "--lr", "0.5"), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(2 per optimizer step: 32 images)" in done.stderr
+    assert_close_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
+                         checkpoint_weights(whole / "checkpoints" / "latest.pt"))
+    [row] = read_rows(run_dir / "epochs.csv")
+    assert (row["steps"], row["world_size"]) == ("2", "2")
+
+
+@pytest.mark.slow
+def test_a_stop_inside_a_window_resumes_exactly(data_dir, tmp_path):
+    """SIGUSR1 after the 1st batch of a 3-batch window: the run stops at a window's end (the stop is agreed every 8
+    optimizer steps: batch 24, or 39 at the epoch's end), and the resumed run ends with the uninterrupted run's
+    weights, bit for bit."""
+    flags = ("--epochs", "2", "--batch-size", "2", "--accum-steps", "3", "--resume", "auto")  # 13 windows an epoch
+    reference = tmp_path / "reference"
+    assert run_module("jobs.train", tiny_argv(data_dir, reference, *flags)).returncode == 0
+    run_dir = tmp_path / "run"
+    proc = start_module("jobs.train", tiny_argv(data_dir, run_dir, *flags))
+    for line in proc.stderr:
+        if "Epoch: [0] [ 4/39]" in line:  # batch 4: the first of the second window
+            proc.send_signal(signal.SIGUSR1)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    stopped = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert stopped["epoch"] == 0 and stopped["step_in_epoch"] in (24, 39)
+    assert stopped["global_step"] == stopped["scheduler"]["last_epoch"] == stopped["step_in_epoch"] // 3
+    resumed = run_module("jobs.train", tiny_argv(data_dir, run_dir, *flags))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
+                        checkpoint_weights(reference / "checkpoints" / "latest.pt"))
+    assert [r["train_loss"] for r in read_rows(run_dir / "epochs.csv")] == \
+        [r["train_loss"] for r in read_rows(reference / "epochs.csv")]
