@@ -2,7 +2,7 @@
 under a real torchrun; a stop inside a window resumes exactly."""
 from __future__ import annotations
 
-import signal
+import json
 
 import pytest
 import torch
@@ -10,8 +10,8 @@ import torch
 from pipeline.core.checkpoint_file import load_checkpoint
 from pipeline.core.config import ConfigError
 from pipeline.train.trainer import train
-from train_helpers import (assert_same_weights, checkpoint_weights, read_rows, run_module, start_module,
-                           tiny_argv, tiny_config, tiny_data)
+from train_helpers import (checkpoint_weights, interrupted_and_resumed, read_rows, run_module, tiny_argv, tiny_config,
+                           tiny_data)
 
 BN_FREE = ("--model", "tests.train_helpers:bn_free_net")  # BatchNorm's statistics per batch would tell the two apart
 
@@ -44,6 +44,8 @@ def test_two_batches_of_16_accumulated_train_as_one_batch_of_32(data_dir, tmp_pa
     assert [r["val_top1_correct"] for r in rows] == [r["val_top1_correct"] for r in reference]
     assert load_checkpoint(whole / "checkpoints" / "latest.pt")["accum_steps"] == 1
     assert 'accum_steps = 2' in (accumulated / "config.toml").read_text()
+    provenance = json.loads((accumulated / "provenance.json").read_text())
+    assert (provenance["peak_lr"], provenance["global_batch"], provenance["accum_steps"]) == (0.5, 32, 2)
 
 
 def test_an_epoch_without_a_whole_window_is_refused_in_one_line(data_dir, tmp_path):
@@ -74,22 +76,8 @@ def test_a_stop_inside_a_window_resumes_exactly(data_dir, tmp_path):
     optimizer steps: batch 24, or 39 at the epoch's end), and the resumed run ends with the uninterrupted run's
     weights, bit for bit."""
     flags = ("--epochs", "2", "--batch-size", "2", "--accum-steps", "3", "--resume", "auto")  # 13 windows an epoch
-    reference = tmp_path / "reference"
-    assert run_module("jobs.train", tiny_argv(data_dir, reference, *flags)).returncode == 0
-    run_dir = tmp_path / "run"
-    proc = start_module("jobs.train", tiny_argv(data_dir, run_dir, *flags))
-    for line in proc.stderr:
-        if "Epoch: [0] [ 4/39]" in line:  # batch 4: the first of the second window
-            proc.send_signal(signal.SIGUSR1)
-            break
-    proc.communicate(timeout=120)
-    assert proc.returncode == 0
-    stopped = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    stopped, reference = interrupted_and_resumed(data_dir, tmp_path, flags, "Epoch: [0] [ 4/39]")  # a 2nd window's 1st
     assert stopped["epoch"] == 0 and stopped["step_in_epoch"] in (24, 39)
     assert stopped["global_step"] == stopped["scheduler"]["last_epoch"] == stopped["step_in_epoch"] // 3
-    resumed = run_module("jobs.train", tiny_argv(data_dir, run_dir, *flags))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
-                        checkpoint_weights(reference / "checkpoints" / "latest.pt"))
-    assert [r["train_loss"] for r in read_rows(run_dir / "epochs.csv")] == \
+    assert [r["train_loss"] for r in read_rows(tmp_path / "run" / "epochs.csv")] == \
         [r["train_loss"] for r in read_rows(reference / "epochs.csv")]

@@ -56,7 +56,7 @@ def test_recipe_values_from_their_sources():
     for name, model, batch, lr in (("resnet50_v1b_ascend", "resnet50_v1b", 512, 1.6),
                                    ("shufflenet_v2_ascend", "shufflenet_v2_x1_0", 1024, 0.75)):
         ascend = recipes[name]  # Ascend 910: fp16 with loss scaling (no bf16), 8p learning rate for 8 NPUs
-        assert (ascend.model.model, ascend.train.device, ascend.train.amp) == (model, "npu", "fp16")
+        assert (ascend.model.model, ascend.train.device, ascend.train.amp) == (model, "npu", "fp16-o2")
         assert (ascend.train.batch_size, ascend.optim.lr) == (batch, lr)
 
 

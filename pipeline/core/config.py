@@ -153,7 +153,12 @@ class TrainConfig:
     epochs: int = opt(90, "training epochs")
     batch_size: int = opt(32, "images per process per step")
     device: Literal["auto", "cuda", "npu", "cpu"] = opt("auto", "device type: auto picks cuda, then npu, then cpu")
-    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision: bf16 autocast, or fp16 with a GradScaler")
+    amp: Literal["none", "bf16", "fp16", "fp16-o2", "bf16-o2"] = opt(
+        "none", "mixed precision: bf16 autocast, fp16 with a GradScaler, or O2 (fp16-o2, bf16-o2): low-precision "
+                "weights but norm layers, fp32 master weights, fp16 loss scaling")
+    loss_scale: float = opt(0.0, "fp16 loss scale (--amp fp16, fp16-o2): 0 dynamic (from 2 ** 16, halved at an "
+                                 "overflow, doubled after 2000 steps without), N a static scale (a step that "
+                                 "overflows is still skipped)")
     resume: str = opt("", "checkpoint to resume from, or 'auto' for the newest valid one in the run dir")
     max_steps: int = opt(0, "performance mode: stop after this many steps and report steady-state FPS; 0 is off")
     seed: int = opt(0, "random seed of model init, sampling and augmentation")

@@ -40,7 +40,7 @@ AT_LEAST = {
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"), "download_min_speed_bps": (0, "0 is no limit"),
     "download_speed_time_s": (1, "seconds"), "lr_base": (0.0, "0 is off"), "lr_base_batch": (1, "images per step"),
-    "accum_steps": (1, "batches per optimizer step; 1 is off"),
+    "accum_steps": (1, "batches per optimizer step; 1 is off"), "loss_scale": (0.0, "0 is dynamic"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),
@@ -132,6 +132,9 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
         raise ConfigError(f"data.val_crop_size = {cfg.data.val_crop_size} is larger than val_resize_size = "
                           f"{cfg.data.val_resize_size}: the eval crop is cut from the resized image; raise "
                           "--val-resize-size or lower --val-crop-size")
+    if cfg.train.loss_scale > 0 and not cfg.train.amp.startswith("fp16"):
+        raise ConfigError(f"train.loss_scale = {cfg.train.loss_scale} scales fp16 losses, but train.amp = "
+                          f"{cfg.train.amp!r}; use --amp fp16 or fp16-o2, or drop --loss-scale")
     if cfg.data.decode == "device" and not dataset_kind(cfg.data.dataset).jpeg_files:
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")

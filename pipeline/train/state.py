@@ -86,6 +86,7 @@ class TrainingState:
                          digest=self.digest)
         s = self.stepper
         s.raw_model.load_state_dict(state["model"])
+        s.precision.weights_loaded()
         s.optimizer.load_state_dict(state["optimizer"])
         s.scheduler.load_state_dict(state["scheduler"])
         if s.precision.scaler is not None and state.get("scaler"):

@@ -147,7 +147,7 @@ class Trainer:
                 raise ConfigError("--sync-bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
                                   "on CPU use --no-sync-bn")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
+        self.precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last, cfg.train.loss_scale)
         self.raw_model = self.precision.prepare_model(model)
         self.loader, self.sampler = build_train_loader(cfg, env, device, seed=cfg.train.seed)
         self.val_loader = None if self.perf_mode else build_val_loader(cfg, env, device)
@@ -179,7 +179,7 @@ class Trainer:
         else:
             self.state.load_state_dict(*found)
         distributed.on_main_process(self.tidy_checkpoints, found)
-        model = self.raw_model
+        model = self.precision.training_copy(self.raw_model)  # the raw model itself but under O2
         if env.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
         if cfg.model.compile:
