@@ -117,7 +117,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["sgd", "rmsprop", "adamw"] = opt("sgd", "optimizer")
+    optimizer: Literal["sgd", "rmsprop", "adamw", "lars", "lamb"] = opt(
+        "sgd", "optimizer; lars and lamb (timm's, for large batches) leave biases and norm weights out of weight "
+               "decay and of the trust ratio")
     accum_steps: int = opt(1, "gradient accumulation: batches per optimizer step, so the global batch is processes "
                               "x batch_size x this (an 8-GPU recipe on 2 GPUs: 4); 1 is off")
     lr: float = opt(0.1, "peak learning rate for the global batch")
@@ -127,8 +129,8 @@ class OptimConfig:
     lr_base_batch: int = opt(256, "the global batch (images per step) lr_base is given for")
     lr_base_scale: Literal["linear", "sqrt"] = opt("linear", "lr = lr_base x (global batch / lr_base_batch), or its "
                                                              "square root")
-    momentum: float = opt(0.9, "momentum (SGD, RMSprop)")
-    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    momentum: float = opt(0.9, "momentum (SGD, RMSprop, LARS)")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD, LARS)")
     weight_decay: float = opt(1e-4, "weight decay")
     norm_weight_decay: bool = opt(True, "apply weight decay to norm and bias parameters too")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")

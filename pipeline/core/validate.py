@@ -142,7 +142,10 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
         return
     if optim.lr <= 0:
         raise ConfigError(f"optim.lr = {optim.lr}: must be positive")
-    if optim.optimizer == "sgd" and optim.nesterov and optim.momentum <= 0:
+    if optim.optimizer in ("lars", "lamb") and importlib.util.find_spec("timm") is None:
+        raise ConfigError(f"optim.optimizer = {optim.optimizer!r} is timm's, and timm is not installed here: pip "
+                          "install timm (a dependency of this package), or use --optimizer sgd")
+    if optim.optimizer in ("sgd", "lars") and optim.nesterov and optim.momentum <= 0:
         raise ConfigError("optim.nesterov needs momentum > 0; set --momentum (e.g. 0.9) or --no-nesterov")
     if optim.scheduler == "exponential" and optim.lr_gamma <= 0:
         raise ConfigError(f"optim.lr_gamma = {optim.lr_gamma}: the exponential schedule needs it positive")
