@@ -77,3 +77,15 @@ def test_o2_resumes_mid_epoch_exactly(data_dir, tmp_path):
     assert {t.dtype for t in stopped["model"].values() if t.is_floating_point()} == {torch.float32}
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["scaler"] == \
         load_checkpoint(reference / "checkpoints" / "latest.pt")["scaler"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_o2_trains_in_fp16_on_a_gpu(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(data_dir, run_dir, "--epochs", "2", "--amp", "fp16-o2", "--device", "cuda"))
+    rows = read_rows(run_dir / "epochs.csv")
+    assert [r["amp"] for r in rows] == ["fp16-o2"] * 2 and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
+    assert 0 < state["scaler"]["scale"] <= 2.0 ** 16
