@@ -3,12 +3,20 @@ under a real torchrun; a stop inside a window resumes exactly."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 
 from pipeline.core.checkpoint_file import load_checkpoint
-from pipeline.core.config import ConfigError
+from pipeline.core.config import ConfigError, OptimConfig
+from pipeline.core.distributed import DistEnv
+from pipeline.core.validate import validate
+from pipeline.prep.prepare import prepare
+from pipeline.prep.synthetic import make_imagenet_archives
+from pipeline.train.optim import build_scheduler
+from pipeline.train.state import TrainingState
 from pipeline.train.trainer import train
 from train_helpers import (checkpoint_weights, interrupted_and_resumed, read_rows, run_module, tiny_argv, tiny_config,
                            tiny_data)
@@ -33,7 +41,8 @@ def test_two_batches_of_16_accumulated_train_as_one_batch_of_32(data_dir, tmp_pa
     train(tiny_config(data_dir, whole, *BN_FREE, "--epochs", "2", "--batch-size", "32", "--lr", "0.5"))
     accumulated = tmp_path / "accumulated"
     result = train(tiny_config(data_dir, accumulated, *BN_FREE, "--epochs", "2", "--batch-size", "16",
-                               "--grad-accum-steps", "2", "--lr", "0.5", "--ema-decay", "0.5"))
+                               "--grad-accum-steps", "2", "--lr-base", "0.25", "--lr-base-batch", "16",
+                               "--ema-decay", "0.5"))  # lr 0.25 x 32 / 16: the global batch counts accumulation
     assert result["global_step"] == 4  # optimizer steps: 2 epochs x 2
     assert_close_weights(checkpoint_weights(accumulated / "checkpoints" / "latest.pt"),
                          checkpoint_weights(whole / "checkpoints" / "latest.pt"))
@@ -49,9 +58,40 @@ def test_two_batches_of_16_accumulated_train_as_one_batch_of_32(data_dir, tmp_pa
 
 
 def test_an_epoch_without_a_whole_window_is_refused_in_one_line(data_dir, tmp_path):
+    """In the job, by the trainer from the loader's length; before it, by the validation from a prepared data dir's
+    report (16 images)."""
     with pytest.raises(ConfigError, match=r"accum_steps \(--accum-steps\) = 6 batches per optimizer step, but an "
                                           r"epoch has 5 batch\(es\) per process"):
         train(tiny_config(data_dir, tmp_path / "run", *BN_FREE, "--batch-size", "16", "--accum-steps", "6"))
+    make_imagenet_archives(tmp_path / "archives", num_classes=2, train_per_class=8, val_per_class=2)
+    prepared = tmp_path / "prepared"
+    prepare(tiny_config(prepared, tmp_path / "run", "--archive-dir", str(tmp_path / "archives"), "--skip-checksum"))
+    validate(tiny_config(prepared, tmp_path / "run", "--batch-size", "4", "--accum-steps", "4"), stages=["train"])
+    with pytest.raises(ConfigError, match=r"accum_steps \(--accum-steps\) = 5 batches of 4 make a step of 20 "
+                                          r"images per process, more than the 16 each of the 1 processes gets"):
+        validate(tiny_config(prepared, tmp_path / "run", "--batch-size", "4", "--accum-steps", "5"), stages=["train"])
+
+
+@pytest.mark.parametrize("saved, now, expected", [
+    ((1, 8, 3, 24), (2, 8, 3, 36), (12, 4)),  # 24 x 8 = 192 images: 2 processes x 8 x 3 = 48 a step, 4 steps
+    ((2, 8, 1, 10), (1, 8, 4, 38), (20, 5)),  # 160 images: 32 a step, 5 steps = 20 batches
+    ((1, 4, 2, 6), (1, 4, 4, 36), (4, 1)),  # 24 images: 16 a step, 1 whole step = 4 batches (8 images redone)
+])
+def test_a_resume_on_another_sharding_starts_at_the_whole_window_of_the_images_done(data_dir, tmp_path, saved,
+                                                                                    now, expected):
+    """(world size, batch, accum_steps, batches done) of the checkpoint and of the resumed run (with its batches per
+    epoch): the resumed run's (batches done, optimizer steps done) of epoch 1."""
+    world, batch, accum, batches = now
+    cfg = tiny_config(data_dir, tmp_path, "--batch-size", str(batch), "--accum-steps", str(accum))
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    scheduler = build_scheduler(optimizer, OptimConfig(), epochs=90, steps_per_epoch=batches // accum)
+    state = TrainingState(cfg, DistEnv(world_size=world), torch.device("cpu"), SimpleNamespace(scheduler=scheduler),
+                          4, batches, "digest")
+    state.position.epoch, state.position.step_in_epoch = 1, saved[3]
+    state.convert_position(dict(zip(("world_size", "batch_size", "accum_steps"), saved[:3])))
+    steps = batches // accum + expected[1]  # epoch 0's and the steps of epoch 1 done
+    assert (state.position.step_in_epoch, state.position.global_step, scheduler.last_epoch) == (*expected[:1], steps,
+                                                                                                steps)
 
 
 @pytest.mark.slow

@@ -261,6 +261,11 @@ def check_batch_fits(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size (--batch-size) = {cfg.train.batch_size} per process is larger than the "
                           f"{images // world} training images each of the {world} processes gets ({images} in "
                           f"{cfg.data.data_dir}); lower --batch-size or use fewer processes")
+    window = cfg.train.batch_size * cfg.optim.accum_steps  # images per process per optimizer step
+    if images and window > images // world:
+        raise ConfigError(f"optim.accum_steps (--accum-steps) = {cfg.optim.accum_steps} batches of "
+                          f"{cfg.train.batch_size} make a step of {window} images per process, more than the "
+                          f"{images // world} each of the {world} processes gets; lower --accum-steps")
 
 
 def check_download(cfg: Config) -> None:

@@ -13,7 +13,8 @@ Preemption contract (used by the launcher's requeue):
 
 - SIGUSR1 or SIGTERM to any training process sets a flag; after the current step all ranks agree (an
   all-reduce of the flags), rank 0 saves ``latest.pt`` holding the position inside the epoch (epoch,
-  batches done) and every process returns ``{"finished": False, "preempted": True, ...}``, so
+  batches done; with --accum-steps always at a window's end, so no gradients are saved) and every process
+  returns ``{"finished": False, "preempted": True, ...}``, so
   ``python -m jobs.train`` exits 0. A signal during validation stops the run at the end of that epoch.
 - ``--resume auto`` (or ``--resume PATH``) continues from that position: the batches already done in
   that epoch are skipped (the sampler's order and the augmentation depend only on seed and epoch), the
