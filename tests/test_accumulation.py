@@ -14,6 +14,7 @@ from pipeline.core.config import ConfigError, OptimConfig
 from pipeline.core.distributed import DistEnv
 from pipeline.core.validate import validate
 from pipeline.prep.prepare import prepare
+from pipeline.report.build import report
 from pipeline.prep.synthetic import make_imagenet_archives
 from pipeline.train.optim import build_scheduler
 from pipeline.train.state import TrainingState
@@ -53,6 +54,7 @@ def test_two_batches_of_16_accumulated_train_as_one_batch_of_32(data_dir, tmp_pa
     assert [r["val_top1_correct"] for r in rows] == [r["val_top1_correct"] for r in reference]
     assert load_checkpoint(whole / "checkpoints" / "latest.pt")["accum_steps"] == 1
     assert 'accum_steps = 2' in (accumulated / "config.toml").read_text()
+    assert report([accumulated, whole], echo=False).summary["accum_steps"].tolist() == [2, 1]
     provenance = json.loads((accumulated / "provenance.json").read_text())
     assert (provenance["peak_lr"], provenance["global_batch"], provenance["accum_steps"]) == (0.5, 32, 2)
 
