@@ -9,23 +9,25 @@ from typing import Any
 import pytest
 
 from pipeline.core.config import Config, load_config, tomllib
+from pipeline.train.optim import lr_for_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SOURCES = tomllib.loads((CONFIGS / "sources.toml").read_text())
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.toml") if p.stem != "sources")
 
 
-def config_values(cfg: Config) -> dict[str, Any]:
-    """Every field by its name (unique across sections), plus the source's ``processes`` x batch = global batch."""
-    return {f.name: getattr(section, f.name) for section in (getattr(cfg, s.name) for s in dataclasses.fields(cfg))
-            for f in dataclasses.fields(section)}
+def config_values(cfg: Config, global_batch: int) -> dict[str, Any]:
+    """Every field by its name (unique across sections), the lr being the one the recipe runs at ``global_batch``."""
+    found = {f.name: getattr(section, f.name) for section in (getattr(cfg, s.name) for s in dataclasses.fields(cfg))
+             for f in dataclasses.fields(section)}
+    return found | {"lr": lr_for_batch(cfg.optim, global_batch)}
 
 
 def differences(cfg: Config, entry: dict[str, Any]) -> list[str]:
     """The fields where ``cfg`` differs from its sources.toml ``entry``, each as 'field: config X, source Y'."""
     values = dict(entry["values"])
-    found = config_values(cfg)
     processes, global_batch = values.pop("processes"), values.pop("global_batch")
+    found = config_values(cfg, global_batch)
     found_batch = cfg.train.batch_size * processes * cfg.optim.accum_steps
     wrong = [f"{name}: config {found[name]!r}, source {value!r}" for name, value in values.items()
              if name not in found or found[name] != value]
