@@ -105,7 +105,7 @@ def test_two_processes_accumulating_train_as_one_process_with_the_global_batch(d
     done = run_module("jobs.train", tiny_argv(data_dir, run_dir, *BN_FREE, "--epochs", "1", "--batch-size", "8",
                                               "--accum-steps", "2", "--lr", "0.5"), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(2 per optimizer step: 32 images)" in done.stderr
+    assert "an optimizer step takes 2 batch(es) per process: 32 images, 2 steps per epoch" in done.stderr
     assert_close_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
                          checkpoint_weights(whole / "checkpoints" / "latest.pt"))
     [row] = read_rows(run_dir / "epochs.csv")

@@ -154,6 +154,9 @@ class Trainer:
         self.val_loader = None if self.perf_mode else build_val_loader(cfg, env, device)
         self.val_to_device = device_batcher(cfg, self.precision)
         steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.loader))
+        distributed.on_main_process(log.info, "an optimizer step takes %d batch(es) per process: %d images, %d steps "
+                                    "per epoch", cfg.optim.accum_steps, global_batch_of(cfg, env.world_size),
+                                    steps_per_epoch)
         try:
             optimizer = build_optimizer(self.raw_model, cfg.optim)
             scheduler = build_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch)
@@ -256,9 +259,8 @@ class Trainer:
         self.write_run_metadata()
         self.record_state("training")
         distributed.on_main_process(forget_epochs_from, self.run_dir / EPOCHS_FILE, pos.epoch)
-        log.info("training %s on %d process(es), %d batches of %d per process per epoch (%d per optimizer step: "
-                 "%d images), epochs %d..%d", self.cfg.model.model, self.env.world_size, self.state.steps_per_epoch,
-                 self.cfg.train.batch_size, self.cfg.optim.accum_steps, global_batch_of(self.cfg, self.env.world_size),
+        log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
+                 self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
                  pos.epoch, epochs - 1)
         while pos.epoch < epochs:
             epoch = pos.epoch
