@@ -214,10 +214,10 @@ class Trainer:
         hosts = all_hostnames()
         if distributed.is_main_process():
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
-            record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts) | self.recipe_record()
+            record = collect_provenance(self.device, self.env, self.cfg.train.seed, hosts)
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
-            write_record(self.run_dir / PROVENANCE_FILE, record)
+            write_record(self.run_dir / PROVENANCE_FILE, record | self.recipe_record())
 
     def recipe_record(self) -> dict[str, Any]:
         """What provenance.json keeps of the step: the derived peak lr and the global batch it was derived for."""
