@@ -35,8 +35,8 @@ PROVENANCE_COLUMNS = ("run", *PROVENANCE_KEYS, "config")
 SCALING_GROUP = ("model", "amp", "batch_per_proc", "device_name")
 SCALING_COLUMNS = ("run", *SCALING_GROUP, "world_size", "img_per_s_all_ranks", "base_world_size",
                    "base_img_per_s_all_ranks", "ideal_img_per_s", "speedup", "efficiency_pct")
-INTEGER_COLUMNS = ("epoch", "world_size", "batch_per_proc", "accum_steps", "epochs_done", "epochs_planned",
-                   "best_epoch", "base_world_size")
+INTEGER_COLUMNS = ("epoch", "world_size", "batch_per_proc", "epochs_done", "epochs_planned", "best_epoch",
+                   "base_world_size")
 DECIMALS = {"acc": 2, "loss": 4, "img_per_s": 1, "time_s": 1, "pct": 1, "speedup": 2, "_ms": 2}  # by part of the name
 LR_SIGNIFICANT_DIGITS = 6
 UNFINISHED = {"training": "running or killed", "preempted": "preempted, resumes when requeued", "failed": "failed"}
