@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,30 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def bn_free_net(*, num_classes: int) -> torch.nn.Module:
+    """A tiny conv net without BatchNorm or dropout (``--model train_helpers:bn_free_net``): its gradient over a
+    batch is the mean of its gradients over the batch's parts, so accumulated and whole batches train alike."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+
+def interrupted_and_resumed(data_dir: Path, tmp_path: Path, flags: Sequence[str], marker: str) -> tuple[dict, Path]:
+    """``jobs.train`` with ``flags`` (which hold --resume auto) once in one go (into tmp_path/reference) and once
+    stopped by SIGUSR1 at the log line holding ``marker``, then resumed (tmp_path/run), whose weights must equal
+    the reference's; returns the checkpoint the stop saved and the reference dir."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    done = run_module("jobs.train", tiny_argv(data_dir, reference, *flags))
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = start_module("jobs.train", tiny_argv(data_dir, run_dir, *flags))
+    wait_for_line(proc, marker)
+    proc.send_signal(signal.SIGUSR1)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0, rest[-3000:]
+    stopped = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    resumed = run_module("jobs.train", tiny_argv(data_dir, run_dir, *flags))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(checkpoint_weights(run_dir / "checkpoints" / "latest.pt"),
+                        checkpoint_weights(reference / "checkpoints" / "latest.pt"))
+    return stopped, reference

@@ -56,19 +56,21 @@ class Accelerator:
         """Why ``amp`` cannot run here and what to use instead ('' when it can)."""
         if amp == "none":
             return ""
-        if amp == "bf16" and self.module is not None and not self.module.is_bf16_supported():
-            return (f"--amp bf16 needs bfloat16 support, which this {self.device.type} ({self.name()}) lacks "
-                    "(GPUs before Ampere, Ascend 910A); use --amp fp16")
+        if amp.startswith("bf16") and self.module is not None and not self.module.is_bf16_supported():
+            return (f"--amp {amp} needs bfloat16 support, which this {self.device.type} ({self.name()}) lacks "
+                    f"(GPUs before Ampere, Ascend 910A); use --amp {amp.replace('bf16', 'fp16')}")
         if not torch.amp.is_autocast_available(self.device.type):
             return f"--amp {amp} is not supported on device {self.device.type}; use --amp none"
         return ""
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
+    def grad_scaler(self, loss_scale: float = 0.0) -> torch.amp.GradScaler:
         """The fp16 loss scaler: torch_npu's on NPUs, which reads the NPU's overflow flags (the Ascend 910
-        saturates instead of producing inf/NaN in its default mode), torch's elsewhere."""
+        saturates instead of producing inf/NaN in its default mode), torch's elsewhere; starting at ``loss_scale``
+        when given (the caller keeps it there), else at the default 2 ** 16."""
+        start = {"init_scale": loss_scale} if loss_scale > 0 else {}
         if self.device.type == "npu":
-            return self.module.amp.GradScaler()
-        return torch.amp.GradScaler(self.device.type)
+            return self.module.amp.GradScaler(**start)
+        return torch.amp.GradScaler(self.device.type, **start)
 
     def rng_state(self) -> list[torch.Tensor]:
         """The generator states of this process's accelerator devices (empty on the CPU)."""

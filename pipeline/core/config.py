@@ -120,23 +120,28 @@ class ModelConfig:
                                 "off; or give ema_decay_per_image instead")
     ema_decay_per_image: float = opt(0.0, "model EMA decay as torchvision's --model-ema-decay (0.99998 there): "
                                           "adjusted for scale to 1 - min(1, (1 - this) x world size x batch_size x "
-                                          "ema_steps / epochs) per update, so a recipe means the same at any world "
-                                          "size or batch; 0 is off; use this or ema_decay, not both")
+                                          "accum_steps x ema_steps / epochs) per update, so a recipe means the same at "
+                                          "any world size or batch; 0 is off; use this or ema_decay, not both")
     ema_steps: int = opt(1, "optimizer steps between EMA updates (torchvision's --model-ema-steps); during warm-up "
                             "the EMA follows the model")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["sgd", "rmsprop", "adamw"] = opt("sgd", "optimizer")
+    optimizer: Literal["sgd", "rmsprop", "adamw", "lars", "lamb"] = opt(
+        "sgd", "optimizer; lars and lamb (timm's, for large batches) leave biases and norm weights out of weight "
+               "decay and of the trust ratio")
+    accum_steps: int = opt(1, "gradient accumulation: batches per optimizer step, so the global batch is processes "
+                              "x batch_size x this (an 8-GPU recipe on 2 GPUs: 4); 1 is off")
     lr: float = opt(0.1, "peak learning rate for the global batch")
     lr_base: float = opt(0.0, "the recipe's peak lr for lr_base_batch images per step: when set, lr is derived from "
-                              "the run's global batch (processes x batch per process) by lr_base_scale; 0: lr as given")
+                              "the run's global batch (processes x batch x accum_steps) by lr_base_scale; 0: lr as "
+                              "given")
     lr_base_batch: int = opt(256, "the global batch (images per step) lr_base is given for")
     lr_base_scale: Literal["linear", "sqrt"] = opt("linear", "lr = lr_base x (global batch / lr_base_batch), or its "
                                                              "square root")
-    momentum: float = opt(0.9, "momentum (SGD, RMSprop)")
-    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    momentum: float = opt(0.9, "momentum (SGD, RMSprop, LARS)")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD, LARS)")
     weight_decay: float = opt(1e-4, "weight decay")
     norm_weight_decay: bool = opt(True, "apply weight decay to norm and bias parameters too")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
@@ -161,7 +166,12 @@ class TrainConfig:
     epochs: int = opt(90, "training epochs")
     batch_size: int = opt(32, "images per process per step")
     device: Literal["auto", "cuda", "npu", "cpu"] = opt("auto", "device type: auto picks cuda, then npu, then cpu")
-    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision: bf16 autocast, or fp16 with a GradScaler")
+    amp: Literal["none", "bf16", "fp16", "fp16-o2", "bf16-o2"] = opt(
+        "none", "mixed precision: bf16 autocast, fp16 with a GradScaler, or O2 (fp16-o2, bf16-o2): low-precision "
+                "weights but norm layers, fp32 master weights, fp16 loss scaling")
+    loss_scale: float = opt(0.0, "fp16 loss scale (--amp fp16, fp16-o2): 0 dynamic (from 2 ** 16, halved at an "
+                                 "overflow, doubled after 2000 steps without), N a static scale (a step that "
+                                 "overflows is still skipped)")
     resume: str = opt("", "checkpoint to resume from, or 'auto' for the newest valid one in the run dir")
     max_steps: int = opt(0, "performance mode: stop after this many steps and report steady-state FPS; 0 is off")
     seed: int = opt(0, "random seed of model init, sampling and augmentation")
@@ -274,7 +284,8 @@ MOVED = {("launch", f.name): "slurm" for f in dataclasses.fields(SlurmConfig)}
 FLAG_ALIASES = {"gpus_per_node": ["--procs-per-node"], "data_dir": ["--data-path"], "batch_size": ["-b"],
                 "workers": ["-j"], "optimizer": ["--opt"], "weight_decay": ["--wd"], "scheduler": ["--lr-scheduler"],
                 "warmup_epochs": ["--lr-warmup-epochs"], "warmup_decay": ["--lr-warmup-decay"], "min_lr": ["--lr-min"],
-                "ema_steps": ["--model-ema-steps"], "ema_decay_per_image": ["--model-ema-decay"]}
+                "ema_steps": ["--model-ema-steps"], "ema_decay_per_image": ["--model-ema-decay"],
+                "accum_steps": ["--grad-accum-steps"]}
 
 
 def _field_owner() -> dict[str, tuple[str, dataclasses.Field, Any]]:
@@ -470,5 +481,5 @@ def ema_update_decay(cfg: Config, world_size: int) -> float | None:
     model = cfg.model
     if model.ema_decay_per_image <= 0:
         return model.ema_decay if model.ema_decay > 0 else None
-    adjust = world_size * cfg.train.batch_size * model.ema_steps / cfg.train.epochs
+    adjust = world_size * cfg.train.batch_size * cfg.optim.accum_steps * model.ema_steps / cfg.train.epochs
     return 1.0 - min(1.0, (1.0 - model.ema_decay_per_image) * adjust)

@@ -42,6 +42,7 @@ AT_LEAST = {
     "download_speed_time_s": (1, "seconds"), "lr_base": (0.0, "0 is off"), "lr_base_batch": (1, "images per step"),
     "shard_size_mb": (1, "MB"), "shard_max_side": (0, "0 keeps the original bytes"),
     "shard_quality": (1, "JPEG quality"),
+    "accum_steps": (1, "batches per optimizer step; 1 is off"), "loss_scale": (0.0, "0 is dynamic"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),
@@ -143,6 +144,9 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
         raise ConfigError(f"data.val_crop_size = {cfg.data.val_crop_size} is larger than val_resize_size = "
                           f"{cfg.data.val_resize_size}: the eval crop is cut from the resized image; raise "
                           "--val-resize-size or lower --val-crop-size")
+    if cfg.train.loss_scale > 0 and not cfg.train.amp.startswith("fp16"):
+        raise ConfigError(f"train.loss_scale = {cfg.train.loss_scale} scales fp16 losses, but train.amp = "
+                          f"{cfg.train.amp!r}; use --amp fp16 or fp16-o2, or drop --loss-scale")
     if cfg.data.decode == "device" and not dataset_kind(cfg.data.dataset).jpeg_files:
         raise ConfigError(f"data.decode = 'device' decodes JPEGs; dataset {cfg.data.dataset!r} has none: "
                           "use --decode cpu")
@@ -160,7 +164,10 @@ def _check_relations(cfg: Config, checks: set[str]) -> None:
         return
     if optim.lr <= 0:
         raise ConfigError(f"optim.lr = {optim.lr}: must be positive")
-    if optim.optimizer == "sgd" and optim.nesterov and optim.momentum <= 0:
+    if optim.optimizer in ("lars", "lamb") and importlib.util.find_spec("timm") is None:
+        raise ConfigError(f"optim.optimizer = {optim.optimizer!r} is timm's, and timm is not installed here: pip "
+                          "install timm (a dependency of this package), or use --optimizer sgd")
+    if optim.optimizer in ("sgd", "lars") and optim.nesterov and optim.momentum <= 0:
         raise ConfigError("optim.nesterov needs momentum > 0; set --momentum (e.g. 0.9) or --no-nesterov")
     if optim.scheduler == "exponential" and optim.lr_gamma <= 0:
         raise ConfigError(f"optim.lr_gamma = {optim.lr_gamma}: the exponential schedule needs it positive")
@@ -311,6 +318,11 @@ def check_batch_fits(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size (--batch-size) = {cfg.train.batch_size} per process is larger than the "
                           f"{images // world} training images each of the {world} processes gets ({images} in "
                           f"{cfg.data.data_dir}); lower --batch-size or use fewer processes")
+    window = cfg.train.batch_size * cfg.optim.accum_steps  # images per process per optimizer step
+    if images and window > images // world:
+        raise ConfigError(f"optim.accum_steps (--accum-steps) = {cfg.optim.accum_steps} batches of "
+                          f"{cfg.train.batch_size} make a step of {window} images per process, more than the "
+                          f"{images // world} each of the {world} processes gets; lower --accum-steps")
 
 
 def check_download(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from pipeline.report.tables import PROVENANCE_COLUMNS, SUMMARY_COLUMNS
 
 TITLES = {
     "run": "run", "model": "model", "nodes_x_procs": "nodes x procs/node", "world_size": "world size",
-    "amp": "AMP", "batch_per_proc": "batch/proc", "peak_lr": "peak lr", "epochs_done": "epochs done", "epochs_planned": "epochs planned",
+    "amp": "AMP", "batch_per_proc": "batch/proc", "accum_steps": "accum steps", "peak_lr": "peak lr", "epochs_done": "epochs done", "epochs_planned": "epochs planned",
     "best_epoch": "best epoch", "best_val_acc1": "best Acc@1 %", "best_val_acc5": "best Acc@5 %",
     "final_val_acc1": "final Acc@1 %", "final_val_acc5": "final Acc@5 %", "eval_acc1": "eval Acc@1 %",
     "eval_acc5": "eval Acc@5 %", "eval_weights": "eval weights", "img_per_s_all_ranks": "img/s all ranks",

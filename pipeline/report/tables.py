@@ -25,8 +25,8 @@ from pipeline.report.inputs import RunRecords
 EPOCH_TABLE_COLUMNS = ("epoch", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                        "img_per_s_all_ranks", "img_per_s_per_rank", "epoch_time_s", "lr")
 EMA_COLUMNS = ("ema_val_acc1", "ema_val_acc5")
-SUMMARY_COLUMNS = ("run", "model", "nodes_x_procs", "world_size", "amp", "batch_per_proc", "peak_lr", "epochs_done",
-                   "epochs_planned", "best_epoch", "best_val_acc1", "best_val_acc5", "final_val_acc1",
+SUMMARY_COLUMNS = ("run", "model", "nodes_x_procs", "world_size", "amp", "batch_per_proc", "accum_steps", "peak_lr",
+                   "epochs_done", "epochs_planned", "best_epoch", "best_val_acc1", "best_val_acc5", "final_val_acc1",
                    "final_val_acc5", "eval_acc1", "eval_acc5", "eval_weights", "img_per_s_all_ranks",
                    "img_per_s_per_rank", "data_wait_pct", "device_wait_pct", "input_wait_ms", "fwd_bwd_ms",
                    "optimizer_ms", "fps_basis", "train_time_s", "status")
@@ -88,7 +88,8 @@ def run_summary(run: RunRecords) -> dict[str, Any]:
     world_size, nodes = int(row.pop("world_size")), int(row.pop("nodes"))
     procs = f"{nodes}x{world_size // nodes}" if world_size % nodes == 0 else f"{nodes} nodes, {world_size} procs"
     return {"run": run.name, "model": row.pop("model"), "nodes_x_procs": procs, "world_size": world_size,
-            "amp": row.pop("amp"), "batch_per_proc": run.config.train.batch_size, "peak_lr": run.config.optim.lr,
+            "amp": row.pop("amp"), "batch_per_proc": run.config.train.batch_size,
+            "accum_steps": run.config.optim.accum_steps, "peak_lr": run.config.optim.lr,
             "eval_acc1": (run.eval or {}).get("acc1"), "eval_acc5": (run.eval or {}).get("acc5"),
             "eval_weights": (run.eval or {}).get("weights", "model" if run.eval else None), **row}
 

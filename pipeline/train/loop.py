@@ -12,15 +12,17 @@ the mean wait for the loader per step. The epoch's record uses the steady-state 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -47,7 +49,12 @@ OnLog = Callable[[int, dict[str, float]], None]  # a tracker's log_step: (global
 @dataclass
 class Stepper:
     """What one optimizer step needs. ``model`` is as trained (DDP and/or compiled), ``raw_model`` unwrapped;
-    ``to_device`` turns the loader's uint8 batch into the model's input (normalized, mixed when on)."""
+    ``to_device`` turns the loader's uint8 batch into the model's input (normalized, mixed when on).
+
+    With ``accum_steps`` > 1 an optimizer step takes that many batches (a window): each batch's loss is divided by
+    accum_steps and its gradients add up (DDP all-reduces only the window's last), then clipping, the scaler, the
+    optimizer, the schedule and the EMA step once, so they all count optimizer steps.
+    """
 
     model: nn.Module
     raw_model: nn.Module
@@ -60,6 +67,8 @@ class Stepper:
     ema_steps: int = 1  # optimizer steps between EMA updates
     ema_warmup_steps: int = 0  # until then the EMA restarts from the model at each update
     clip_grad_norm: float = 0.0  # 0: no clipping
+    accum_steps: int = 1  # batches per optimizer step
+    window_done: int = 0  # batches of the current window done; 0 at every resume point (a window's end)
 
     def inputs(self, batches: Iterable[tuple], first: tuple[int, int]) -> DeviceInputs:
         """The loader's ``batches`` as the model's input, one prepared ahead; ``first`` is the (epoch, index) of
@@ -69,19 +78,25 @@ class Stepper:
 
     def step(self, images: torch.Tensor, targets: torch.Tensor,
              on_backward: Callable[[], None] | None = None) -> torch.Tensor:
-        """Forward, backward, optimizer and schedule step, EMA update of a batch from ``inputs``; returns the
-        batch's ``batch_sums``. ``on_backward()`` is called between the backward pass and the optimizer step."""
-        with self.precision.autocast():
-            logits = self.model(images)
-            loss = self.criterion(logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
+        """Forward and backward of a batch from ``inputs``, then at a window's end the optimizer and schedule step
+        and the EMA update; returns the batch's ``batch_sums``. ``on_backward()`` is called after the backward
+        pass (before the optimizer step)."""
+        window_end = self.window_done + 1 == self.accum_steps
+        if self.window_done == 0:
+            self.model.zero_grad(set_to_none=True)  # the trained module's: under O2 not the optimizer's (master)
+        with contextlib.nullcontext() if window_end else no_sync(self.model):
+            with self.precision.autocast():
+                logits = self.model(images)
+                loss = self.criterion(logits, targets)
+            self.precision.backward(loss / self.accum_steps)  # the window's mean: each batch is 1/accum_steps
         if on_backward is not None:
             on_backward()
-        self.precision.step(self.optimizer, clip_grad_norm=self.clip_grad_norm)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.update_ema()
+        self.window_done = 0 if window_end else self.window_done + 1
+        if window_end:
+            self.precision.step(self.optimizer, clip_grad_norm=self.clip_grad_norm)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.update_ema()
         return batch_sums(loss, logits, targets)
 
     def update_ema(self) -> None:
@@ -98,6 +113,13 @@ class Stepper:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+
+def no_sync(model: nn.Module) -> ContextManager:
+    """DDP's ``no_sync`` (gradients kept local, all-reduced at the next backward outside it) of ``model``, also under
+    torch.compile's wrapper; nothing to do without DDP."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
 
 
 class LogWindow:
@@ -139,27 +161,28 @@ class LogWindow:
                 f"data: {s['train/data_wait_s']:.4f}s max mem: {peak_memory_mib(self.device):.0f}MB")
 
 
-class _SkipFirstBatches:
-    """A batch sampler without its first ``skip`` batches (of the order it draws for the current epoch)."""
+class _BatchRange:
+    """Batches ``skip`` to ``stop`` of a batch sampler (of the order it draws for the current epoch)."""
 
-    def __init__(self, batch_sampler: Iterable[list], skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
+    def __init__(self, batch_sampler: Iterable[list], skip: int, stop: int):
+        self.batch_sampler, self.skip, self.stop = batch_sampler, skip, stop
 
     def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
+        return max(min(len(self.batch_sampler), self.stop) - self.skip, 0)
 
     def __iter__(self) -> Iterator[list]:
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+        return itertools.islice(iter(self.batch_sampler), self.skip, self.stop)
 
 
-def skip_batches(loader: DataLoader, skip: int) -> DataLoader:
-    """The same loader starting at batch ``skip``; the skipped batches are never loaded.
+def skip_batches(loader: DataLoader, skip: int, stop: int | None = None) -> DataLoader:
+    """The same loader from batch ``skip`` to ``stop`` (default: its end); the batches outside are never loaded.
 
     Exact for pipeline.data.loaders's loaders, whose order and augmentation depend only on (seed, epoch, index).
     """
-    if skip == 0:
+    stop = len(loader) if stop is None else stop
+    if skip == 0 and stop == len(loader):
         return loader
-    return DataLoader(loader.dataset, batch_sampler=_SkipFirstBatches(loader.batch_sampler, skip),
+    return DataLoader(loader.dataset, batch_sampler=_BatchRange(loader.batch_sampler, skip, stop),
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
                       multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
@@ -170,10 +193,12 @@ class StepBook:
     """Bookkeeping around each step: epoch sums, log window, steady-state throughput, log lines."""
 
     def __init__(self, device: torch.device, *, warmup_steps: int, print_freq: int, prefix: str,
-                 carried: torch.Tensor | None = None, first_step: int = 0, on_log: OnLog | None = None):
-        """``on_log(global step, scalars)`` at each log line, the global step being ``first_step`` + the step."""
+                 carried: torch.Tensor | None = None, first_step: int = 0, on_log: OnLog | None = None,
+                 accum_steps: int = 1):
+        """``on_log(global step, scalars)`` at each log line, the global step being ``first_step`` + the optimizer
+        steps done (batches / ``accum_steps``)."""
         watchdog.step_done(0)  # the loop starts: the hang watchdog counts from now
-        self.first_step, self.on_log = first_step, on_log
+        self.first_step, self.on_log, self.accum_steps = first_step, on_log, accum_steps
         self.sums = RunningSums(device)
         if carried is not None and distributed.is_main_process():  # global sums of an earlier run: count once
             self.sums.add(carried.to(device))
@@ -195,14 +220,15 @@ class StepBook:
             line = self.window.line(self.prefix, step, total, self.sums.local(), scalars)
             distributed.on_main_process(log.info, line)
             if self.on_log is not None:
-                self.on_log(self.first_step + step, scalars)
+                self.on_log(self.first_step + step // self.accum_steps, scalars)
             self.window.reset()
         self.timer.step_done(images)
 
 
 @dataclass(frozen=True)
 class EpochResult:
-    step_in_epoch: int       # batches of the epoch done, including those of an earlier run before a resume
+    step_in_epoch: int       # batches of the epoch done, including those of an earlier run before a resume (a
+    #                          whole number of accumulation windows)
     stopped: bool            # preempted before the epoch's end
     sums: torch.Tensor       # batch_sums over the epoch so far, all ranks, on the CPU
     throughput: Throughput
@@ -240,8 +266,9 @@ class LossWatch:
 
     @classmethod
     def of(cls, stepper: Stepper, where: str) -> "LossWatch":
-        scaled = stepper.precision.scaler is not None
-        return cls(stepper.precision.device, tolerated=SCALER_PATIENCE if scaled else 0, where=where)
+        scaled = stepper.precision.scaler is not None  # it skips a whole window: its batches' losses in a row
+        return cls(stepper.precision.device, tolerated=SCALER_PATIENCE * stepper.accum_steps if scaled else 0,
+                   where=where)
 
     def add(self, batch_sums: torch.Tensor, step: int) -> None:
         """``step``: the number (1-based) of the step whose ``batch_sums`` these are."""
@@ -277,7 +304,8 @@ def finite_weights(model: nn.Module) -> bool:
 def run_steps(stepper: Stepper, batches: Iterable[tuple], *, first: tuple[int, int], total: int, book: StepBook,
               watch: LossWatch, stop: Callable[[], bool]) -> tuple[int, bool]:
     """The step loop of both modes: a step per batch of ``batches``, the first being (epoch, index) ``first``, the
-    last being step ``total``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY steps and at the last.
+    last being step ``total``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY optimizer steps and at the
+    last, always at an accumulation window's end: a run stops, and resumes, between windows (no gradients to save).
     Returns (the number of the last step done, counted from index 0 of ``first``'s epoch; whether stop() said so)."""
     step = first[1]
     inputs = stepper.inputs(batches, first)
@@ -289,7 +317,8 @@ def run_steps(stepper: Stepper, batches: Iterable[tuple], *, first: tuple[int, i
         book.step_done(batch, len(images), step, total, stepper.lr)
         if step % book.print_freq == 0:
             watch.check()
-        if (step % STOP_CHECK_EVERY == 0 or step == total) and stop():
+        window_end = step % stepper.accum_steps == 0
+        if window_end and ((step // stepper.accum_steps) % STOP_CHECK_EVERY == 0 or step == total) and stop():
             return step, True
     return step, False
 
@@ -298,15 +327,18 @@ def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: i
               stop: Callable[[], bool], carried: torch.Tensor | None = None,
               on_log: OnLog | None = None) -> EpochResult:
     """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY
-    steps and after the epoch's last."""
-    total = len(loader)
+    optimizer steps and after the epoch's last. The batches after the last whole accumulation window are left out,
+    as drop_last leaves out a short batch: accum_steps x batch b then sees the very images of one batch of
+    accum_steps x b, and an epoch has the same optimizer steps as with that batch."""
+    accum = stepper.accum_steps
+    total = len(loader) - len(loader) % accum
     book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(total - start_step),
-                    print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried, first_step=epoch * total,
-                    on_log=on_log)
+                    print_freq=print_freq, prefix=f"Epoch: [{epoch}]", carried=carried,
+                    first_step=epoch * (total // accum), on_log=on_log, accum_steps=accum)
     start_s = time.perf_counter()
     watch = LossWatch.of(stepper, f"epoch {epoch}")
     stepper.model.train()  # validation left it in eval mode
-    step, stopped = run_steps(stepper, skip_batches(loader, start_step), first=(epoch, start_step), total=total,
+    step, stopped = run_steps(stepper, skip_batches(loader, start_step, total), first=(epoch, start_step), total=total,
                               book=book, watch=watch, stop=stop)
     watch.check(stepper.raw_model)  # before the caller saves anything
     throughput = book.timer.result()
@@ -326,15 +358,17 @@ def endless_batches(loader: DataLoader, sampler: DistributedSampler | None) -> I
 
 def run_perf(stepper: Stepper, loader: DataLoader, sampler: DistributedSampler | None, *, max_steps: int,
              print_freq: int, stop: Callable[[], bool], on_log: OnLog | None = None) -> Throughput | None:
-    """``max_steps`` steps over as many epochs as they take: the steady-state throughput after the warm-up,
-    or None when ``stop()`` (a collective, asked every STOP_CHECK_EVERY steps) ended the run early."""
-    book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(max_steps), print_freq=print_freq,
-                    prefix="Perf:", on_log=on_log)
+    """``max_steps`` optimizer steps over as many epochs as they take: the steady-state throughput (per batch
+    processed) after the warm-up, or None when ``stop()`` (a collective, asked every STOP_CHECK_EVERY steps) ended
+    the run early."""
+    batches = max_steps * stepper.accum_steps
+    book = StepBook(stepper.precision.device, warmup_steps=warmup_steps_for(batches), print_freq=print_freq,
+                    prefix="Perf:", on_log=on_log, accum_steps=stepper.accum_steps)
     watch = LossWatch.of(stepper, "the performance run")
     stepper.model.train()
-    step, stopped = run_steps(stepper, itertools.islice(endless_batches(loader, sampler), max_steps), first=(0, 0),
-                              total=max_steps, book=book, watch=watch, stop=stop)
-    if stopped and step < max_steps:
+    step, stopped = run_steps(stepper, itertools.islice(endless_batches(loader, sampler), batches), first=(0, 0),
+                              total=batches, book=book, watch=watch, stop=stop)
+    if stopped and step < batches:
         return None
     watch.check()
     return book.timer.result()

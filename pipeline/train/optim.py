@@ -19,6 +19,7 @@ a resumed run follows the schedule of its config, and load_state_dict puts it at
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -30,6 +31,7 @@ from pipeline.core.config import ConfigError, OptimConfig
 # torchvision's reference values for RMSprop (MobileNetV3 / EfficientNet recipes, TF-style RMSprop).
 RMSPROP_ALPHA = 0.9
 RMSPROP_EPS = 0.0316
+LARGE_BATCH = ("lars", "lamb")  # timm.optim's, with the layer-wise trust ratio
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
@@ -59,7 +61,10 @@ def lr_for_batch(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), RMSprop (torchvision's alpha and eps) or AdamW over the model's parameters."""
+    """SGD (momentum, Nesterov), RMSprop (torchvision's alpha and eps), AdamW, or LARS / LAMB over the model's
+    parameters."""
+    if cfg.optimizer in LARGE_BATCH:
+        return large_batch_optimizer(model, cfg)
     groups = parameter_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -67,7 +72,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use sgd, rmsprop or adamw")
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use sgd, rmsprop, adamw, lars or lamb")
+
+
+def large_batch_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """LARS (You et al. 2017, with momentum) or LAMB (You et al. 2019, timm's defaults otherwise) from timm.optim,
+    imported only here. Biases and norm weights are excluded, as in those papers' recipes, whatever
+    norm_weight_decay says: no weight decay, and no layer-wise trust ratio (timm adapts only groups with decay)."""
+    try:
+        timm_optim = importlib.import_module("timm.optim")
+    except ImportError:
+        raise ConfigError(f"--optimizer {cfg.optimizer} needs timm's optimizers, and timm is not installed here: "
+                          "pip install timm (a dependency of this package), or use --optimizer sgd") from None
+    groups = parameter_groups(model, cfg.weight_decay, norm_weight_decay=False)
+    if cfg.optimizer == "lars":
+        return timm_optim.Lars(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return timm_optim.Lamb(groups, lr=cfg.lr)
 
 
 def lr_factor(step: int, cfg: OptimConfig, *, epochs: int, steps_per_epoch: int) -> float:

@@ -9,7 +9,7 @@ A checkpoint is a dict of tensors and plain Python values, so ``torch.load(weigh
     best_acc1, finished
     epoch_sums, epoch_elapsed_s                the epoch's train sums (all ranks) and wall clock before a stop
     rng                                        every rank's RNG states: Python, numpy, torch, its accelerator
-    world_size, batch_size                     the sharding that step_in_epoch refers to
+    world_size, batch_size, accum_steps        the sharding that step_in_epoch refers to
     copies                                     the files that must hold this state (added by the trainer's save)
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class TrainingState:
     device: torch.device
     stepper: Stepper
     num_classes: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # batches per epoch and process: whole accumulation windows
     digest: str  # pipeline.train.checkpoint.config_digest of cfg
     position: Position = dataclasses.field(default_factory=Position)
 
@@ -77,6 +77,7 @@ class TrainingState:
             "epoch_sums": sums, "epoch_elapsed_s": pos.carried_s,
             "rng": distributed.gather(capture_rng_state(self.device)),
             "config_digest": self.digest, "world_size": self.env.world_size, "batch_size": self.cfg.train.batch_size,
+            "accum_steps": self.cfg.optim.accum_steps,
         }
 
     def load_state_dict(self, path: Path, state: dict[str, Any]) -> None:
@@ -85,6 +86,7 @@ class TrainingState:
                          digest=self.digest)
         s = self.stepper
         s.raw_model.load_state_dict(state["model"])
+        s.precision.weights_loaded()
         s.optimizer.load_state_dict(state["optimizer"])
         s.scheduler.load_state_dict(state["scheduler"])
         if s.precision.scaler is not None and state.get("scaler"):
@@ -97,7 +99,7 @@ class TrainingState:
                                  global_step=state["global_step"], best_acc1=state["best_acc1"],
                                  carried=state.get("epoch_sums"), carried_s=state.get("epoch_elapsed_s", 0.0),
                                  resumed_from=str(path))
-        if (state.get("world_size"), state.get("batch_size")) != (self.env.world_size, self.cfg.train.batch_size):
+        if self.sharding(state) != self.sharding():
             self.convert_position(state)
         rng = state.get("rng") or []
         if len(rng) == self.env.world_size:
@@ -108,17 +110,22 @@ class TrainingState:
         log.info("resumed from %s: epoch %d, %d of its %d batches done, step %d, best Acc@1 %.3f", path, pos.epoch,
                  pos.step_in_epoch, self.steps_per_epoch, pos.global_step, pos.best_acc1)
 
+    def sharding(self, state: dict[str, Any] | None = None) -> tuple[int, int, int]:
+        """(world size, batch per process, batches per optimizer step) of a checkpoint's run, or of this one."""
+        if state is None:
+            return self.env.world_size, self.cfg.train.batch_size, self.cfg.optim.accum_steps
+        return state.get("world_size", 1), state.get("batch_size", self.cfg.train.batch_size), \
+            state.get("accum_steps", 1)
+
     def convert_position(self, state: dict[str, Any]) -> None:
-        """Another world size or batch size: the same images done, as near as whole batches allow."""
-        old_batch = state.get("world_size", 1) * state.get("batch_size", self.cfg.train.batch_size)
-        new_batch = self.env.world_size * self.cfg.train.batch_size
+        """Another world size, batch size or accumulation: the same images done, as near as whole windows allow."""
+        (old_world, old_batch, old_accum), (world, batch, accum) = self.sharding(state), self.sharding()
         pos = self.position
-        images_done = pos.step_in_epoch * old_batch  # global images of the epoch done before the stop
-        pos.step_in_epoch = min(images_done // new_batch, self.steps_per_epoch)
-        pos.global_step = pos.epoch * self.steps_per_epoch + pos.step_in_epoch
+        images_done = pos.step_in_epoch * old_world * old_batch  # global images of the epoch done before the stop
+        pos.step_in_epoch = min(images_done // (world * batch * accum) * accum, self.steps_per_epoch)
+        pos.global_step = (pos.epoch * self.steps_per_epoch + pos.step_in_epoch) // accum  # optimizer steps
         self.stepper.scheduler.last_epoch = pos.global_step
-        log.warning("resuming with world size %d x batch %d instead of %d x %d: the epoch resumes at batch %d "
-                    "(%d images were done), the schedule at step %d; the result will not match an "
-                    "uninterrupted run exactly", self.env.world_size, self.cfg.train.batch_size,
-                    state.get("world_size"), state.get("batch_size"), pos.step_in_epoch, images_done,
-                    pos.global_step)
+        log.warning("resuming with world size %d x batch %d x %d accumulated instead of %d x %d x %d: the epoch "
+                    "resumes at batch %d (%d images were done), the schedule at step %d; the result will not match "
+                    "an uninterrupted run exactly", world, batch, accum, old_world, old_batch, old_accum,
+                    pos.step_in_epoch, images_done, pos.global_step)

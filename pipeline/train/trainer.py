@@ -13,7 +13,8 @@ Preemption contract (used by the launcher's requeue):
 
 - SIGUSR1 or SIGTERM to any training process sets a flag; after the current step all ranks agree (an
   all-reduce of the flags), rank 0 saves ``latest.pt`` holding the position inside the epoch (epoch,
-  batches done) and every process returns ``{"finished": False, "preempted": True, ...}``, so
+  batches done; with --accum-steps always at a window's end, so no gradients are saved) and every process
+  returns ``{"finished": False, "preempted": True, ...}``, so
   ``python -m jobs.train`` exits 0. A signal during validation stops the run at the end of that epoch.
 - ``--resume auto`` (or ``--resume PATH``) continues from that position: the batches already done in
   that epoch are skipped (the sampler's order and the augmentation depend only on seed and epoch), the
@@ -105,16 +106,31 @@ def rounded(value: float, digits: int) -> float | str:
     return round(value, digits) if math.isfinite(value) else ""
 
 
+def global_batch_of(cfg: Config, world_size: int) -> int:
+    """Images per optimizer step: processes x images per process per batch x batches per step (accumulation)."""
+    return world_size * cfg.train.batch_size * cfg.optim.accum_steps
+
+
+def optimizer_steps_per_epoch(cfg: Config, batches: int) -> int:
+    """Whole accumulation windows in an epoch of ``batches`` (the tail is left out, see loop.run_epoch)."""
+    steps = batches // cfg.optim.accum_steps
+    if steps < 1:
+        raise ConfigError(f"optim.accum_steps (--accum-steps) = {cfg.optim.accum_steps} batches per optimizer step, "
+                          f"but an epoch has {batches} batch(es) per process; lower --accum-steps or --batch-size")
+    return steps
+
+
 def with_lr_for_batch(cfg: Config, world_size: int) -> Config:
     """``cfg`` with the peak lr derived from its global batch when the recipe gives ``lr_base`` (said once, and saved
     in config.toml, as every value that made the numbers)."""
     if cfg.optim.lr_base <= 0:
         return cfg
-    global_batch = world_size * cfg.train.batch_size  # processes x images per process per step
+    global_batch = global_batch_of(cfg, world_size)
     lr = lr_for_batch(cfg.optim, global_batch)
     distributed.on_main_process(log.info, "lr %.6g: lr_base %g for %d images per step, scaled (%s) to this run's "
-                                "%d (%d processes x %d)", lr, cfg.optim.lr_base, cfg.optim.lr_base_batch,
-                                cfg.optim.lr_base_scale, global_batch, world_size, cfg.train.batch_size)
+                                "%d (%d processes x %d x %d accumulated)", lr, cfg.optim.lr_base,
+                                cfg.optim.lr_base_batch, cfg.optim.lr_base_scale, global_batch, world_size,
+                                cfg.train.batch_size, cfg.optim.accum_steps)
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
 
 
@@ -136,15 +152,18 @@ class Trainer:
                 raise ConfigError("--sync-bn needs accelerators (torch's SyncBatchNorm has no CPU kernel); "
                                   "on CPU use --no-sync-bn")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last)
+        self.precision = setup_precision(device, cfg.train.amp, cfg.model.channels_last, cfg.train.loss_scale)
         self.raw_model = self.precision.prepare_model(model)
         self.loader, self.sampler = build_train_loader(cfg, env, device, seed=cfg.train.seed)
         self.val_loader = None if self.perf_mode else build_val_loader(cfg, env, device)
         self.val_to_device = device_batcher(cfg, self.precision)
+        steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.loader))
+        distributed.on_main_process(log.info, "an optimizer step takes %d batch(es) per process: %d images, %d steps "
+                                    "per epoch", cfg.optim.accum_steps, global_batch_of(cfg, env.world_size),
+                                    steps_per_epoch)
         try:
             optimizer = build_optimizer(self.raw_model, cfg.optim)
-            scheduler = build_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs,
-                                        steps_per_epoch=len(self.loader))
+            scheduler = build_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch)
         except ValueError as exc:  # a recipe that cannot run: bad input, not a bug
             raise ConfigError(str(exc)) from exc
         ema = None
@@ -158,17 +177,17 @@ class Trainer:
                                to_device=device_batcher(cfg, self.precision, mix_classes=self.info.num_classes,
                                                         seed=cfg.train.seed, rank=env.rank),
                                ema=ema, ema_steps=cfg.model.ema_steps,
-                               ema_warmup_steps=cfg.optim.warmup_epochs * len(self.loader),
-                               clip_grad_norm=cfg.optim.clip_grad_norm)
-        self.state = TrainingState(cfg, env, device, self.stepper, self.info.num_classes, len(self.loader),
-                                   config_digest(cfg))
+                               ema_warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
+                               clip_grad_norm=cfg.optim.clip_grad_norm, accum_steps=cfg.optim.accum_steps)
+        self.state = TrainingState(cfg, env, device, self.stepper, self.info.num_classes,
+                                   steps_per_epoch * cfg.optim.accum_steps, config_digest(cfg))
         found = None if self.perf_mode else resolve_resume(cfg.train.resume, self.run_dir)
         if found is None:
             seed_everything(cfg.train.seed + env.rank)  # dropout and the like differ per rank
         else:
             self.state.load_state_dict(*found)
         distributed.on_main_process(self.tidy_checkpoints, found)
-        model = self.raw_model
+        model = self.precision.training_copy(self.raw_model)  # the raw model itself but under O2
         if env.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None)
         if cfg.model.compile:
@@ -203,7 +222,12 @@ class Trainer:
             record.update(data_provenance(self.cfg))
             if self.state.position.resumed_from:
                 record = resumed_provenance(record, self.run_dir / PROVENANCE_FILE)
-            write_record(self.run_dir / PROVENANCE_FILE, {**record, **self.staged})
+            write_record(self.run_dir / PROVENANCE_FILE, {**record, **self.staged, **self.recipe_record()})
+
+    def recipe_record(self) -> dict[str, Any]:
+        """What provenance.json keeps of the step: the derived peak lr and the global batch it was derived for."""
+        return {"peak_lr": self.cfg.optim.lr, "global_batch": global_batch_of(self.cfg, self.env.world_size),
+                "accum_steps": self.cfg.optim.accum_steps}
 
     def common_columns(self, tp: Throughput) -> dict[str, Any]:
         return {"img_per_s_all_ranks": rounded(tp.img_per_s_all_ranks, 2),
@@ -251,7 +275,7 @@ class Trainer:
             result = run_epoch(self.stepper, self.loader, epoch=epoch, start_step=start_step,
                                print_freq=self.cfg.train.print_freq, stop=flag.stop_agreed, carried=pos.carried,
                                on_log=self.tracker.log_step)
-            pos.global_step += result.step_in_epoch - start_step
+            pos.global_step += (result.step_in_epoch - start_step) // self.cfg.optim.accum_steps  # optimizer steps
             pos.step_in_epoch, pos.carried = result.step_in_epoch, result.sums
             pos.carried_s += result.elapsed_s
             if result.stopped:
