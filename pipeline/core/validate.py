@@ -40,6 +40,8 @@ AT_LEAST = {
     "download_range_min_mb": (1, "MiB"), "download_retries": (0, "retries"),
     "download_timeout_s": (1, "seconds"), "download_min_speed_bps": (0, "0 is no limit"),
     "download_speed_time_s": (1, "seconds"), "lr_base": (0.0, "0 is off"), "lr_base_batch": (1, "images per step"),
+    "threads": (0, "0 picks a default"), "straggler_fraction": (0.0, "a share of the median step time"),
+    "min_steady_steps": (0, "steps"), "min_steady_s": (0.0, "seconds"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),
