@@ -99,6 +99,6 @@ def find_straggler(rows: Sequence[Mapping[str, Any]], fraction: float) -> Stragg
         return None
     rank, host = int(_number(rows[worst].get("rank"))), str(rows[worst].get("host", "?"))
     text = (f"straggler: rank {rank} on {host} waited {waits[worst]:.1f} ms per step for its input, {excess:.1f} ms "
-            f"more than the median rank ({100 * excess / median_step:.0f}% of the median step, {median_step:.1f} ms; "
+            f"more than the median rank ({100 * excess / median_step:.0f}% of the median step of {median_step:.1f} ms, "
             f"flagged above {100 * fraction:.0f}%): its data path sets every rank's pace")
     return Straggler(rank, host, waits[worst], excess, median_step, text)
