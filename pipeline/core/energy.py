@@ -78,12 +78,12 @@ def nvml_counters(cuda_index: int) -> list[Counter]:
 
 
 @functools.lru_cache(maxsize=None)
-def process_counters(device_type: str, device_index: int, local_rank: int, root: Path = POWERCAP) -> \
-        tuple[Counter, ...]:
-    """What this process reads (found once per process): its GPU's counter, and the node's RAPL on local rank 0."""
+def process_counters(device_type: str, device_index: int, local_rank: int) -> tuple[Counter, ...]:
+    """What this process reads (found once per process): its GPU's counter, and the node's RAPL (under POWERCAP)
+    on local rank 0."""
     counters = nvml_counters(device_index) if device_type == "cuda" else []
     if local_rank == 0:
-        counters += rapl_counters(root)
+        counters += rapl_counters(POWERCAP)
     return tuple(counters)
 
 

@@ -33,8 +33,9 @@ EMA_COLUMNS = ("ema_val_acc1", "ema_val_acc5")
 SUMMARY_COLUMNS = ("run", "model", "nodes_x_procs", "world_size", "amp", "batch_per_proc", "peak_lr", "epochs_done",
                    "epochs_planned", "best_epoch", "best_val_acc1", "best_val_acc5", "final_val_acc1",
                    "final_val_acc5", "eval_acc1", "eval_acc5", "eval_weights", "img_per_s_all_ranks",
-                   "img_per_s_per_rank", "energy_kwh", "j_per_image", "energy_source", "data_wait_pct", "device_wait_pct", "input_wait_ms", "fwd_bwd_ms",
-                   "optimizer_ms", "fps_basis", "train_time_s", "status", "flags")
+                   "img_per_s_per_rank", "energy_kwh", "j_per_image", "energy_source", "data_wait_pct",
+                   "device_wait_pct", "input_wait_ms", "fwd_bwd_ms", "optimizer_ms", "fps_basis", "train_time_s",
+                   "status", "flags")
 PROVENANCE_KEYS = ("git_commit", "torch", "torchvision", "cuda", "device_name", "hostname", "seed")
 PROVENANCE_COLUMNS = ("run", *PROVENANCE_KEYS, "config")
 SCALING_GROUP = ("model", "amp", "batch_per_proc", "device_name")
