@@ -45,7 +45,7 @@ def process_threads(*, processes: int, workers: int, threads: int = 0) -> Iterat
     os.environ["OMP_NUM_THREADS"] = str(count)
     how = "as --threads asks" if threads > 0 else \
         f"{cpus} CPUs // {processes} process(es) on this node - {workers} loader worker(s)"
-    log.info("%d intra-op thread(s): %s", count, how)
+    log.debug("%d intra-op thread(s): %s", count, how)  # the stage's first line says the count
     try:
         yield count
     finally:

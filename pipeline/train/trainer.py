@@ -239,9 +239,9 @@ class Trainer:
         self.record_state("training")
         for table in (EPOCHS_FILE, RANKS_FILE):
             distributed.on_main_process(forget_epochs_from, self.run_dir / table, pos.epoch)
-        log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
-                 self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
-                 pos.epoch, epochs - 1)
+        log.info("training %s on %d process(es) of %d intra-op thread(s), %d batches of %d per process per epoch, "
+                 "epochs %d..%d", self.cfg.model.model, self.env.world_size, torch.get_num_threads(), len(self.loader),
+                 self.cfg.train.batch_size, pos.epoch, epochs - 1)
         while pos.epoch < epochs:
             epoch = pos.epoch
             if self.sampler is not None:
