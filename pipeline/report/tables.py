@@ -167,7 +167,8 @@ def scaling_table(summary: pd.DataFrame) -> pd.DataFrame:
                              speedup=group["img_per_s_all_ranks"] / base_fps,
                              efficiency_pct=100 * group["img_per_s_all_ranks"] / ideal)
         base_flags = "; ".join(group.loc[at_base, "flags"])
-        group["flags"] = [scaling_flag(row, base_flags) for _, row in group.iterrows()]
+        group["flags"] = [scaling_flag(row, "" if row["world_size"] == base else base_flags)  # a base: its own
+                          for _, row in group.iterrows()]
         groups.append(group.sort_values("world_size", kind="stable"))
     if not groups:
         return pd.DataFrame(columns=list(SCALING_COLUMNS))
