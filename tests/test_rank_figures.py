@@ -117,9 +117,9 @@ def test_the_report_flags_short_windows_and_efficiency_above_100_percent(runs, t
     one, two, _ = runs
     slowed_base = Path(shutil.copytree(one, tmp_path / "one-held-back"))
     epochs = pd.read_csv(slowed_base / EPOCHS_FILE)
-    epochs["img_per_s_all_ranks"] /= 10  # the base of a sweep held back, as oversubscribed CPUs did (673%)
-    epochs["img_per_s_per_rank"] /= 10
-    epochs.to_csv(slowed_base / EPOCHS_FILE, index=False)
+    two_fps = pd.read_csv(two / EPOCHS_FILE)["img_per_s_all_ranks"].iloc[0]
+    epochs["img_per_s_all_ranks"] = epochs["img_per_s_per_rank"] = round(two_fps / 4, 2)  # held back, as
+    epochs.to_csv(slowed_base / EPOCHS_FILE, index=False)  # oversubscribed CPUs held a sweep's base (673%): 200%
     result = report([slowed_base, two], out_dir=tmp_path / "report", echo=False)
     steady = int(epochs["steady_steps"].iloc[0])
     flags = result.summary.set_index("run")["flags"]
@@ -131,3 +131,5 @@ def test_the_report_flags_short_windows_and_efficiency_above_100_percent(runs, t
     flag_section = result.markdown.split("## Flags\n\n", 1)[1]
     assert "- scaling, two at world size 2: efficiency above 100%" in flag_section
     assert "- one-held-back: short steady-state window" in flag_section
+    latex = (tmp_path / "report" / "tables.tex").read_text()
+    assert f"{scaling['efficiency_pct']:.1f}$^\\dagger$" in latex and "Marked: flagged, not a result" in latex
