@@ -6,6 +6,7 @@ on PYTHONPATH by the test alone: production code has no hook for it.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -17,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from launcher.follow import StragglerReporter
 from pipeline.core.rank_figures import find_straggler
-from pipeline.core.records import EPOCHS_FILE, RANKS_FILE
+from pipeline.core.records import EPOCHS_FILE, RANK_COLUMNS, RANKS_FILE, append_rows
 from pipeline.core.threads import threads_per_process, usable_cpus
 from pipeline.report.build import report
 from train_helpers import REPO_ROOT, read_rows, run_module, tiny_argv, tiny_data
@@ -65,6 +67,20 @@ def test_a_straggler_is_the_rank_waiting_for_its_input_longer_than_the_median_by
     assert find_straggler(rank_rows(a=5), fraction=0.0) is None  # one rank: nobody to compare with
     text_rows = [{k: str(v) for k, v in row.items()} for row in rank_rows(a=1, b=90)]  # as follow reads ranks.csv
     assert find_straggler(text_rows, fraction=0.1).rank == 1
+
+
+def test_follow_tells_each_new_epoch_with_a_straggler_once_and_not_the_epochs_before_the_job(tmp_path):
+    def epoch_rows(epoch: int, **waits_ms: float) -> list[dict]:
+        return [{**row, "epoch": epoch} for row in rank_rows(**waits_ms)]
+
+    append_rows(tmp_path / RANKS_FILE, epoch_rows(0, a=1, b=90), RANK_COLUMNS)  # an earlier job's epoch
+    out = io.StringIO()
+    reporter = StragglerReporter(tmp_path, "[train 7] ", out, every_s=0)
+    reporter.poll()
+    append_rows(tmp_path / RANKS_FILE, epoch_rows(1, a=2, b=3) + epoch_rows(2, a=80, b=1), RANK_COLUMNS)
+    reporter.poll()
+    reporter.poll(final=True)
+    assert out.getvalue().splitlines() == ["[train 7] epoch 2: " + find_straggler(rank_rows(a=80, b=1), 0.1).text]
 
 
 @pytest.fixture(scope="module")
