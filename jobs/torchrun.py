@@ -47,6 +47,7 @@ from jobs.preflight import FAILED_FILE, preflight_env
 from jobs.resume import resume_for_this_start
 from pipeline.core.config import Config, save_config
 from pipeline.core.stages import STAGES
+from pipeline.core.threads import threads_per_process, usable_cpus
 
 log = logging.getLogger("jobs.node")
 
@@ -151,12 +152,12 @@ def preemption_signal_ignored() -> Iterator[None]:
         signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
-def process_env(nproc_per_node: int) -> dict[str, str]:
-    """The children's environment: this repo importable, OpenMP threads split among the processes."""
+def process_env(nproc_per_node: int, workers: int = 0) -> dict[str, str]:
+    """The children's environment: this repo importable, OpenMP threads as each process will set them itself
+    (pipeline/core/threads.py: its share of the CPUs less its loader workers), not torchrun's 1."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc_per_node))
+    env["OMP_NUM_THREADS"] = str(threads_per_process(usable_cpus(), nproc_per_node, workers))
     return env
 
 
@@ -282,7 +283,7 @@ class TorchrunJob:
         config_path = job_dir / f"{self.stage}_config.toml"
         save_config(resume_for_this_start(self.cfg, job_dir) if self.graceful_stop else self.cfg, config_path)
         nproc = launch.gpus_per_node
-        env = process_env(nproc)
+        env = process_env(nproc, self.cfg.data.workers)
         world = rdzv.nnodes * nproc
         log.info("%s: node %d of %d, %d processes here, world size %d, rendezvous %s, config %s",
                  self.stage, rdzv.node_rank, rdzv.nnodes, nproc, world, rdzv.master, config_path)

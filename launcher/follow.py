@@ -4,16 +4,22 @@ A queued job's state comes from its backend (Slurm's: scontrol/squeue, no accoun
 pickles submitit leaves per task; a job that ends without them is reported with its state and log.
 A training rank that reports no progress for its ``hang_timeout_s`` is told with the host and rank it waits
 for, read from the ranks' heartbeat files (pipeline/train/watchdog.py), whichever node's log holds the stacks.
+A straggler is told at the end of each epoch that has one, from the run dir's ranks.csv
+(pipeline/core/rank_figures.py).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence, TextIO
 
 from launcher.backends import Backend, JobInfo, get_backend
+from pipeline.core.config import ConfigError, TrainConfig, load_config
 from pipeline.core.heartbeat import HEARTBEAT_DIR, Hang, diagnose, read_heartbeats
+from pipeline.core.rank_figures import find_straggler
+from pipeline.core.records import CONFIG_FILE, RANKS_FILE
 
 MAX_NODES_SHOWN = 4  # a 64-node job that fails everywhere: the first few say enough
 RESULT_GRACE_S = 30  # shared file systems may show the result files a little after the scheduler's state
@@ -124,6 +130,47 @@ class HangReporter:
         return None
 
 
+class StragglerReporter:
+    """Says which rank held the others back, once per epoch that had a straggler, from the run dir's ranks.csv
+    (rank 0 rewrites it whole at each epoch's end); epochs recorded before this job started are not told again."""
+
+    def __init__(self, run_dir: Path, prefix: str, out: TextIO, every_s: float = HEARTBEAT_POLL_S):
+        self.run_dir, self.prefix, self.out, self.every_s = run_dir, prefix, out, every_s
+        self.next_s = 0.0
+        self.told = set(self.epochs())
+
+    def epochs(self) -> dict[str, list[dict[str, str]]]:
+        """ranks.csv's rows by epoch (none while it does not exist)."""
+        try:
+            with open(self.run_dir / RANKS_FILE, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            return {}
+        by_epoch: dict[str, list[dict[str, str]]] = {}
+        for row in rows:
+            by_epoch.setdefault(row.get("epoch", ""), []).append(row)
+        return by_epoch
+
+    def fraction(self) -> float:
+        """The run's straggler_fraction, from the config.toml training wrote (the default before it has)."""
+        try:
+            return load_config(self.run_dir / CONFIG_FILE).train.straggler_fraction
+        except ConfigError:
+            return TrainConfig().straggler_fraction
+
+    def poll(self, final: bool = False) -> None:
+        if not final and time.monotonic() < self.next_s:
+            return
+        self.next_s = time.monotonic() + self.every_s
+        new = {epoch: rows for epoch, rows in self.epochs().items() if epoch not in self.told}
+        for epoch, rows in new.items():
+            self.told.add(epoch)
+            straggler = find_straggler(rows, self.fraction())
+            if straggler is not None:
+                self.out.write(f"{self.prefix}epoch {epoch}: {straggler.text}\n")
+                self.out.flush()
+
+
 def failure_text(exc: BaseException, limit: int = 40) -> str:
     """The part of a job's error that matters: its exception line(s), not submitit's frames."""
     lines = str(exc).splitlines()
@@ -143,7 +190,8 @@ def follow(sub: Submitted, out: TextIO, poll_s: float = 2.0) -> list[Any]:
     if backend.in_process:
         return collect(sub, None)
     follower = Pollers(LogFollower(sub.log_paths(), f"[{sub.label}] ", out),
-                       HangReporter(sub.heartbeat_root(), f"{sub.job.job_id}-", f"[{sub.label}] ", out))
+                       HangReporter(sub.heartbeat_root(), f"{sub.job.job_id}-", f"[{sub.label}] ", out),
+                       StragglerReporter(sub.heartbeat_root().parent.parent, f"[{sub.label}] ", out))
     try:
         info = wait_queued(sub, backend, follower, out, poll_s) if backend.queued else \
             wait_local(sub, follower, poll_s)

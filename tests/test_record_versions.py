@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.core.records import EPOCH_COLUMNS, EPOCHS_FILE, SCHEMA_VERSION, append_row
@@ -36,17 +37,31 @@ def test_a_perf_run_of_the_previous_version_is_reported(tmp_path):
     assert summary["img_per_s_all_ranks"] == 204.0 and summary["status"] == "perf"
 
 
-def test_a_run_resumed_on_newer_code_goes_on_in_the_same_table(tmp_path):
-    run_dir = copy_fixture("run_dir_v1", tmp_path)
+def test_runs_of_version_2_are_reported_without_energy_and_judged_on_what_they_recorded(tmp_path):
+    result = report([copy_fixture("run_dir_v2", tmp_path), copy_fixture("perf_dir_v2", tmp_path)], echo=False)
+    fit, perf = result.summary.to_dict("records")
+    assert (fit["eval_acc1"], fit["status"], fit["device_wait_pct"]) == (62.5, "finished", 1.3)
+    assert fit["energy_source"] == perf["energy_source"] == "not available" and pd.isna(fit["energy_kwh"])
+    assert fit["flags"] == ""  # its steady-state window was not recorded: not judged
+    assert perf["img_per_s_all_ranks"] == 16.2  # rounded to 0.1
+    assert perf["flags"].startswith("short steady-state window (3 steps < 20)")  # 6 steps less 3 of warm-up
+
+
+@pytest.mark.parametrize("fixture, schemas", [("run_dir_v1", ["", ""]), ("run_dir_v2", ["2", "2"])])
+def test_a_run_resumed_on_newer_code_goes_on_in_the_same_table(tmp_path, fixture, schemas):
+    run_dir = copy_fixture(fixture, tmp_path)
     with (run_dir / EPOCHS_FILE).open() as fh:
         last = list(csv.DictReader(fh))[-1]
-    row = {**last, "epoch": 2, "steps": 24, "device_wait_frac": 0.125, "finished_at": "2026-12-06T07:00:00+00:00"}
+    row = {**last, "epoch": 2, "steps": 24, "device_wait_frac": 0.125, "finished_at": "2026-12-06T07:00:00+00:00",
+           "steady_steps": 4, "steady_s": 0.5, "images": 64, "energy_j": "", "energy_source": ""}
+    row.pop("schema", None)
     append_row(run_dir / EPOCHS_FILE, row, EPOCH_COLUMNS)  # what the trainer does at the end of an epoch
     with (run_dir / EPOCHS_FILE).open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["schema"] for r in rows] == ["", "", str(SCHEMA_VERSION)]  # each row says who wrote it
-    epochs = report([run_dir], echo=False).epochs["run_dir_v1"]
-    assert list(epochs["epoch"]) == [0, 1, 2] and epochs["device_wait_pct"].isna().tolist() == [True, True, False]
+    assert [r["schema"] for r in rows] == schemas + [str(SCHEMA_VERSION)]  # each row says who wrote it
+    epochs = report([run_dir], echo=False).epochs[fixture]
+    assert list(epochs["epoch"]) == [0, 1, 2] and epochs["device_wait_pct"].isna().tolist() == \
+        [fixture == "run_dir_v1"] * 2 + [False]
 
 
 @pytest.mark.parametrize("record", ["epochs.csv", "eval.json"])

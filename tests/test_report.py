@@ -338,7 +338,9 @@ def test_jobs_report_end_to_end(runs, tmp_path):
     assert done.returncode == 0, done.stderr
     tables = parse_markdown_tables(done.stdout)
     assert [row[0] for row in tables["Summary"][1:]] == ["r18-1x1", "r18-1x2", "r18-2x2"]
-    assert [row[-1] for row in tables["Scaling efficiency"][1:]] == ["100.0", "95.0", "85.0"]
+    header, *rows = tables["Scaling efficiency"]
+    efficiency = header.index(TITLES["efficiency_pct"])
+    assert [row[efficiency] for row in rows] == ["100.0", "95.0", "85.0"]
     assert json.loads(pd.read_csv(tmp_path / "o" / "summary.csv")["world_size"].to_json()) == {"0": 1, "1": 2, "2": 4}
     assert_valid_png(tmp_path / "o" / "scaling.png")
 

@@ -183,6 +183,14 @@ class TrainConfig:
                              "account")
     hang_timeout_s: int = opt(900, "seconds without a training step before every rank dumps its Python "
                                    "stacks to its log and names the silent ranks; 0 is off")
+    threads: int = opt(0, "intra-op (OpenMP) threads per training or eval process; 0: its share of the node's CPUs "
+                          "(affinity // processes per node) less its loader workers, at least 1")
+    straggler_fraction: float = opt(0.1, "the report and the follow output name a rank whose input wait per step "
+                                         "exceeds the median rank's by more than this share of the median step time")
+    min_steady_steps: int = opt(20, "the report flags a throughput measured over fewer steady-state steps (after "
+                                    "warm-up) than this, instead of printing it as a result")
+    min_steady_s: float = opt(10.0, "the report flags a throughput measured over a steady-state window shorter than "
+                                    "this, s")
 
 
 @dataclass

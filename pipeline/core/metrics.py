@@ -9,6 +9,8 @@ epoch (warm-up: cudnn autotuning, worker start-up, allocator growth), summed ove
 """
 from __future__ import annotations
 
+import math
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,8 @@ import torch
 
 from pipeline.core import distributed
 from pipeline.core.accelerator import Accelerator
+from pipeline.core.energy import EnergyMeter, process_counters
+from pipeline.core.rank_figures import RankSample
 
 MAX_WARMUP_STEPS = 5
 
@@ -107,6 +111,11 @@ class Throughput:
     input_wait_ms: float = float("nan")     # per step, mean over ranks: the device waiting for its input
     fwd_bwd_ms: float = float("nan")        # per step: input ready to backward done
     optimizer_ms: float = float("nan")      # per step: backward done to the step's end (optimizer, schedule, EMA)
+    steady_s: float = float("nan")          # the measured steps' wall clock, mean over ranks
+    images: int = 0                         # every image of the span (warm-up included), all ranks
+    energy_j: float = float("nan")          # the ranks' counters over the span, summed; NaN: none readable
+    energy_source: str = ""
+    ranks: tuple[RankSample, ...] = ()      # each rank's own figures, in rank order
 
 
 class StepClock:
@@ -173,7 +182,8 @@ class ThroughputTimer:
     Call ``data_ready(loader_wait_s)`` when a batch is handed over, ``backward_done()`` between backward and
     optimizer, and ``step_done(n)`` after the step. The clock starts after the warm-up steps (with a device sync)
     and stops at ``result()`` (another sync). Two waits are told apart: the host's time blocked on the loader,
-    and the device's time waiting for its input (StepClock), which also counts a decode on the device.
+    and the device's time waiting for its input (StepClock), which also counts a decode on the device. The energy
+    is read over the whole span, from construction to ``result()`` (pipeline/core/energy.py).
     """
 
     def __init__(self, device: torch.device, warmup_steps: int):
@@ -181,9 +191,12 @@ class ThroughputTimer:
         self.warmup_steps = warmup_steps
         self.steps = 0
         self.images = 0
+        self.span_images = 0
         self.data_wait_s = 0.0
         self.clock = StepClock(device)
         self.start: float | None = None
+        self.energy = EnergyMeter(process_counters(device.type, device.index or 0,
+                                                   distributed.read_env().local_rank)).start()
         if warmup_steps == 0:
             self._start_clock()
 
@@ -203,6 +216,7 @@ class ThroughputTimer:
 
     def step_done(self, images: int) -> None:
         self.steps += 1
+        self.span_images += images
         if self.start is not None:
             self.images += images
             self.clock.mark("optimizer")
@@ -210,13 +224,20 @@ class ThroughputTimer:
             self._start_clock()
 
     def result(self) -> Throughput:
-        """The steady-state figures over all processes (a collective: every rank must call it)."""
+        """The steady-state figures over all processes, and each one's (a collective: every rank must call it)."""
         phases_ms = self.clock.totals()  # syncs the device
         elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
         measured = max(self.steps - self.warmup_steps, 0)
-        images, elapsed_sum, wait_sum, *phase_sums = distributed.all_reduce_sum(
-            [self.images, elapsed, self.data_wait_s] + [phases_ms[p] for p in StepClock.PHASES])
-        world = distributed.world_size()
+        mine = RankSample(host=socket.gethostname(), threads=torch.get_num_threads(), images=self.images,
+                          elapsed_s=elapsed, data_wait_s=self.data_wait_s,
+                          phases_ms=tuple(phases_ms[p] for p in StepClock.PHASES), span_images=self.span_images,
+                          energy_j=self.energy.stop(), energy_source=self.energy.source)
+        ranks = tuple(distributed.gather(mine))  # the epoch's one collective: sums below, each rank's in ranks.csv
+        images, elapsed_sum, wait_sum = (math.fsum(getattr(r, key) for r in ranks)
+                                         for key in ("images", "elapsed_s", "data_wait_s"))
+        phase_sums = [math.fsum(r.phases_ms[i] for r in ranks) for i in range(len(StepClock.PHASES))]
+        energies = [r.energy_j for r in ranks if r.energy_j is not None]
+        world = len(ranks)
         mean_elapsed_s = elapsed_sum / world
         all_ranks = images / mean_elapsed_s if images and mean_elapsed_s > 0 else float("nan")
         per_step = [total / (world * measured) if measured else float("nan") for total in phase_sums]
@@ -224,4 +245,8 @@ class ThroughputTimer:
                           data_wait_frac=wait_sum / elapsed_sum if elapsed_sum > 0 else float("nan"),
                           measured_steps=measured, warmup_steps=self.warmup_steps,
                           device_wait_frac=phase_sums[0] / (1000 * elapsed_sum) if elapsed_sum > 0 else float("nan"),
-                          input_wait_ms=per_step[0], fwd_bwd_ms=per_step[1], optimizer_ms=per_step[2])
+                          input_wait_ms=per_step[0], fwd_bwd_ms=per_step[1], optimizer_ms=per_step[2],
+                          steady_s=mean_elapsed_s, images=sum(r.span_images for r in ranks),
+                          energy_j=math.fsum(energies) if energies else float("nan"),
+                          energy_source="+".join(dict.fromkeys(r.energy_source for r in ranks if r.energy_source)),
+                          ranks=ranks)

@@ -11,6 +11,8 @@ Contract between the stages (train and eval write, report reads):
   (--stage-data-to) adds ``data_dir`` (the data dir staged) and ``staged_data_dir`` (the copy), as does eval.json.
 - ``epochs.csv``: one row per finished epoch, rank 0 only, columns ``EPOCH_COLUMNS``.
 - ``perf.csv``: one row per performance-mode run (``--max-steps``), columns ``PERF_COLUMNS``.
+- ``ranks.csv``: one row per rank per finished epoch, rank 0 writes, columns ``RANK_COLUMNS``: each rank's own
+  step time, input wait, threads and energy (pipeline/core/rank_figures.py), for naming stragglers.
 - ``eval.json``: exact counts of the eval stage, keys ``EVAL_KEYS``.
 - ``run_state.json``: where training stands, rank 0 only: ``state`` (training, preempted, finished or
   failed), ``epochs_done``, ``at`` (ISO 8601) and, when failed, ``error``. A job killed outright (SIGKILL,
@@ -46,12 +48,14 @@ PROVENANCE_FILE = "provenance.json"
 EPOCHS_FILE = "epochs.csv"
 PERF_FILE = "perf.csv"
 EVAL_FILE = "eval.json"
+RANKS_FILE = "ranks.csv"
 RUN_STATE_FILE = "run_state.json"
 CHECKPOINT_DIR = "checkpoints"
 SWEEP_FILE = "sweep.json"
 POINT_NAME_CHARS = "A-Za-z0-9._=,+-"  # a sweep point's run dir name: launcher.sweep.point_name makes no other
 
-SCHEMA_VERSION = 2  # 1: before versions were recorded; 2: device_wait_frac, perf.csv's step phases, schema
+SCHEMA_VERSION = 3  # 1: before versions were recorded; 2: device_wait_frac, perf.csv's step phases, schema;
+# 3: the steady-state window and energy in epochs.csv and perf.csv, ranks.csv
 
 EPOCH_COLUMNS_V1 = (
     "epoch",                # 0-based epoch index
@@ -69,28 +73,48 @@ EPOCH_COLUMNS_V1 = (
     "finished_at",          # ISO 8601 time the epoch's record was written
     "ema_val_acc1", "ema_val_acc5",  # the model EMA over the whole val set, %; empty when EMA is off
 )
-EPOCH_COLUMNS = EPOCH_COLUMNS_V1 + (
+EPOCH_COLUMNS_V2 = EPOCH_COLUMNS_V1 + (
     "device_wait_frac",     # share of the steady-state step time the device waited for its input (decode included)
     "schema",               # SCHEMA_VERSION of the code that wrote the row
 )
+SPAN_COLUMNS = (
+    "steady_steps",         # steps the throughput was measured over (after the warm-up steps)
+    "steady_s",             # the wall clock of those steps, s (mean over ranks)
+    "images",               # images trained in the span (warm-up included), all ranks: the energy's span
+    "energy_j",             # joules the ranks' counters read over that span, summed; empty: no counter readable
+    "energy_source",        # which counters: nvml, rapl, nvml+rapl (pipeline/core/energy.py); empty: none
+)
+EPOCH_COLUMNS = EPOCH_COLUMNS_V2[:-1] + SPAN_COLUMNS + ("schema",)
 PERF_COLUMNS_V1 = ("steps", "warmup_steps", "batch_size", "img_per_s_all_ranks", "img_per_s_per_rank",
                    "data_wait_frac", "world_size", "nodes", "amp", "model", "channels_last", "device", "finished_at")
-PERF_COLUMNS = PERF_COLUMNS_V1 + ("device_wait_frac",
-                                  "input_wait_ms", "fwd_bwd_ms", "optimizer_ms",  # ms per step on the device's clock
-                                  "schema")
-TABLE_VERSIONS = {EPOCHS_FILE: {1: EPOCH_COLUMNS_V1, 2: EPOCH_COLUMNS},
-                  PERF_FILE: {1: PERF_COLUMNS_V1, 2: PERF_COLUMNS}}  # file: version -> its columns
+PERF_COLUMNS_V2 = PERF_COLUMNS_V1 + ("device_wait_frac",
+                                     "input_wait_ms", "fwd_bwd_ms", "optimizer_ms",  # ms per step on the device's clock
+                                     "schema")
+PERF_COLUMNS = PERF_COLUMNS_V2[:-1] + SPAN_COLUMNS + ("schema",)
+RANK_COLUMNS = ("epoch", "rank", "host", "threads",
+                "step_ms", "data_wait_ms", "input_wait_ms",  # steady-state means per step, this rank's own clock
+                "compute_ms",  # forward, backward and optimizer per step (waiting for the other ranks included)
+                "images", "energy_j", "energy_source",  # this rank's span and counters, as in epochs.csv
+                "schema")
+TABLE_VERSIONS = {EPOCHS_FILE: {1: EPOCH_COLUMNS_V1, 2: EPOCH_COLUMNS_V2, 3: EPOCH_COLUMNS},
+                  PERF_FILE: {1: PERF_COLUMNS_V1, 2: PERF_COLUMNS_V2, 3: PERF_COLUMNS},
+                  RANKS_FILE: {3: RANK_COLUMNS}}  # file: version -> its columns
 EVAL_KEYS = ("checkpoint", "weights", "top1_correct", "top5_correct", "total", "acc1", "acc5", "loss", "world_size")
 
 
 def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) -> None:
-    """Add one row to a CSV table, rewriting it atomically (tables are small: one row per epoch). A table written
-    by an earlier version with fewer columns gets the new ones (empty in its old rows), so a run resumed on newer
-    code goes on in the same file. Each row records SCHEMA_VERSION where the table has a ``schema`` column."""
+    """Add one row to a CSV table (append_rows)."""
+    append_rows(path, [row], columns)
+
+
+def append_rows(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Add rows to a CSV table, rewriting it atomically (tables are small: a row or a row per rank per epoch). A table
+    written by an earlier version with fewer columns gets the new ones (empty in its old rows), so a run resumed on
+    newer code goes on in the same file. Each row records SCHEMA_VERSION where the table has a ``schema`` column."""
     path = Path(path)
     if "schema" in columns:
-        row = {**row, "schema": SCHEMA_VERSION}
-    unknown = set(row) - set(columns)
+        rows = [{**row, "schema": SCHEMA_VERSION} for row in rows]
+    unknown = set().union(*rows) - set(columns)
     if unknown:
         raise ValueError(f"columns {sorted(unknown)} are not in the table's columns")
     existing = path.read_text() if path.exists() else ""
@@ -103,7 +127,7 @@ def append_row(path: str | Path, row: dict[str, Any], columns: Sequence[str]) ->
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(old_rows + [row])
+    writer.writerows(old_rows + list(rows))
     atomic_write_text(path, out.getvalue())
 
 

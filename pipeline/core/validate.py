@@ -43,6 +43,8 @@ AT_LEAST = {
     "shard_size_mb": (1, "MB"), "shard_max_side": (0, "0 keeps the original bytes"),
     "shard_quality": (1, "JPEG quality"),
     "accum_steps": (1, "batches per optimizer step; 1 is off"), "loss_scale": (0.0, "0 is dynamic"),
+    "threads": (0, "0 picks a default"), "straggler_fraction": (0.0, "a share of the median step time"),
+    "min_steady_steps": (0, "steps"), "min_steady_s": (0.0, "seconds"),
 }
 # field: (highest allowed, why)
 AT_MOST = {"train_crop_size": (2048, "pixels"), "val_resize_size": (2048, "pixels"), "val_crop_size": (2048, "pixels"),

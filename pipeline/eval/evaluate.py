@@ -146,7 +146,7 @@ def build_eval_model(path: Path, model_name: str, num_classes: int, which: str) 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """The eval stage's door: exact counts of a checkpoint on the val set; rank 0 writes eval.json."""
-    with stage_process(cfg.train.device) as (env, device):
+    with stage_process(cfg.train.device, workers=cfg.data.workers, threads=cfg.train.threads) as (env, device):
         return _evaluate(cfg, env, device)
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline.core.errors import UserError
 
 MAX_ROWS = 10_000  # one row per epoch (or performance run): no training has this many; the report stays seconds
+MAX_RANK_ROWS = 1_000_000  # ranks.csv: a row per rank per epoch (1,000 ranks x 1,000 epochs)
 PERCENT_COLUMNS = ("train_acc1", "train_acc5", "val_acc1", "val_acc5", "ema_val_acc1", "ema_val_acc5")
 
 
@@ -20,16 +21,16 @@ class ReportError(UserError, ValueError):
     """A run dir the report cannot use; the message names the dir or file and what was expected."""
 
 
-def check_row_count(path: Path) -> None:
-    """Refuse a table of more than MAX_ROWS rows before parsing it (counting stops just past the bound)."""
+def check_row_count(path: Path, max_rows: int = MAX_ROWS) -> None:
+    """Refuse a table of more than ``max_rows`` rows before parsing it (counting stops just past the bound)."""
     lines = 0
     with open(path, "rb") as fh:
-        while lines <= MAX_ROWS + 1 and (chunk := fh.read(1 << 20)):
+        while lines <= max_rows + 1 and (chunk := fh.read(1 << 20)):
             lines += chunk.count(b"\n")
-    if lines > MAX_ROWS + 1:  # the header, then the rows
-        raise ReportError(f"{path} holds more than {MAX_ROWS:,} rows; a run's records are one row per epoch (or per "
-                          "performance run), so this is not a record of one training: report on the right run dir, "
-                          "or trim the file")
+    if lines > max_rows + 1:  # the header, then the rows
+        raise ReportError(f"{path} holds more than {max_rows:,} rows; a run's records are one row per epoch (or per "
+                          "performance run, or per rank and epoch), so this is not a record of one training: report "
+                          "on the right run dir, or trim the file")
 
 
 def line_of(table: pd.DataFrame, row: int) -> int:
@@ -61,10 +62,15 @@ def check_values(table: pd.DataFrame, path: Path) -> None:
                                   "accuracy in [0, 100] (%)")
     if "epoch" in table and len(table) > 1:
         epochs = table["epoch"].to_numpy()
-        back = np.flatnonzero(epochs[1:] <= epochs[:-1])
+        order = epochs
+        if "rank" in table:  # ranks.csv: an epoch's rows in rank order, then the next epoch's
+            order = epochs * (1 + table["rank"].max()) + table["rank"].to_numpy()
+        back = np.flatnonzero(order[1:] <= order[:-1])
         if len(back):
             i = back[0] + 1
-            raise ReportError(f"{path} line {line_of(table, i)}: epoch {epochs[i]:g} after epoch {epochs[i - 1]:g} "
+            what = (lambda j: f"epoch {epochs[j]:g} rank {table['rank'].iloc[j]:g}") if "rank" in table else \
+                (lambda j: f"epoch {epochs[j]:g}")
+            raise ReportError(f"{path} line {line_of(table, i)}: {what(i)} after {what(i - 1)} "
                               f"(line {line_of(table, i - 1)}): two trainings wrote this run dir (a resumed one drops "
                               "the rows of the epochs it redoes); train each run into a run dir of its own")
 

@@ -16,13 +16,14 @@ import pandas as pd
 
 from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, EVAL_FILE, PERF_COLUMNS, PERF_FILE,
-                                   PROVENANCE_FILE, RUN_STATE_FILE, TABLE_VERSIONS, newer_schema, read_json,
-                                   read_sweep_points)
-from pipeline.report.checks import ReportError, check_eval_counts, check_row_count, check_values, finite_numbers
+                                   PROVENANCE_FILE, RANK_COLUMNS, RANKS_FILE, RUN_STATE_FILE, TABLE_VERSIONS,
+                                   newer_schema, read_json, read_sweep_points)
+from pipeline.report.checks import (MAX_RANK_ROWS, MAX_ROWS, ReportError, check_eval_counts, check_row_count,
+                                    check_values, finite_numbers)
 
 log = logging.getLogger(__name__)
 
-TEXT_COLUMNS = {"amp", "model", "finished_at", "device", "channels_last"}
+TEXT_COLUMNS = {"amp", "model", "finished_at", "device", "channels_last", "energy_source", "host"}
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RunRecords:
     perf: pd.Series | None        # the newest perf.csv row: the one config.toml was written for
     eval: dict[str, Any] | None   # eval.json, EVAL_KEYS
     state: dict[str, Any] | None = None  # run_state.json; None for runs made before it existed
+    ranks: pd.DataFrame | None = None  # ranks.csv, RANK_COLUMNS; None for runs made before it existed
 
 
 def expand_sweeps(run_dirs: Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
@@ -117,14 +119,15 @@ def load_run(run_dir: Path, name: str) -> RunRecords:
                       provenance=read_json_file(run_dir / PROVENANCE_FILE) or {},
                       epochs=epochs, perf=None if perf is None else perf.iloc[-1],
                       eval=check_eval_counts(read_json_file(run_dir / EVAL_FILE), run_dir / EVAL_FILE),
-                      state=read_json_file(run_dir / RUN_STATE_FILE))
+                      state=read_json_file(run_dir / RUN_STATE_FILE),
+                      ranks=None if epochs is None else read_table(run_dir / RANKS_FILE, RANK_COLUMNS, MAX_RANK_ROWS))
 
 
-def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
+def read_table(path: Path, columns: Sequence[str], max_rows: int = MAX_ROWS) -> pd.DataFrame | None:
     """A records CSV with exactly ``columns``, numbers as numbers; None when absent or without rows."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    check_row_count(path)
+    check_row_count(path, max_rows)
     try:
         table = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from pipeline.report.flags import SHORT_WINDOW
 from pipeline.report.markdown import TITLES, is_missing
 from pipeline.report.tables import decimals
 
@@ -19,6 +20,10 @@ SCALING_COLUMNS = ("model", "amp", "world_size", "img_per_s_all_ranks", "ideal_i
                    "efficiency_pct")
 SPECIALS = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
             "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+FLAG_MARK = r"$^\dagger$"
+FLAG_NOTE = "Marked: flagged, not a result (the report's Flags say why)."
 
 
 def escape(text: str) -> str:
@@ -34,12 +39,18 @@ def latex_cell(column: str, value: Any) -> str:
     return escape(str(value))
 
 
-def latex_table(table: pd.DataFrame, columns: Sequence[str], caption: str, label: str) -> str:
+def latex_table(table: pd.DataFrame, columns: Sequence[str], caption: str, label: str,
+                flagged: Sequence[str] = (), flagged_by: str = "") -> str:
+    """``columns`` of ``table``; the ``flagged`` columns marked in a row whose flags (pipeline/report/flags.py)
+    hold ``flagged_by`` (any flag when empty)."""
     shown = [c for c in columns if c in table.columns and table[c].notna().any()]
     align = "".join("r" if pd.api.types.is_numeric_dtype(table[c]) else "l" for c in shown)
     header = " & ".join(escape(TITLES.get(c, c)) for c in shown) + r" \\"
-    rows = [" & ".join(latex_cell(c, v) for c, v in zip(shown, row)) + r" \\"
-            for row in table[shown].itertuples(index=False)]
+    flags = [bool(f) and flagged_by in f for f in table["flags"]] if "flags" in table else [False] * len(table)
+    rows = [" & ".join(latex_cell(c, v) + (FLAG_MARK if flag and c in flagged else "") for c, v in zip(shown, row))
+            + r" \\" for row, flag in zip(table[shown].itertuples(index=False), flags)]
+    if any(flags) and set(flagged) & set(shown):
+        caption += f" {FLAG_NOTE}"
     return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{escape(caption)}}}", rf"\label{{{label}}}",
                       rf"\begin{{tabular}}{{{align}}}", r"\toprule", header, r"\midrule", *rows, r"\bottomrule",
                       r"\end{tabular}", r"\end{table}"])
@@ -48,8 +59,9 @@ def latex_table(table: pd.DataFrame, columns: Sequence[str], caption: str, label
 def render_latex(summary: pd.DataFrame, scaling: pd.DataFrame) -> str:
     """The results table, then the scaling table when there is one."""
     parts = [latex_table(summary, RESULT_COLUMNS, "Top-1/top-5 accuracy (%) on the validation set and training "
-                         "throughput (images/s, all processes).", "tab:results")]
+                         "throughput (images/s, all processes).", "tab:results", flagged=("img_per_s_all_ranks",),
+                         flagged_by=SHORT_WINDOW)]
     if len(scaling):
         parts.append(latex_table(scaling, SCALING_COLUMNS, "Training throughput (images/s) and scaling efficiency "
-                                 "(%) by world size.", "tab:scaling"))
+                                 "(%) by world size.", "tab:scaling", flagged=("speedup", "efficiency_pct")))
     return "\n\n".join(parts) + "\n"

@@ -18,7 +18,8 @@ TITLES = {
     "best_epoch": "best epoch", "best_val_acc1": "best Acc@1 %", "best_val_acc5": "best Acc@5 %",
     "final_val_acc1": "final Acc@1 %", "final_val_acc5": "final Acc@5 %", "eval_acc1": "eval Acc@1 %",
     "eval_acc5": "eval Acc@5 %", "eval_weights": "eval weights", "img_per_s_all_ranks": "img/s all ranks",
-    "img_per_s_per_rank": "img/s per process",
+    "img_per_s_per_rank": "img/s per process", "energy_kwh": "energy kWh", "j_per_image": "J/image",
+    "energy_source": "energy from", "flags": "flags",
     "fps_basis": "img/s from", "train_time_s": "train time s", "status": "status",
     "git_commit": "git commit", "torch": "torch", "torchvision": "torchvision", "cuda": "CUDA",
     "device_name": "device", "hostname": "host", "seed": "seed", "config": "resolved config",
@@ -37,7 +38,11 @@ SUMMARY_NOTE = (
     "first epoch is left out when there are more, as it includes start-up; a performance-mode run gives its "
     "perf.csv figure. Data wait: the host blocked on the loader; device input wait: the accelerator idle between "
     "one step's end and the next step's input (decoding on the device included; on the CPU, the host's time to make "
-    "the input); a performance run splits its step into input, forward+backward and optimizer. Train time: the training part of the epochs, validation left out. Epochs are 0-based.")
+    "the input); a performance run splits its step into input, forward+backward and optimizer. Train time: the "
+    "training part of the epochs, validation left out. Energy: what the hardware's counters read over the training "
+    "parts (NVML: the GPUs; RAPL: each node's CPU packages and DRAM, whatever else ran on them), all ranks; J/image: "
+    "per image trained; 'not available' where no counter could be read, never estimated. Flags: figures not to take "
+    "as results (see Flags below). Epochs are 0-based.")
 SCALING_NOTE = (
     "Runs of the same model, AMP mode, batch per process and device at several world sizes. Base: the smallest "
     "world size present (its runs averaged). ideal = world size / base world size x base img/s; "
@@ -64,6 +69,14 @@ def markdown_table(table: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
+def flag_lines(summary: pd.DataFrame, scaling: pd.DataFrame) -> str:
+    """One line per flagged run and scaling row: what not to read as a result, and why."""
+    lines = [f"- {row['run']}: {row['flags']}" for row in summary.to_dict("records") if row["flags"]]
+    lines += [f"- scaling, {row['run']} at world size {row['world_size']}: {row['flags']}"
+              for row in scaling.to_dict("records") if row["flags"]]
+    return "\n".join(lines)
+
+
 def render(summary: pd.DataFrame, scaling: pd.DataFrame, epochs: Mapping[str, pd.DataFrame],
            plots: Sequence[str] = ()) -> str:
     """The whole report: summary, provenance, scaling (when there is one), per-epoch tables, plot links."""
@@ -71,6 +84,9 @@ def render(summary: pd.DataFrame, scaling: pd.DataFrame, epochs: Mapping[str, pd
              SUMMARY_NOTE, "## Provenance", markdown_table(summary[list(PROVENANCE_COLUMNS)])]
     if len(scaling):
         parts += ["## Scaling efficiency", markdown_table(scaling), SCALING_NOTE]
+    flagged = flag_lines(summary, scaling)
+    if flagged:
+        parts += ["## Flags", flagged]
     for name, table in epochs.items():
         parts += [f"## Per epoch: {name}", markdown_table(table)]
     if plots:

@@ -80,6 +80,11 @@ def plot_scaling(scaling: pd.DataFrame) -> Figure:
         fps_ax.plot(group["world_size"], group["img_per_s_all_ranks"], "o", color=color, label=label)
         fps_ax.plot(sizes, by_size["ideal_img_per_s"].first(), "--", color=color, alpha=0.6)
         eff_ax.plot(sizes, by_size["efficiency_pct"].mean(), "o-", color=color)
+    flagged = scaling[scaling["flags"].astype(bool)]
+    if len(flagged):  # crossed out: an efficiency the report does not give as a result
+        eff_ax.plot(flagged["world_size"], flagged["efficiency_pct"], "x", color="red", markersize=12,
+                    label="flagged: not a result (see the report's Flags)")
+        eff_ax.legend(fontsize="small")
     fps_ax.set(title="Throughput against world size (dashed: ideal, linear from the smallest)",
                xlabel="world size (processes)", ylabel="training images/s, all processes")
     fps_ax.set_yscale("log")  # log-log: the ideal line is straight, every world size gets room

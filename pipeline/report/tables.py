@@ -8,6 +8,10 @@ Steady-state throughput of a training run is the mean over its epochs of the rec
 img/s, leaving out the first epoch when there are more (it includes start-up: workers, cuDNN autotune,
 compilation); ``fps_basis`` says which epochs. A performance-mode run gives its perf.csv figure.
 
+Energy (pipeline/core/energy.py) is what the counters read over the epochs' training parts (validation left out),
+summed over the ranks: kWh per run, and joules per image trained; "not available" in ``energy_source`` when an
+epoch (or the performance run) has no figure: nothing is estimated.
+
 Scaling efficiency compares runs of the same model, AMP mode, batch size per process and device name
 at several world sizes: efficiency(N) = FPS(N) / (N / B x FPS(B)), with B the smallest world size
 present (1 when there is a one-process run; several runs at B are averaged). It is computed from the
@@ -20,6 +24,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from pipeline.core.records import CONFIG_FILE
+from pipeline.report.flags import run_flags, scaling_flag
 from pipeline.report.inputs import RunRecords
 
 EPOCH_TABLE_COLUMNS = ("epoch", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
@@ -28,17 +33,20 @@ EMA_COLUMNS = ("ema_val_acc1", "ema_val_acc5")
 SUMMARY_COLUMNS = ("run", "model", "nodes_x_procs", "world_size", "amp", "batch_per_proc", "accum_steps", "peak_lr",
                    "epochs_done", "epochs_planned", "best_epoch", "best_val_acc1", "best_val_acc5", "final_val_acc1",
                    "final_val_acc5", "eval_acc1", "eval_acc5", "eval_weights", "img_per_s_all_ranks",
-                   "img_per_s_per_rank", "data_wait_pct", "device_wait_pct", "input_wait_ms", "fwd_bwd_ms",
-                   "optimizer_ms", "fps_basis", "train_time_s", "status")
+                   "img_per_s_per_rank", "energy_kwh", "j_per_image", "energy_source", "data_wait_pct",
+                   "device_wait_pct", "input_wait_ms", "fwd_bwd_ms", "optimizer_ms", "fps_basis", "train_time_s",
+                   "status", "flags")
 PROVENANCE_KEYS = ("git_commit", "torch", "torchvision", "cuda", "device_name", "hostname", "seed")
 PROVENANCE_COLUMNS = ("run", *PROVENANCE_KEYS, "config")
 SCALING_GROUP = ("model", "amp", "batch_per_proc", "device_name")
 SCALING_COLUMNS = ("run", *SCALING_GROUP, "world_size", "img_per_s_all_ranks", "base_world_size",
-                   "base_img_per_s_all_ranks", "ideal_img_per_s", "speedup", "efficiency_pct")
+                   "base_img_per_s_all_ranks", "ideal_img_per_s", "speedup", "efficiency_pct", "flags")
 INTEGER_COLUMNS = ("epoch", "world_size", "batch_per_proc", "epochs_done", "epochs_planned", "best_epoch",
                    "base_world_size")
 DECIMALS = {"acc": 2, "loss": 4, "img_per_s": 1, "time_s": 1, "pct": 1, "speedup": 2, "_ms": 2}  # by part of the name
-LR_SIGNIFICANT_DIGITS = 6
+SIGNIFICANT_DIGITS = 6
+NOT_AVAILABLE = "not available"
+SIGNIFICANT = ("lr", "peak_lr", "energy_kwh", "j_per_image")  # rounded to significant digits: tiny to huge
 UNFINISHED = {"training": "running or killed", "preempted": "preempted, resumes when requeued", "failed": "failed"}
 # status of a run short of its epochs, by its run_state.json; without one: "running/cut off"
 
@@ -49,8 +57,9 @@ def round_table(table: pd.DataFrame) -> pd.DataFrame:
     for column in table.columns:
         if column in INTEGER_COLUMNS:
             table[column] = table[column].astype("Int64")
-        elif column in ("lr", "peak_lr"):
-            table[column] = table[column].map(lambda lr: float(f"{lr:.{LR_SIGNIFICANT_DIGITS}g}"))
+        elif column in SIGNIFICANT:
+            table[column] = pd.to_numeric(table[column]).astype(float).map(
+                lambda value: float(f"{value:.{SIGNIFICANT_DIGITS}g}"))
         else:
             digits = decimals(column)
             if digits is not None:
@@ -113,7 +122,8 @@ def epochs_summary(run: RunRecords) -> dict[str, Any]:
             "img_per_s_per_rank": steady["img_per_s_per_rank"].mean(),
             "data_wait_pct": 100 * steady["data_wait_frac"].mean(),
             "device_wait_pct": 100 * steady["device_wait_frac"].mean(), "fps_basis": basis,
-            "train_time_s": epochs["epoch_time_s"].sum(), "status": status}
+            "train_time_s": epochs["epoch_time_s"].sum(), "status": status, "flags": run_flags(run, steady),
+            **energy(epochs["energy_j"], epochs["images"], epochs["energy_source"])}
 
 
 def perf_summary(run: RunRecords) -> dict[str, Any]:
@@ -124,7 +134,17 @@ def perf_summary(run: RunRecords) -> dict[str, Any]:
             "img_per_s_all_ranks": perf["img_per_s_all_ranks"], "img_per_s_per_rank": perf["img_per_s_per_rank"],
             "data_wait_pct": 100 * perf["data_wait_frac"], "device_wait_pct": 100 * perf["device_wait_frac"],
             **{phase: perf[phase] for phase in ("input_wait_ms", "fwd_bwd_ms", "optimizer_ms")},
-            "fps_basis": basis, "status": "perf"}
+            "fps_basis": basis, "status": "perf", "flags": run_flags(run, perf),
+            **energy(*(pd.Series([perf[key]]) for key in ("energy_j", "images", "energy_source")))}
+
+
+def energy(joules: pd.Series, images: pd.Series, sources: pd.Series) -> dict[str, Any]:
+    """kWh and joules per image over the rows (epochs, or a performance run), when every row has a figure."""
+    if joules.isna().any() or not len(joules):
+        return {"energy_kwh": None, "j_per_image": None, "energy_source": NOT_AVAILABLE}
+    total_j = joules.sum()
+    return {"energy_kwh": total_j / 3.6e6, "j_per_image": total_j / images.sum(),  # 1 kWh = 3.6e6 J
+            "energy_source": "+".join(dict.fromkeys("+".join(sources.astype(str)).split("+")))}
 
 
 def run_provenance(run: RunRecords) -> dict[str, Any]:
@@ -141,12 +161,16 @@ def scaling_table(summary: pd.DataFrame) -> pd.DataFrame:
         if group["world_size"].nunique() < 2:
             continue
         base = int(group["world_size"].min())
-        base_fps = group.loc[group["world_size"] == base, "img_per_s_all_ranks"].mean()
+        at_base = group["world_size"] == base
+        base_fps = group.loc[at_base, "img_per_s_all_ranks"].mean()
         ideal = group["world_size"] / base * base_fps
-        groups.append(group.assign(base_world_size=base, base_img_per_s_all_ranks=base_fps, ideal_img_per_s=ideal,
-                                   speedup=group["img_per_s_all_ranks"] / base_fps,
-                                   efficiency_pct=100 * group["img_per_s_all_ranks"] / ideal)
-                      .sort_values("world_size", kind="stable"))
+        group = group.assign(base_world_size=base, base_img_per_s_all_ranks=base_fps, ideal_img_per_s=ideal,
+                             speedup=group["img_per_s_all_ranks"] / base_fps,
+                             efficiency_pct=100 * group["img_per_s_all_ranks"] / ideal)
+        base_flags = "; ".join(group.loc[at_base, "flags"])
+        group["flags"] = [scaling_flag(row, "" if row["world_size"] == base else base_flags)  # a base: its own
+                          for _, row in group.iterrows()]
+        groups.append(group.sort_values("world_size", kind="stable"))
     if not groups:
         return pd.DataFrame(columns=list(SCALING_COLUMNS))
     return round_table(pd.concat(groups, ignore_index=True)[list(SCALING_COLUMNS)])

@@ -49,11 +49,12 @@ from pipeline.core.dir_lock import locked_by_main_process
 from pipeline.core.metrics import Throughput, peak_memory_mib
 from pipeline.core.precision import setup_precision
 from pipeline.core.provenance import all_hostnames, collect_provenance, resumed_provenance
-from pipeline.data.sources import data_provenance
+from pipeline.core.rank_figures import write_rank_rows
 from pipeline.core.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, PERF_COLUMNS, PERF_FILE, PROVENANCE_FILE,
-                                   RUN_STATE_FILE, append_row, write_record)
+                                   RANKS_FILE, RUN_STATE_FILE, append_row, write_record)
 from pipeline.core.stage_process import stage_process
 from pipeline.core.validate import check_trackers_installed
+from pipeline.data.sources import data_provenance
 from pipeline.data.loaders import build_train_loader, build_val_loader, dataset_info, device_batcher
 from pipeline.data.staging import as_given
 from pipeline.eval.evaluate import EvalResult, validate
@@ -68,7 +69,7 @@ from pipeline.train.state import TrainingState, seed_everything
 log = logging.getLogger(__name__)
 
 # What training writes in the run dir beside checkpoints/ (their temporaries are cleaned on start).
-RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, EPOCHS_FILE, PERF_FILE, RUN_STATE_FILE)
+RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, EPOCHS_FILE, PERF_FILE, RANKS_FILE, RUN_STATE_FILE)
 
 
 def now_iso() -> str:
@@ -234,7 +235,9 @@ class Trainer:
                 "img_per_s_per_rank": rounded(tp.img_per_s_per_rank, 2),
                 "data_wait_frac": rounded(tp.data_wait_frac, 4), "device_wait_frac": rounded(tp.device_wait_frac, 4),
                 "world_size": self.env.world_size, "nodes": self.env.nodes, "amp": self.cfg.train.amp,
-                "model": self.cfg.model.model, "finished_at": now_iso()}
+                "model": self.cfg.model.model, "finished_at": now_iso(), "steady_steps": tp.measured_steps,
+                "steady_s": rounded(tp.steady_s, 3), "images": tp.images, "energy_j": rounded(tp.energy_j, 3),
+                "energy_source": tp.energy_source}
 
     def epoch_row(self, epoch: int, result: EpochResult, val: EvalResult, ema_val: EvalResult | None,
                   elapsed_s: float) -> dict[str, Any]:
@@ -263,10 +266,11 @@ class Trainer:
             return self.outcome(finished=True, preempted=False, already_finished=True)
         self.write_run_metadata()
         self.record_state("training")
-        distributed.on_main_process(forget_epochs_from, self.run_dir / EPOCHS_FILE, pos.epoch)
-        log.info("training %s on %d process(es), %d batches of %d per process per epoch, epochs %d..%d",
-                 self.cfg.model.model, self.env.world_size, len(self.loader), self.cfg.train.batch_size,
-                 pos.epoch, epochs - 1)
+        for table in (EPOCHS_FILE, RANKS_FILE):
+            distributed.on_main_process(forget_epochs_from, self.run_dir / table, pos.epoch)
+        log.info("training %s on %d process(es) of %d intra-op thread(s), %d batches of %d per process per epoch, "
+                 "epochs %d..%d", self.cfg.model.model, self.env.world_size, torch.get_num_threads(), len(self.loader),
+                 self.cfg.train.batch_size, pos.epoch, epochs - 1)
         while pos.epoch < epochs:
             epoch = pos.epoch
             if self.sampler is not None:
@@ -315,6 +319,9 @@ class Trainer:
         row = self.epoch_row(epoch, result, val, ema_val, pos.carried_s)
         pos.epoch, pos.step_in_epoch, pos.carried, pos.carried_s = epoch + 1, 0, None, 0.0
         distributed.on_main_process(append_row, self.run_dir / EPOCHS_FILE, row, EPOCH_COLUMNS)
+        tp = result.throughput
+        distributed.on_main_process(write_rank_rows, self.run_dir / RANKS_FILE, epoch, tp.ranks, tp.measured_steps,
+                                    self.cfg.train.straggler_fraction)
         self.tracker.log_epoch(row)
         self.record_state("training")
         train = result.totals
@@ -358,7 +365,8 @@ def train(cfg: Config) -> dict[str, Any]:
     """The train stage's door (see the module docstring for the files it writes and the preemption contract)."""
     check_trackers_installed(cfg)  # on every rank, before anything runs
     with (locked_by_main_process(cfg.train.run_dir, "training"), watchdog.watching(cfg),
-          stage_process(cfg.train.device) as (env, device), PreemptionFlag() as flag):
+          stage_process(cfg.train.device, workers=cfg.data.workers, threads=cfg.train.threads) as (env, device),
+          PreemptionFlag() as flag):
         return _train(cfg, env, device, flag)
 
 
