@@ -159,7 +159,8 @@ class Trainer:
         self.val_loader = None if self.perf_mode else build_val_loader(cfg, env, device)
         self.val_to_device = device_batcher(cfg, self.precision)
         steps_per_epoch = optimizer_steps_per_epoch(cfg, len(self.loader))
-        distributed.on_main_process(log.info, "an optimizer step takes %d batch(es) per process: %d images, %d steps "
+        report = log.info if cfg.optim.accum_steps > 1 else log.debug  # bad input keeps its one line first
+        distributed.on_main_process(report, "an optimizer step takes %d batch(es) per process: %d images, %d steps "
                                     "per epoch", cfg.optim.accum_steps, global_batch_of(cfg, env.world_size),
                                     steps_per_epoch)
         try:
