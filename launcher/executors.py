@@ -41,9 +41,12 @@ def own_request(cfg: Config, stage: str) -> StageRequest:
 
 
 def stage_request(cfg: Config, stage: str) -> Request:
-    own = own_request(cfg, stage)
-    return Request(time=own.time or STAGES[stage].time_min or cfg.launch.time, mem=own.mem or cfg.launch.mem,
-                   cpus=own.cpus or cfg.launch.cpus_per_task)
+    """--cpus-per-task and --mem size the torchrun stages (train, eval): download, prep and report, sent in the same
+    chain, take only their own ([launch.<stage>]) or their default, not the training's 64 CPUs and 480G."""
+    own, torchrun = own_request(cfg, stage), STAGES[stage].torchrun
+    return Request(time=own.time or STAGES[stage].time_min or cfg.launch.time,
+                   mem=own.mem or (cfg.launch.mem if torchrun else ""),
+                   cpus=own.cpus or (cfg.launch.cpus_per_task if torchrun else 0))
 
 
 def stage_resources(cfg: Config, stage: str) -> Resources:

@@ -96,6 +96,19 @@ def test_a_resume_on_another_sharding_starts_at_the_whole_window_of_the_images_d
                                                                                                 steps)
 
 
+def test_a_resume_on_a_larger_global_batch_goes_on_at_the_lr_derived_for_it(data_dir, tmp_path):
+    """lr_base 0.1 for 32 images: 0.025 at batch 8; resumed at batch 16, the schedule goes on from 0.05, the lr
+    config.toml and provenance.json record, not from the checkpoint's 0.025."""
+    flags = ("--lr-base", "0.1", "--lr-base-batch", "32", "--scheduler", "step", "--lr-step-size", "30")
+    train(tiny_config(data_dir, tmp_path, *flags, "--epochs", "1"))
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["scheduler"]["base_lrs"][0] == 0.025
+    train(tiny_config(data_dir, tmp_path, *flags, "--epochs", "2", "--batch-size", "16", "--resume", "auto"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert state["scheduler"]["base_lrs"] == [0.05] * len(state["optimizer"]["param_groups"])
+    assert {group["initial_lr"] for group in state["optimizer"]["param_groups"]} == {0.05}
+    assert json.loads((tmp_path / "provenance.json").read_text())["peak_lr"] == 0.05
+
+
 @pytest.mark.slow
 def test_two_processes_accumulating_train_as_one_process_with_the_global_batch(data_dir, tmp_path):
     """torchrun, 2 processes x 8 images x 2 batches a step = 32 images a step, as one process with batch 32."""

@@ -85,7 +85,8 @@ def test_dry_run_chain_waits_on_each_stage_and_cpu_jobs_ask_for_no_gpus(no_slurm
 
 @pytest.mark.parametrize("stage, flags, cpus", [
     ("prep", ["--workers", "7"], 8),  # 7 writer threads and the reader
-    ("prep", ["--workers", "7", "--cpus-per-task", "3"], 3),
+    ("prep", ["--workers", "7", "--prep-cpus", "3"], 3),
+    ("prep", ["--workers", "7", "--cpus-per-task", "64"], 8),  # the training's request is not prep's
     ("train", ["--procs-per-node", "2", "--workers", "3"], 8),  # 2 processes x (3 loader workers + 1)
     ("eval", ["--procs-per-node", "2", "--cpus-per-task", "3"], 3),
 ])

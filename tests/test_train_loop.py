@@ -1,5 +1,5 @@
-"""run_epoch asks the ranks whether to stop every STOP_CHECK_EVERY steps and after the epoch's last step, not
-after every step (a multi-node round trip each), and stops right after the step where they agree."""
+"""run_epoch asks the ranks whether to stop every STOP_CHECK_EVERY batches (at a window's end) and after the epoch's
+last step, not after every step (a multi-node round trip each), and stops right after the step where they agree."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +44,15 @@ def test_an_agreed_stop_ends_the_epoch_after_that_step():
                        stop=lambda: True)
     assert (result.step_in_epoch, result.stopped) == (STOP_CHECK_EVERY, True)
     assert stepper.scheduler.last_epoch == STOP_CHECK_EVERY and result.totals.samples == 2 * STOP_CHECK_EVERY
+
+
+def test_with_accumulation_stop_is_asked_at_window_ends_about_every_few_batches_not_every_few_windows():
+    stepper, asked_after = linear_stepper(), []
+    stepper.accum_steps = 4  # windows of 4 batches: asked every 2 windows (8 batches), not every 8 windows (32)
+
+    def stop() -> bool:
+        asked_after.append(stepper.scheduler.last_epoch)  # optimizer steps done so far
+        return False
+
+    run_epoch(stepper, batches(10 * 4), epoch=0, start_step=0, print_freq=100, stop=stop)
+    assert asked_after == [2, 4, 6, 8, 10]

@@ -207,8 +207,9 @@ class StageRequest:
 
     partition: str = opt("", "partition; empty: [slurm] partition")
     nodes: int = opt(0, "nodes (eval; the others run on one); 0: the stage's default")
-    cpus: int = opt(0, "CPUs of its node task; 0: what the stage uses (--cpus-per-task, else the stage's default)")
-    mem: str = opt("", "memory per node, e.g. 16G; empty: [launch] mem")
+    cpus: int = opt(0, "CPUs of its node task; 0: what the stage uses (eval: --cpus-per-task; else the stage's "
+                       "default)")
+    mem: str = opt("", "memory per node, e.g. 16G; empty: [launch] mem for eval, the scheduler's default otherwise")
     time: int = opt(0, "time limit, minutes or Slurm's formats; 0: the stage's default, else [launch] time")
 
 
@@ -228,9 +229,9 @@ class LaunchConfig:
                                 "(in this process); auto: slurm where sbatch exists, else local")
     nodes: int = opt(1, "nodes per job")
     gpus_per_node: int = opt(1, "processes (GPUs, NPUs or CPU workers) per node; alias --procs-per-node")
-    cpus_per_task: int = opt(0, "CPUs per node task; 0: processes per node x (--workers + 1) (train, eval: each "
-                                "process and its loader workers), --workers + 1 (prep), at most a node's CPUs")
-    mem: str = opt("", "memory per node, e.g. 200G; empty lets Slurm decide")
+    cpus_per_task: int = opt(0, "CPUs per node task of train and eval; 0: processes per node x (--workers + 1) "
+                                "(each process and its loader workers), at most a node's CPUs (prep: --prep-cpus)")
+    mem: str = opt("", "memory per node of train and eval, e.g. 200G; empty lets Slurm decide (prep: --prep-mem)")
     time: int = opt(60, "time limit, minutes")
     job_name: str = opt("imagenet", "job name prefix")
     setup: list[str] = opt([], "shell lines every job runs before its processes start, repeatable: e.g. 'source "

@@ -39,8 +39,9 @@ from pipeline.core.precision import Precision
 
 log = logging.getLogger(__name__)
 
-# Steps between the ranks' agreements on stopping (and at an epoch's last step): a multi-node round trip every
-# step costs more than stopping up to 7 steps later, well inside the scheduler's warning time.
+# Batches between the ranks' agreements on stopping (at the first accumulation window's end after them, and at an
+# epoch's last step): a multi-node round trip every step costs more than stopping up to 7 batches later, well inside
+# the scheduler's warning time; counted in batches, so a long accumulation window does not delay a stop 8 times.
 STOP_CHECK_EVERY = 8
 
 OnLog = Callable[[int, dict[str, float]], None]  # a tracker's log_step: (global step, scalars)
@@ -305,7 +306,8 @@ def run_steps(stepper: Stepper, batches: Iterable[tuple], *, first: tuple[int, i
               watch: LossWatch, stop: Callable[[], bool]) -> tuple[int, bool]:
     """The step loop of both modes: a step per batch of ``batches``, the first being (epoch, index) ``first``, the
     last being step ``total``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY optimizer steps and at the
-    last, always at an accumulation window's end: a run stops, and resumes, between windows (no gradients to save).
+    last, always at an accumulation window's end (every STOP_CHECK_EVERY batches, or every window when a window
+    is longer): a run stops, and resumes, between windows (no gradients to save).
     Returns (the number of the last step done, counted from index 0 of ``first``'s epoch; whether stop() said so)."""
     step = first[1]
     inputs = stepper.inputs(batches, first)
@@ -317,8 +319,9 @@ def run_steps(stepper: Stepper, batches: Iterable[tuple], *, first: tuple[int, i
         book.step_done(batch, len(images), step, total, stepper.lr)
         if step % book.print_freq == 0:
             watch.check()
-        window_end = step % stepper.accum_steps == 0
-        if window_end and ((step // stepper.accum_steps) % STOP_CHECK_EVERY == 0 or step == total) and stop():
+        accum = stepper.accum_steps
+        windows_per_check = max(1, STOP_CHECK_EVERY // accum)
+        if step % accum == 0 and ((step // accum) % windows_per_check == 0 or step == total) and stop():
             return step, True
     return step, False
 
@@ -326,8 +329,8 @@ def run_steps(stepper: Stepper, batches: Iterable[tuple], *, first: tuple[int, i
 def run_epoch(stepper: Stepper, loader: DataLoader, *, epoch: int, start_step: int, print_freq: int,
               stop: Callable[[], bool], carried: torch.Tensor | None = None,
               on_log: OnLog | None = None) -> EpochResult:
-    """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked every STOP_CHECK_EVERY
-    optimizer steps and after the epoch's last. The batches after the last whole accumulation window are left out,
+    """Train over ``loader`` from batch ``start_step``; ``stop()`` (a collective) is asked about every STOP_CHECK_EVERY
+    batches, at a window's end, and after the epoch's last. The batches after the last whole accumulation window are left out,
     as drop_last leaves out a short batch: accum_steps x batch b then sees the very images of one batch of
     accum_steps x b, and an epoch has the same optimizer steps as with that batch."""
     accum = stepper.accum_steps

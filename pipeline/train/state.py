@@ -89,6 +89,7 @@ class TrainingState:
         s.precision.weights_loaded()
         s.optimizer.load_state_dict(state["optimizer"])
         s.scheduler.load_state_dict(state["scheduler"])
+        self.follow_this_runs_lr(path)
         if s.precision.scaler is not None and state.get("scaler"):
             s.precision.scaler.load_state_dict(state["scaler"])
         if s.ema is not None and state.get("ema"):
@@ -109,6 +110,22 @@ class TrainingState:
         pos = self.position
         log.info("resumed from %s: epoch %d, %d of its %d batches done, step %d, best Acc@1 %.3f", path, pos.epoch,
                  pos.step_in_epoch, self.steps_per_epoch, pos.global_step, pos.best_acc1)
+
+    def follow_this_runs_lr(self, path: Path) -> None:
+        """The checkpoint's schedule, rescaled to this run's peak lr: a resume on another global batch derives
+        another lr (lr_base), which config.toml, provenance.json and the report show; the restored optimizer and
+        schedule would otherwise go on at the old one."""
+        s, lr = self.stepper, self.cfg.optim.lr
+        saved = list(s.scheduler.base_lrs)
+        if all(abs(base - lr) <= 1e-12 * max(abs(lr), 1.0) for base in saved):
+            return
+        for group, base in zip(s.optimizer.param_groups, saved):
+            group["lr"] *= lr / base if base else 0.0
+            group["initial_lr"] = lr
+        s.scheduler.base_lrs = [lr] * len(saved)
+        s.scheduler._last_lr = [group["lr"] for group in s.optimizer.param_groups]  # what get_last_lr() reports
+        log.warning("%s was trained at peak lr %g; this run's is %g (its global batch or recipe differs): the "
+                    "schedule goes on at this run's rate", path, saved[0], lr)
 
     def sharding(self, state: dict[str, Any] | None = None) -> tuple[int, int, int]:
         """(world size, batch per process, batches per optimizer step) of a checkpoint's run, or of this one."""
