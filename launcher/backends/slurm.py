@@ -56,7 +56,7 @@ class SlurmBackend(Backend):
         parse_sbatch_options(cfg.slurm.sbatch)
 
     def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
-                   node_cpus: int | None = None) -> dict[str, Any]:
+                   node_cpus: int | None = None, run_dirs: Sequence[str] = ()) -> dict[str, Any]:
         nodes, _, gpus = stage_resources(cfg, stage)
         request = stage_request(cfg, stage)
         extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}", "time": request.time}
@@ -68,7 +68,7 @@ class SlurmBackend(Backend):
         params = get_slurm_executor_parameters(cfg, nodes=nodes, gpus_per_node=gpus, **extra)
         params["additional_parameters"] = {**params["additional_parameters"], **npu_gres_request(cfg, stage)}
         if cfg.launch.container:
-            params.update(python=job_python(cfg, stage), setup=[*params["setup"], *runtime_setup(cfg)])
+            params.update(python=job_python(cfg, stage, run_dirs=run_dirs), setup=[*params["setup"], *runtime_setup(cfg)])
         if after:
             params["dependency"] = f"{when}:{after}"
             params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
