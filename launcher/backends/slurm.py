@@ -24,6 +24,7 @@ from launcher.executors import (LaunchError, default_cpus, job_folder, own_reque
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.stages import STAGES
+from pipeline.core.threads import threads_per_process
 
 CALL_TIMEOUT_S = 60
 SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -106,6 +107,7 @@ class SlurmBackend(Backend):
                 out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
                           f"partition {self.partition(cfg, stage) or '(default)'} have at most {most}; it asks for "
                           f"{most} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
+        cpu_note(cfg, stages, out)
         gpu_stages = [stage for stage in stages if stage_resources(cfg, stage).gpus_per_node]
         shared = [stage for stage in stages if not stage_resources(cfg, stage).gpus_per_node and cfg.slurm.partition
                   and not own_request(cfg, stage).partition]
@@ -155,6 +157,21 @@ def parse_sbatch_options(options: Sequence[str]) -> dict[str, str | bool]:
             raise LaunchError(f"--sbatch {item!r}: the launcher sets --{key} itself")
         parsed[key] = value if sep else True
     return parsed
+
+
+def cpu_note(cfg: Config, stages: Sequence[str], out: TextIO) -> None:
+    """--device cpu without --cpus-per-task: the default request (a CPU per process and per loader worker) leaves
+    each process 1 intra-op thread; say so and how to give more. A note, not a bigger default: a whole node per CPU
+    run is much to take unasked on a shared cluster, and its size is unknown where sinfo does not answer."""
+    shown = [stage for stage in stages if STAGES[stage].torchrun and cfg.train.device == "cpu"
+             and not stage_request(cfg, stage).cpus]
+    if shown:
+        nproc, workers = stage_resources(cfg, shown[0]).procs_per_node, cfg.data.workers
+        cpus = default_cpus(cfg, shown[0]) or 0
+        jobs = f"the {' and '.join(shown)} job{'s ask' if len(shown) > 1 else ' asks'}"
+        out.write(f"note: --device cpu: {jobs} for {cpus} CPUs per node ({nproc} process(es) x (--workers {workers} "
+                  f"+ 1)), which leaves each process {threads_per_process(cpus, nproc, workers)} intra-op "
+                  f"thread(s); --cpus-per-task N asks for N and gives each N // {nproc} - {workers}\n")
 
 
 def get_slurm_executor_parameters(cfg: Config, *, nodes: int, gpus_per_node: int, **kwargs: Any) -> dict[str, Any]:
