@@ -69,7 +69,8 @@ class SlurmBackend(Backend):
         params = get_slurm_executor_parameters(cfg, nodes=nodes, gpus_per_node=gpus, **extra)
         params["additional_parameters"] = {**params["additional_parameters"], **npu_gres_request(cfg, stage)}
         if cfg.launch.container:
-            params.update(python=job_python(cfg, stage, run_dirs=run_dirs), setup=[*params["setup"], *runtime_setup(cfg)])
+            params.update(python=job_python(cfg, stage, run_dirs=run_dirs),
+                          setup=[*params["setup"], *runtime_setup(cfg)])
         if after:
             params["dependency"] = f"{when}:{after}"
             params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
