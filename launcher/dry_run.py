@@ -43,7 +43,8 @@ def dry_run(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backen
     backend.request_warnings(cfg, stages, out)
     for i, stage in enumerate(stages):
         after = f"<{stages[i - 1]} job id>" if i and backend.queued else None
-        params = backend.parameters(cfg, stage, after=after, node_cpus=backend.cpu_cap(cfg, stage))
+        params = backend.parameters(cfg, stage, after=after, node_cpus=backend.cpu_cap(cfg, stage),
+                                    run_dirs=run_dirs)
         out.write(backend.render(cfg, stage, params) + backend.request_text(cfg, stage, params))
         row = STAGES[stage]
         if stage in DATA_STAGES:

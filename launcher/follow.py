@@ -132,12 +132,13 @@ class HangReporter:
 
 class StragglerReporter:
     """Says which rank held the others back, once per epoch that had a straggler, from the run dir's ranks.csv
-    (rank 0 rewrites it whole at each epoch's end); epochs recorded before this job started are not told again."""
+    (rank 0 rewrites it whole at each epoch's end); epochs recorded before this job started are not told again. An
+    epoch is known by its rows, not its number: a resume forgets the epochs after its checkpoint and redoes them."""
 
     def __init__(self, run_dir: Path, prefix: str, out: TextIO, every_s: float = HEARTBEAT_POLL_S):
         self.run_dir, self.prefix, self.out, self.every_s = run_dir, prefix, out, every_s
         self.next_s = 0.0
-        self.told = set(self.epochs())
+        self.told = {self.key(epoch, rows) for epoch, rows in self.epochs().items()}
 
     def epochs(self) -> dict[str, list[dict[str, str]]]:
         """ranks.csv's rows by epoch (none while it does not exist)."""
@@ -151,6 +152,10 @@ class StragglerReporter:
             by_epoch.setdefault(row.get("epoch", ""), []).append(row)
         return by_epoch
 
+    @staticmethod
+    def key(epoch: str, rows: list[dict[str, str]]) -> tuple[Any, ...]:
+        return (epoch, *(tuple(row.items()) for row in rows))
+
     def fraction(self) -> float:
         """The run's straggler_fraction, from the config.toml training wrote (the default before it has)."""
         try:
@@ -162,9 +167,9 @@ class StragglerReporter:
         if not final and time.monotonic() < self.next_s:
             return
         self.next_s = time.monotonic() + self.every_s
-        new = {epoch: rows for epoch, rows in self.epochs().items() if epoch not in self.told}
+        new = {epoch: rows for epoch, rows in self.epochs().items() if self.key(epoch, rows) not in self.told}
         for epoch, rows in new.items():
-            self.told.add(epoch)
+            self.told.add(self.key(epoch, rows))
             straggler = find_straggler(rows, self.fraction())
             if straggler is not None:
                 self.out.write(f"{self.prefix}epoch {epoch}: {straggler.text}\n")

@@ -4,7 +4,7 @@ another. Either way the launcher follows them to their end (launcher/follow.py);
 after it."""
 from __future__ import annotations
 
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from jobs.stages import stage_job
 from launcher.backends import Backend
@@ -16,9 +16,9 @@ WAITS = {"afterok": "succeeds", "afterany": "ends"}
 
 
 def submit(backend: Backend, cfg: Config, stage: str, fn: Callable[[], Any], after: str | None, out: TextIO,
-           node_cpus: int | None = None, when: str = "afterok") -> Submitted:
+           node_cpus: int | None = None, when: str = "afterok", run_dirs: Sequence[str] = ()) -> Submitted:
     """One stage's job; ``after``: the job id(s) it waits for, ``when``: afterok or afterany."""
-    job = backend.submit(cfg, stage, fn, after=after, when=when, node_cpus=node_cpus)
+    job = backend.submit(cfg, stage, fn, after=after, when=when, node_cpus=node_cpus, run_dirs=run_dirs)
     sub = Submitted(stage, job, backend.name)
     nodes, nproc, _ = stage_resources(cfg, stage)
     waits = f", starts after job {after.replace(':', ', ')} {WAITS[when]}" if after else ""
@@ -34,20 +34,22 @@ def print_log_paths(sub: Submitted, out: TextIO) -> None:
               f"    follow: tail -f {' '.join(map(str, sub.log_paths()))}\n")
 
 
-def submit_chain(backend: Backend, cfg: Config, plan: list[tuple[str, Callable[[], Any]]], out: TextIO) -> \
-        list[Submitted]:
+def submit_chain(backend: Backend, cfg: Config, plan: list[tuple[str, Callable[[], Any]]], out: TextIO,
+                 run_dirs: Sequence[str] = ()) -> list[Submitted]:
     """Every stage's job at once, each waiting on the one before, after the scheduler has accepted each script;
     a refusal cancels the jobs already submitted."""
     backend.check_cluster(cfg)
     stages = [stage for stage, _ in plan]
     backend.request_warnings(cfg, stages, out)
     for stage in stages:
-        backend.check_job(cfg, stage, backend.parameters(cfg, stage, node_cpus=backend.cpu_cap(cfg, stage)))
+        backend.check_job(cfg, stage, backend.parameters(cfg, stage, node_cpus=backend.cpu_cap(cfg, stage),
+                                                         run_dirs=run_dirs))
     submitted: list[Submitted] = []
     try:
         for stage, fn in plan:
             after = submitted[-1].job.job_id if submitted else None
-            submitted.append(submit(backend, cfg, stage, fn, after, out, backend.cpu_cap(cfg, stage)))
+            submitted.append(submit(backend, cfg, stage, fn, after, out, backend.cpu_cap(cfg, stage),
+                                    run_dirs=run_dirs))
     except LaunchError:
         backend.cancel([s.job.job_id for s in submitted])
         raise
@@ -57,14 +59,14 @@ def submit_chain(backend: Backend, cfg: Config, plan: list[tuple[str, Callable[[
 
 def run_chain(cfg: Config, stages: list[str], run_dirs: list[str], backend: Backend, out: TextIO) -> int:
     plan = [(stage, stage_job(stage, cfg, run_dirs)) for stage in stages]
-    submitted = submit_chain(backend, cfg, plan, out) if backend.queued else []
+    submitted = submit_chain(backend, cfg, plan, out, run_dirs) if backend.queued else []
     if cfg.launch.detach:
         if not backend.queued:
-            submitted.append(submit(backend, cfg, *plan[0], None, out))
+            submitted.append(submit(backend, cfg, *plan[0], None, out, run_dirs=run_dirs))
         out.write("detached: the jobs run on; follow them with the tail -f lines above\n")
         return 0
     for i, (stage, fn) in enumerate(plan):
-        sub = submitted[i] if backend.queued else submit(backend, cfg, stage, fn, None, out)
+        sub = submitted[i] if backend.queued else submit(backend, cfg, stage, fn, None, out, run_dirs=run_dirs)
         try:
             follow(sub, out, poll_s=backend.poll_s)
         except StageFailed as exc:

@@ -2,6 +2,7 @@
 a training that records the joules a counter moved by, and "not available" where no counter can be read."""
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from pipeline.core import energy
 from pipeline.core.energy import EnergyMeter, rapl_counters
+from pipeline.core.rank_figures import RankSample, run_energy
 from pipeline.core.records import EPOCHS_FILE, PERF_FILE, RANKS_FILE
 from pipeline.report.build import report
 from pipeline.train.trainer import train
@@ -113,3 +115,28 @@ def test_without_a_readable_counter_the_figure_is_not_available(tmp_path, powerc
     summary = result.summary.iloc[0]
     assert summary["energy_source"] == "not available" and summary[["energy_kwh", "j_per_image"]].isna().all()
     assert "| not available |" in result.markdown
+
+
+def node_samples(root: Path, host: str, moved_uj: int | None, readable: bool = True) -> list[RankSample]:
+    """A node of two processes: local rank 0 reads the node's RAPL tree (its counter moved by ``moved_uj``, None:
+    it stopped answering; not ``readable``: root's only), local rank 1 reads none, as on a CPU run."""
+    package = zone(root / host, "intel-rapl:0", "package-0", 1_000_000 if readable else None)
+    meters = [EnergyMeter(rapl_counters(root / host), sample_s=3600).start(), EnergyMeter([]).start()]
+    if moved_uj is None:
+        (package / "energy_uj").unlink()
+    elif readable:
+        set_energy(package, 1_000_000 + moved_uj)
+    return [RankSample(host, 1, 8, 1.0, 0.0, (0.0, 0.0, 0.0), 8, meter.stop(), meter.source) for meter in meters]
+
+
+@pytest.mark.parametrize("second, joules, warned", [
+    (dict(moved_uj=3_000_000), 5.0, ""),
+    (dict(moved_uj=None), math.nan, "the counters of rank(s) 2 stopped answering"),
+    (dict(moved_uj=0, readable=False), math.nan, "the nodes read different counters (a: none/rapl; b: none/none)"),
+])
+def test_a_figure_only_when_every_node_read_the_same_counters_to_the_end(second, joules, warned, tmp_path, caplog):
+    ranks = node_samples(tmp_path, "a", 2_000_000) + node_samples(tmp_path, "b", **second)
+    assert [r.energy_source for r in ranks] == ["rapl", "", "rapl" if second.get("readable", True) else "", ""]
+    total, source = run_energy(ranks)
+    assert total == pytest.approx(joules, nan_ok=True) and source == "rapl"  # NaN: "not available" in the report
+    assert (warned in caplog.text) if warned else "no energy figure" not in caplog.text

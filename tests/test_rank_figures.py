@@ -83,6 +83,23 @@ def test_follow_tells_each_new_epoch_with_a_straggler_once_and_not_the_epochs_be
     assert out.getvalue().splitlines() == ["[train 7] epoch 2: " + find_straggler(rank_rows(a=80, b=1), 0.1).text]
 
 
+
+def test_follow_tells_the_straggler_of_an_epoch_a_resume_redid(tmp_path):
+    from pipeline.train.trainer import forget_epochs_from
+
+    def epoch_rows(epoch: int, **waits_ms: float) -> list[dict]:
+        return [{**row, "epoch": epoch} for row in rank_rows(**waits_ms)]
+
+    append_rows(tmp_path / RANKS_FILE, epoch_rows(0, a=2, b=3) + epoch_rows(1, a=2, b=3), RANK_COLUMNS)
+    out = io.StringIO()
+    reporter = StragglerReporter(tmp_path, "[train 8] ", out, every_s=0)  # the requeued job, resumed at epoch 1
+    forget_epochs_from(tmp_path / RANKS_FILE, 1)  # as training does before it redoes epoch 1
+    reporter.poll()
+    append_rows(tmp_path / RANKS_FILE, epoch_rows(1, a=2, b=90), RANK_COLUMNS)
+    reporter.poll()
+    reporter.poll(final=True)
+    assert out.getvalue().splitlines() == ["[train 8] epoch 1: " + find_straggler(rank_rows(a=2, b=90), 0.1).text]
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(one-process run dir, two-process run dir, launch.py's output of the latter)."""

@@ -64,10 +64,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
-                   node_cpus: int | None = None) -> dict[str, Any]:
+                   node_cpus: int | None = None, run_dirs: Sequence[str] = ()) -> dict[str, Any]:
         """submitit's parameters of one stage's job: what it asks for; ``after`` is the job (or ``:``-joined jobs)
         it waits for, ``when`` how (afterok: their success, afterany: their end), ``node_cpus`` the most a node
-        has (a default CPU request is capped there)."""
+        has (a default CPU request is capped there), ``run_dirs`` the run dirs it is given (--container binds them)."""
 
     @abc.abstractmethod
     def make_executor(self, folder: str, cfg: Config, python: str | None = None) -> Any:
@@ -124,11 +124,11 @@ class Backend(abc.ABC):
         """Before anything is submitted: the scheduler would accept this job (LaunchError otherwise)."""
 
     def submit(self, cfg: Config, stage: str, fn: Callable[[], Any], *, after: str | None = None,
-               when: str = "afterok", node_cpus: int | None = None) -> Any:
+               when: str = "afterok", node_cpus: int | None = None, run_dirs: Sequence[str] = ()) -> Any:
         """One stage's job (a submitit Job); a refusal is a LaunchError."""
         from submitit.core.utils import FailedJobError
 
-        params = self.parameters(cfg, stage, after=after, when=when, node_cpus=node_cpus)
+        params = self.parameters(cfg, stage, after=after, when=when, node_cpus=node_cpus, run_dirs=run_dirs)
         try:
             job = self.executor(cfg, params).submit(fn)
         except FailedJobError as exc:

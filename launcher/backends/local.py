@@ -3,7 +3,7 @@ the launcher's own process, for pdb). One node only; nothing queues, so the laun
 before it submits the next."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from launcher.backends import register
 from launcher.backends.base import Backend
@@ -18,7 +18,7 @@ class LocalBackend(Backend):
     auto, order = True, 50
 
     def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
-                   node_cpus: int | None = None) -> dict[str, Any]:
+                   node_cpus: int | None = None, run_dirs: Sequence[str] = ()) -> dict[str, Any]:
         _, _, gpus = stage_resources(cfg, stage)
         params = {"timeout_min": stage_request(cfg, stage).time, "nodes": 1, "tasks_per_node": 1,
                   "gpus_per_node": gpus, "signal_delay_s": cfg.launch.signal_delay_s, "setup": setup_lines(cfg)}
@@ -26,7 +26,7 @@ class LocalBackend(Backend):
             if self.in_process:
                 raise LaunchError(f"--container runs a job in its own processes; the {self.name} executor runs it in "
                                   "this one: use --executor local")
-            params["python"] = job_python(cfg, stage, runtime_here(cfg))
+            params["python"] = job_python(cfg, stage, runtime_here(cfg), run_dirs)
         return params
 
     def make_executor(self, folder: str, cfg: Config, python: str | None = None) -> Any:

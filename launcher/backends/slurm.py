@@ -24,6 +24,7 @@ from launcher.executors import (LaunchError, default_cpus, job_folder, own_reque
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.stages import STAGES
+from pipeline.core.threads import threads_per_process
 
 CALL_TIMEOUT_S = 60
 SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -56,7 +57,7 @@ class SlurmBackend(Backend):
         parse_sbatch_options(cfg.slurm.sbatch)
 
     def parameters(self, cfg: Config, stage: str, *, after: str | None = None, when: str = "afterok",
-                   node_cpus: int | None = None) -> dict[str, Any]:
+                   node_cpus: int | None = None, run_dirs: Sequence[str] = ()) -> dict[str, Any]:
         nodes, _, gpus = stage_resources(cfg, stage)
         request = stage_request(cfg, stage)
         extra: dict[str, Any] = {"job_name": f"{cfg.launch.job_name}-{stage}", "time": request.time}
@@ -68,7 +69,8 @@ class SlurmBackend(Backend):
         params = get_slurm_executor_parameters(cfg, nodes=nodes, gpus_per_node=gpus, **extra)
         params["additional_parameters"] = {**params["additional_parameters"], **npu_gres_request(cfg, stage)}
         if cfg.launch.container:
-            params.update(python=job_python(cfg, stage), setup=[*params["setup"], *runtime_setup(cfg)])
+            params.update(python=job_python(cfg, stage, run_dirs=run_dirs),
+                          setup=[*params["setup"], *runtime_setup(cfg)])
         if after:
             params["dependency"] = f"{when}:{after}"
             params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
@@ -106,6 +108,7 @@ class SlurmBackend(Backend):
                 out.write(f"warning: the {stage} job would ask for {wanted} CPUs per node ({how}) but the nodes of "
                           f"partition {self.partition(cfg, stage) or '(default)'} have at most {most}; it asks for "
                           f"{most} and its loader workers share them (--workers or --cpus-per-task sets this)\n")
+        cpu_note(cfg, stages, out)
         gpu_stages = [stage for stage in stages if stage_resources(cfg, stage).gpus_per_node]
         shared = [stage for stage in stages if not stage_resources(cfg, stage).gpus_per_node and cfg.slurm.partition
                   and not own_request(cfg, stage).partition]
@@ -155,6 +158,21 @@ def parse_sbatch_options(options: Sequence[str]) -> dict[str, str | bool]:
             raise LaunchError(f"--sbatch {item!r}: the launcher sets --{key} itself")
         parsed[key] = value if sep else True
     return parsed
+
+
+def cpu_note(cfg: Config, stages: Sequence[str], out: TextIO) -> None:
+    """--device cpu without --cpus-per-task: the default request (a CPU per process and per loader worker) leaves
+    each process 1 intra-op thread; say so and how to give more. A note, not a bigger default: a whole node per CPU
+    run is much to take unasked on a shared cluster, and its size is unknown where sinfo does not answer."""
+    shown = [stage for stage in stages if STAGES[stage].torchrun and cfg.train.device == "cpu"
+             and not stage_request(cfg, stage).cpus]
+    if shown:
+        nproc, workers = stage_resources(cfg, shown[0]).procs_per_node, cfg.data.workers
+        cpus = default_cpus(cfg, shown[0]) or 0
+        jobs = f"the {' and '.join(shown)} job{'s ask' if len(shown) > 1 else ' asks'}"
+        out.write(f"note: --device cpu: {jobs} for {cpus} CPUs per node ({nproc} process(es) x (--workers {workers} "
+                  f"+ 1)), which leaves each process {threads_per_process(cpus, nproc, workers)} intra-op "
+                  f"thread(s); --cpus-per-task N asks for N and gives each N // {nproc} - {workers}\n")
 
 
 def get_slurm_executor_parameters(cfg: Config, *, nodes: int, gpus_per_node: int, **kwargs: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from pipeline.core import distributed
 from pipeline.core.accelerator import Accelerator
 from pipeline.core.energy import EnergyMeter, process_counters
-from pipeline.core.rank_figures import RankSample
+from pipeline.core.rank_figures import RankSample, run_energy
 
 MAX_WARMUP_STEPS = 5
 
@@ -113,7 +113,7 @@ class Throughput:
     optimizer_ms: float = float("nan")      # per step: backward done to the step's end (optimizer, schedule, EMA)
     steady_s: float = float("nan")          # the measured steps' wall clock, mean over ranks
     images: int = 0                         # every image of the span (warm-up included), all ranks
-    energy_j: float = float("nan")          # the ranks' counters over the span, summed; NaN: none readable
+    energy_j: float = float("nan")          # the ranks' counters over the span, summed; NaN: none, or not all read
     energy_source: str = ""
     ranks: tuple[RankSample, ...] = ()      # each rank's own figures, in rank order
 
@@ -236,7 +236,7 @@ class ThroughputTimer:
         images, elapsed_sum, wait_sum = (math.fsum(getattr(r, key) for r in ranks)
                                          for key in ("images", "elapsed_s", "data_wait_s"))
         phase_sums = [math.fsum(r.phases_ms[i] for r in ranks) for i in range(len(StepClock.PHASES))]
-        energies = [r.energy_j for r in ranks if r.energy_j is not None]
+        energy_j, energy_source = run_energy(ranks)
         world = len(ranks)
         mean_elapsed_s = elapsed_sum / world
         all_ranks = images / mean_elapsed_s if images and mean_elapsed_s > 0 else float("nan")
@@ -247,6 +247,5 @@ class ThroughputTimer:
                           device_wait_frac=phase_sums[0] / (1000 * elapsed_sum) if elapsed_sum > 0 else float("nan"),
                           input_wait_ms=per_step[0], fwd_bwd_ms=per_step[1], optimizer_ms=per_step[2],
                           steady_s=mean_elapsed_s, images=sum(r.span_images for r in ranks),
-                          energy_j=math.fsum(energies) if energies else float("nan"),
-                          energy_source="+".join(dict.fromkeys(r.energy_source for r in ranks if r.energy_source)),
+                          energy_j=energy_j, energy_source=energy_source,
                           ranks=ranks)

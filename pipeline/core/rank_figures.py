@@ -35,8 +35,27 @@ class RankSample:
     data_wait_s: float        # of which blocked on the loader
     phases_ms: tuple[float, ...]  # StepClock.PHASES over the steady-state steps: input, fwd_bwd, optimizer
     span_images: int          # every image of the span, warm-up included: the energy's span
-    energy_j: float | None    # read over the span (pipeline/core/energy.py); None: no counter
-    energy_source: str
+    energy_j: float | None    # read over the span (pipeline/core/energy.py); None: no counter, or it broke
+    energy_source: str        # the counters it had (e.g. rapl on local rank 0 alone); empty: none
+
+
+def run_energy(ranks: Sequence[RankSample]) -> tuple[float, str]:
+    """The ranks' joules summed and their counters' kinds; NaN (no figure) where a counter stopped answering or
+    the nodes differ in their counters (one node's RAPL closed to users): a sum of part of the run never stands
+    for the whole. Ranks without a counter are expected (RAPL is read by local rank 0 alone)."""
+    source = "+".join(dict.fromkeys(r.energy_source for r in ranks if r.energy_source))
+    broken = [i for i, r in enumerate(ranks) if r.energy_source and r.energy_j is None]
+    per_host: dict[str, list[str]] = {}
+    for sample in ranks:
+        per_host.setdefault(sample.host, []).append(sample.energy_source or "none")
+    kinds = {host: "/".join(sorted(sources)) for host, sources in per_host.items()}
+    if broken or len(set(kinds.values())) > 1:
+        why = (f"the counters of rank(s) {', '.join(map(str, broken))} stopped answering" if broken else
+               "the nodes read different counters (" + "; ".join(f"{h}: {k}" for h, k in kinds.items()) + ")")
+        log.warning("no energy figure for this span: %s, and a sum of the others would be part of the run", why)
+        return math.nan, source
+    energies = [r.energy_j for r in ranks if r.energy_j is not None]
+    return (math.fsum(energies) if energies else math.nan), source
 
 
 def rank_row(rank: int, sample: RankSample, measured_steps: int) -> dict[str, Any]:

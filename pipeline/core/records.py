@@ -81,7 +81,7 @@ SPAN_COLUMNS = (
     "steady_steps",         # steps the throughput was measured over (after the warm-up steps)
     "steady_s",             # the wall clock of those steps, s (mean over ranks)
     "images",               # images trained in the span (warm-up included), all ranks: the energy's span
-    "energy_j",             # joules the ranks' counters read over that span, summed; empty: no counter readable
+    "energy_j",             # joules the ranks' counters read over that span, summed; empty: none, or not all read
     "energy_source",        # which counters: nvml, rapl, nvml+rapl (pipeline/core/energy.py); empty: none
 )
 EPOCH_COLUMNS = EPOCH_COLUMNS_V2[:-1] + SPAN_COLUMNS + ("schema",)

@@ -211,16 +211,23 @@ def check_stage_requests(cfg: Config, stages: set[str]) -> None:
                               f"launch.signal_delay_s = {cfg.launch.signal_delay_s} s; raise it")
 
 
+BOUND = {"data": ("stage_data_to", "--stage-data-to"), "eval": ("checkpoint", "--checkpoint"),
+         "model": ("pretrained", "--pretrained"), "train": ("resume", "--resume")}  # paths --container binds too
+
+
 def check_container(cfg: Config) -> None:
     """--container: folders its --bind list can name (it splits the list at commas and colons); the image itself is
     checked on the login node (launcher/container.py), a job inside it may not see it."""
     if not cfg.launch.container:
         return
-    for section, (name, flag) in FOLDERS.items():
-        path = str(getattr(getattr(cfg, section), name))
-        if "," in path or ":" in path:
-            raise ConfigError(f"{section}.{name} ({flag}) {path} holds a ',' or ':', which the container's --bind "
-                              "list cannot carry; rename the folder or pass a link to it without them")
+    for section, (name, flag) in [*FOLDERS.items(), *BOUND.items()]:
+        check_bind_path(f"{section}.{name} ({flag})", str(getattr(getattr(cfg, section), name)))
+
+
+def check_bind_path(where: str, path: str) -> None:
+    if "," in path or ":" in path:
+        raise ConfigError(f"{where} {path} holds a ',' or ':', which the container's --bind list cannot carry; "
+                          "rename the folder or pass a link to it without them")
 
 
 def check_folders(cfg: Config) -> None:

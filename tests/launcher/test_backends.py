@@ -46,10 +46,11 @@ class FakeQueue(LocalBackend):
     asked: list[tuple[str, str | None]] = []  # (stage, the job it waits for)
     cancelled: list[str] = []
 
-    def submit(self, cfg, stage, fn, *, after=None, when="afterok", node_cpus=None):
+    def submit(self, cfg, stage, fn, *, after=None, when="afterok", node_cpus=None, run_dirs=()):
         self.asked.append((stage, after))
         waits = [self.jobs[job_id].paths.result_pickle for job_id in after.split(":")] if after else []
-        job = super().submit(cfg, stage, AfterOk(fn, waits), after=after, when=when, node_cpus=node_cpus)
+        job = super().submit(cfg, stage, AfterOk(fn, waits), after=after, when=when, node_cpus=node_cpus,
+                             run_dirs=run_dirs)
         self.jobs[job.job_id] = job
         return job
 

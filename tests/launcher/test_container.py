@@ -6,8 +6,10 @@ the arguments a runtime gets and runs the rest of the command as ``exec IMAGE py
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,6 +76,8 @@ def test_a_named_runtime_and_the_npu_binds(no_slurm_path, tmp_path, capsys):
     (["--container", "{tmp}/missing.sif"], "--container {tmp}/missing.sif does not exist"),
     (["--container", "{tmp}", "--data-dir", "{tmp}/a,b"], "holds a ',' or ':', which the container's --bind"),
     (["--container", "{tmp}", "--executor", "local"], "--container needs apptainer or singularity on this machine"),
+    (["--container", "{tmp}", "--layout", "shards", "--stage-data-to", "$TMPDIR/a:b"],
+     "data.stage_data_to (--stage-data-to) $TMPDIR/a:b holds a ',' or ':'"),
 ])
 def test_a_container_that_cannot_work_is_refused_before_submitting(argv, message, no_slurm_path, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -110,3 +114,87 @@ def test_a_sweeps_points_share_one_array_that_binds_the_sweep_dir(no_slurm_path,
     array = out.split("===== train 1 of 1")[1].split("=====")[1]
     (line,) = [line for line in array.splitlines() if line.startswith("srun ")]
     assert f" --bind {REPO_ROOT},{sweep_dir}," in line  # every point's run dir lies in it
+
+
+def run_srun_line(line: str, tmp_path: Path, **env: str) -> list[str]:
+    """The words the job's shell gives srun for ``line`` (an srun that prints them), with ``env`` set."""
+    script = tmp_path / "job.sh"
+    script.write_text(f"srun() {{ printf '%s\\n' \"$@\"; }}\nCONTAINER_RUNTIME=/opt/apptainer\n{line}\n")
+    shown = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                           text=True, check=True)
+    return shown.stdout.splitlines()
+
+
+def test_the_staging_folder_is_bound_as_each_nodes_shell_expands_it(no_slurm_path, tmp_path, capsys):
+    """--stage-data-to holds a variable and shell-hostile characters: bound and made as the value reads there."""
+    image, run_dir, data = tmp_path / "img", tmp_path / "run", tmp_path / "data"
+    image.mkdir()
+    dest = "$TMPDIR/a \"b;c'd/${USER}"
+    code, out, err = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--container", image,
+                              "--run-dir", run_dir, "--data-dir", data, "--archive-dir", tmp_path / "archives",
+                              "--layout", "shards", "--stage-data-to", dest, "--device", "cpu")
+    assert code == 0, err
+    node_dest = "/node tmp/a \"b;c'd/me"
+    for stage in ("train", "eval"):
+        words = run_srun_line(srun_line(out, stage), tmp_path, TMPDIR="/node tmp", USER="me")
+        start = words.index("/bin/sh")
+        assert words[start:start + 5] == ["/bin/sh", "-c", 'mkdir -p -- "$1" && shift && exec "$@"',
+                                          "stage-data-to", node_dest]
+        runtime = words[start + 5:]
+        assert runtime[:4] == ["/opt/apptainer", "exec", "--bind", f"{REPO_ROOT},{run_dir},{data},"
+                               f"{tmp_path / 'archives'},{node_dest}"] and runtime[5] == "python3"
+    for stage in ("prep", "report"):  # they stage nothing
+        words = run_srun_line(srun_line(out, stage), tmp_path, TMPDIR="/node tmp", USER="me")
+        assert "/bin/sh" not in words and not any(node_dest in word for word in words)
+
+
+def test_the_reports_run_dirs_and_the_loaded_files_folders_are_bound(no_slurm_path, tmp_path, capsys):
+    image, weights, ckpt = tmp_path / "img", tmp_path / "weights" / "w.pt", tmp_path / "kept" / "best.pt"
+    image.mkdir()
+    for path in (weights, ckpt):
+        path.parent.mkdir()
+        path.write_bytes(b"PK\x03\x04")
+    runs = [tmp_path / "run-a", tmp_path / "run-b"]
+    code, out, err = run_main(capsys, "--stage", "report", "--executor", "slurm", "--dry-run", "--container", image,
+                              "--run-dir", *runs)
+    assert code == 0, err
+    bound = shlex.split(srun_line(out, "report"))
+    assert bound[bound.index("--bind") + 1].split(",")[1:3] == [str(run) for run in runs]
+    for stage, file in (("eval", ckpt), ("train", weights)):
+        code, out, err = run_main(capsys, "--stage", stage, "--executor", "slurm", "--dry-run", "--container",
+                                  image, "--run-dir", runs[0], "--checkpoint", ckpt, "--pretrained", weights,
+                                  "--model", "resnet18")
+        bound = shlex.split(srun_line(out, stage))
+        assert code == 0 and bound[bound.index("--bind") + 1].split(",")[-1] == str(file.parent), err
+        assert str((weights if stage == "eval" else ckpt).parent) not in srun_line(out, stage)  # not read there
+    code, _, err = run_main(capsys, "--stage", "report", "--executor", "slurm", "--dry-run", "--container", image,
+                            "--run-dir", runs[0], tmp_path / "x:y")
+    assert code == 2 and f"--run-dir {tmp_path / 'x:y'} holds a ',' or ':'" in err
+
+
+@pytest.mark.slow
+def test_a_local_training_stages_through_the_runtime_into_its_bound_folder(tmp_path, monkeypatch, capsys):
+    """A real local train job with --stage-data-to '$TMPDIR/x': the runtime binds the expanded folder, made before
+    it starts, and the processes train from the copy staged there."""
+    from layout_helpers import prep_layouts
+    from pipeline.data.staging import staged_dir
+    from train_helpers import TINY_FLAGS
+
+    _, dirs = prep_layouts(tmp_path, layouts=("archives",), num_classes=2, train_per_class=8, val_per_class=2,
+                           missing_val=(), unlabelled_val=0)
+    image, run_dir, node_tmp = tmp_path / "img", tmp_path / "run", tmp_path / "node tmp"
+    image.mkdir()
+    node_tmp.mkdir()
+    bin_dir, log = tmp_path / "bin", tmp_path / "runtime.log"
+    stand_in_runtime(bin_dir, image, log)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("TMPDIR", str(node_tmp))
+    code, out, err = run_main(capsys, "--stage", "train", "--executor", "local", "--container", image,
+                              "--data-dir", dirs["archives"], "--layout", "archives", "--run-dir", run_dir,
+                              "--stage-data-to", "$TMPDIR/x", "--epochs", 1, "--preflight-timeout-s", 0, *TINY_FLAGS)
+    assert code == 0, out[-2000:] + err
+    (call,) = log.read_text().splitlines()
+    assert call.startswith(f"exec --bind {REPO_ROOT},{run_dir},{dirs['archives']},") and \
+        f",{node_tmp}/x {image} python3 " in call
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["staged_data_dir"] == str(staged_dir(dirs["archives"], node_tmp / "x"))

@@ -80,3 +80,21 @@ def test_a_bad_stage_request_is_one_clear_line(argv, message, no_slurm_path, tmp
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, _, err = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, note", [
+    (["--device", "cpu"], "note: --device cpu: the train and eval jobs ask for 6 CPUs per node (2 process(es) x "
+                          "(--workers 2 + 1)), which leaves each process 1 intra-op thread(s); --cpus-per-task N "
+                          "asks for N and gives each N // 2 - 2"),
+    (["--device", "cpu", "--cpus-per-task", 16], ""),  # 16 // 2 - 2 = 6 threads: nothing to say
+    ([], ""),  # GPUs compute; their processes' threads matter less
+])
+def test_a_cpu_training_is_told_its_threads_and_how_to_give_more(flags, note, no_slurm_path, tmp_path, capsys):
+    from pipeline.core.threads import threads_per_process
+
+    code, out, _ = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--procs-per-node", 2,
+                            "--workers", 2, *flags, "--run-dir", tmp_path / "run")
+    _, asks = scripts_and_requests(out)
+    cpus = int(re.search(r"(\d+) CPUs per node", asks["train"]).group(1))
+    assert code == 0 and [line for line in out.splitlines() if "--device cpu:" in line] == ([note] if note else [])
+    assert not note or threads_per_process(cpus, 2, 2) == 1  # what each process of the job will set itself
