@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -244,3 +245,38 @@ def test_an_absolute_files_root_is_staged_and_a_rewritten_equal_manifest_keeps_t
     with caplog.at_level(logging.INFO):
         stage_data(data_dir, tmp_path / "dest")
     assert "using its staged copy" in caplog.text and not [m for m in caplog.messages if m.startswith("staging")]
+
+
+def planted(data_dir, dest, plant):
+    """The copy's folder as another user on a shared node could prepare it in advance (its name is predictable)."""
+    target = staged_dir(data_dir, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    plant(target)
+    return target
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user takes root")
+@pytest.mark.parametrize("plant, message", [
+    (lambda t: (t.mkdir(), os.chown(t, 65534, -1)), "owned by uid 65534"),
+    (lambda t: (t.mkdir(), t.chmod(0o777)), "writable by others"),
+    (lambda t: t.symlink_to(t.parent.parent / "victim", target_is_directory=True), "a link or not a folder"),
+])
+def test_a_copy_folder_another_user_could_have_made_or_linked_is_refused(data_dir, tmp_path, plant, message):
+    (tmp_path / "victim").mkdir()
+    target = planted(data_dir, tmp_path / "dest", plant)
+    with pytest.raises(StagingError, match=f"{target} is {message}.*not trusted: remove it"):
+        stage_data(data_dir, tmp_path / "dest")
+    assert list((tmp_path / "victim").iterdir()) == []
+
+
+def test_a_lock_file_linked_to_another_file_is_neither_followed_nor_truncated(data_dir, tmp_path):
+    victim = tmp_path / "victim.bashrc"
+    victim.write_text("keep me\n")
+    target = staged_dir(data_dir, tmp_path / "dest")
+    stage_data(data_dir, tmp_path / "dest")
+    (target / LOCK_FILE).unlink()
+    (target / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(StagingError, match=f"cannot write {target / LOCK_FILE} .*symbolic links"):
+        stage_data(data_dir, tmp_path / "dest")
+    assert victim.read_text() == "keep me\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700

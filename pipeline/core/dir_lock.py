@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -54,11 +55,15 @@ def locked(folder: str | Path, what: str, *, label: str = "run dir", lock_file: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a lock "file" linked to another file by another user must not be truncated below
+        fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise error(f"cannot open the lock file {folder / lock_file} of {label} {folder} ({exc.strerror}); it must be "
                     f"a file this user can write: move what is there away") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device opens too
+            raise error(f"the lock file {folder / lock_file} of {label} {folder} is not a regular file; move what is "
+                        "there away")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

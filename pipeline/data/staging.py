@@ -16,6 +16,10 @@ nodes that are ready), it must serve two jobs on one node as it serves the ranks
 outlast a collective's timeout. The kernel releases the lock of a process that dies, so a waiter never waits for a
 dead copier: it takes the lock and copies what is missing.
 
+Trust: DEST may be shared by the node's users (/tmp, /dev/shm). The copy's folder is made mode 0700 and used only
+when it is a real folder of this user that no one else may write (not a link); the lock file is never followed
+through a link. Anything else there is refused, never repaired: another user could have planted it.
+
 A requeue finds the earlier copy: files whose size, inode and mtime still match verified.json are used without
 hashing 140 GB again; a file an earlier attempt left half-copied has only a temporary name and is copied anew.
 """
@@ -31,6 +35,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -122,8 +127,12 @@ def stageable(data_dir: str | Path) -> Manifest:
 def _lock(target: Path, every_s: float) -> Iterator[None]:
     """Hold the copy's lock, waiting while another process (this node's other rank, another job) stages."""
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        (target / LOCK_FILE).touch()  # so that a failure below can only mean another holder
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a link or a file there is refused by the check
+            target.mkdir(mode=0o700)
+        _check_owned(target)
+        # opened here as the lock opens it (no link followed), so that a failure below can only mean another holder
+        os.close(os.open(target / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
     except OSError as exc:
         raise StagingError(f"--stage-data-to: cannot write {target / LOCK_FILE} ({exc.strerror}); pass a folder "
                            "this user can write on every node") from None
@@ -142,6 +151,18 @@ def _lock(target: Path, every_s: float) -> Iterator[None]:
         with stack:
             yield
         return
+
+
+def _check_owned(target: Path) -> None:
+    """``target`` is a real folder of this user that no one else may write: DEST may be shared (/tmp, /dev/shm), and
+    a folder another user made there in advance (its name is predictable) could hold a forged verified.json, or be a
+    link that sends the copy elsewhere."""
+    st = os.lstat(target)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        what = ("a link or not a folder" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
+                if st.st_uid != os.getuid() else f"writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+        raise StagingError(f"--stage-data-to: {target} is {what}, not a folder of this user (uid {os.getuid()}) that "
+                           "only it may write; it is not trusted: remove it, or pass a folder of your own")
 
 
 def _complete(target: Path, copy: Manifest, data_dir: Path) -> bool:
