@@ -4,6 +4,7 @@ without a manifest each fail with one line and leave nothing usable; a waiting p
 that died."""
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import hashlib
 import json
@@ -41,7 +42,8 @@ def test_the_copy_is_a_verified_self_contained_data_dir_named_after_its_source(d
     with caplog.at_level(logging.INFO):
         copy = stage_data(data_dir, tmp_path / "dest")
     assert copy == staged_dir(data_dir, tmp_path / "dest") and copy.parent == tmp_path / "dest"
-    assert copy.name.startswith("data-") and copy != staged_dir(tmp_path / "other" / "data", tmp_path / "dest")
+    assert copy.name.startswith("data-") and copy != staged_dir(tmp_path / "other" / "data", tmp_path / "dest",
+                                                                read_manifest(data_dir))
     source, staged = read_manifest(data_dir), read_manifest(copy)
     assert staged.files == source.files and staged.meta == source.meta and staged.files_root == "files"
     assert staged.extra == {STAGED_FROM: str(data_dir.resolve())}
@@ -175,6 +177,10 @@ def test_dry_run_shows_the_staging_step_with_the_variable_left_for_the_node(data
     assert code == 0 and (f"===== train: the processes of each node first stage data dir {data_dir} to "
                           f"$TMPDIR/stage/{staged} (variables expanded on the node): one copies") in out
     assert out.index("first stage data dir") < out.index("runs one torchrun") and not (tmp_path / "run" / "logs").exists()
+    code, out, _ = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--data-dir",
+                            tmp_path / "unprepared", "--archive-dir", tmp_path, "--run-dir", tmp_path / "run",
+                            "--layout", "shards", "--stage-data-to", "/scratch")  # the copy's name waits for prep
+    assert code == 0 and "to /scratch/unprepared-<hash of its path and manifest> (variables" in out
 
 
 @pytest.mark.parametrize("value, ok", [("/scratch/x", True), ("$TMPDIR", True), ("${TMPDIR}/a b/c", True),
@@ -280,3 +286,18 @@ def test_a_lock_file_linked_to_another_file_is_neither_followed_nor_truncated(da
         stage_data(data_dir, tmp_path / "dest")
     assert victim.read_text() == "keep me\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
+
+
+def test_a_source_prepared_again_gets_a_new_copy_and_the_copy_in_use_is_not_rewritten(data_dir, tmp_path):
+    old = stage_data(data_dir, tmp_path / "dest")
+    manifest = read_manifest(data_dir)
+    in_use = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (old / "files").iterdir()}
+    shard = files_dir(data_dir, manifest) / manifest.files[0].name
+    with shard.open("ab") as fh:  # prep again wrote other bytes into a shard of the same name
+        fh.write(b"\0" * 1024)
+    changed = ManifestFile(shard.name, shard.stat().st_size, hashlib.md5(shard.read_bytes()).hexdigest())
+    write_manifest(data_dir, dataclasses.replace(manifest, files=(changed, *manifest.files[1:])))
+    new = stage_data(data_dir, tmp_path / "dest")
+    assert new != old and new.name.startswith("data-") and read_manifest(new).files[0] == changed
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (old / "files").iterdir()} == in_use
+    assert read_manifest(old).files == manifest.files

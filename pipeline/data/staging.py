@@ -1,7 +1,7 @@
 """Node-local staging (``--stage-data-to DIR``): a train or eval job copies its data dir's large files (the archives
 or shards its data manifest lists) to a folder on the node once, verified, and reads from that copy::
 
-    DIR/<data dir name>-<hash of its real path>/
+    DIR/<data dir name>-<hash of its real path and manifest>/
         manifest.json    the source's manifest with files_root "files" and "staged_from" (written last: it marks
                          a complete copy; nothing reads a copy without it)
         <meta files>     the small files the readers need
@@ -44,7 +44,7 @@ from typing import Any, Iterator
 from pipeline.core.atomic import atomic_path, atomic_write_text
 from pipeline.core.config import Config
 from pipeline.core.data_manifest import (MANIFEST_FILE, DataManifestError, Manifest, ManifestFile, files_dir,
-                                         read_manifest, write_manifest)
+                                         read_manifest, to_dict, write_manifest)
 from pipeline.core.dir_lock import locked
 from pipeline.core.logs import Progress, format_seconds, human_bytes
 from pipeline.data.verified_copy import REDO, StagingError, copy_failed, copy_verified
@@ -76,18 +76,21 @@ def expand_dest(value: str) -> Path:
     return Path(expanded)
 
 
-def staged_dir(data_dir: str | Path, dest: Path) -> Path:
-    """The copy of ``data_dir`` under ``dest``: named by the data dir and a hash of its real path, so two data dirs
-    of one name never share a copy."""
+def staged_dir(data_dir: str | Path, dest: Path, manifest: Manifest | None = None) -> Path:
+    """The copy of ``data_dir`` under ``dest``: named by the data dir and a hash of its real path and its manifest
+    (``manifest``, else read), so two data dirs of one name never share a copy, and a data dir prepared again gets a
+    new copy: a copy that jobs read is never rewritten under them."""
     real = os.path.realpath(data_dir)
-    return dest / f"{Path(real).name}-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
+    text = json.dumps(to_dict(manifest or stageable(data_dir)), sort_keys=True)
+    digest = hashlib.sha256(f"{real}\0{text}".encode()).hexdigest()
+    return dest / f"{Path(real).name}-{digest[:12]}"
 
 
 def stage_data(data_dir: str | Path, dest: str | Path, *, workers: int = 4, every_s: float = 30.0) -> Path:
     """Make (or find) the verified copy of ``data_dir``'s packed files under ``dest``; returns the copy's folder, a
     data dir the readers use as they use the original. StagingError, with nothing of it used, when it cannot."""
     manifest = stageable(data_dir)
-    target = staged_dir(data_dir, Path(dest))
+    target = staged_dir(data_dir, Path(dest), manifest)
     source = os.path.realpath(data_dir)
     copy = dataclasses.replace(manifest, files_root=FILES, extra={**manifest.extra, STAGED_FROM: source})
     with _lock(target, every_s):
@@ -100,8 +103,12 @@ def stage_data(data_dir: str | Path, dest: str | Path, *, workers: int = 4, ever
 
 
 def describe(data_dir: str, value: str) -> str:
-    """The staging step as ``--dry-run`` shows it."""
-    return (f"the processes of each node first stage data dir {data_dir} to {staged_dir(data_dir, Path(value))} "
+    """The staging step as ``--dry-run`` shows it (before its prep, the copy's name waits for the manifest)."""
+    try:
+        copy = str(staged_dir(data_dir, Path(value)))
+    except StagingError:
+        copy = f"{Path(value) / Path(os.path.realpath(data_dir)).name}-<hash of its path and manifest>"
+    return (f"the processes of each node first stage data dir {data_dir} to {copy} "
             "(variables expanded on the node): one copies the files its manifest lists, verified by size and md5 (or "
             "finds an earlier verified copy) while the others wait, then all read that copy")
 
