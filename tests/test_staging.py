@@ -301,3 +301,12 @@ def test_a_source_prepared_again_gets_a_new_copy_and_the_copy_in_use_is_not_rewr
     assert new != old and new.name.startswith("data-") and read_manifest(new).files[0] == changed
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (old / "files").iterdir()} == in_use
     assert read_manifest(old).files == manifest.files
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(b"damaged"), lambda p: p.unlink()])
+def test_a_damaged_or_missing_meta_file_of_the_copy_is_copied_again(data_dir, tmp_path, damage):
+    copy = stage_data(data_dir, tmp_path / "dest")
+    name = read_manifest(data_dir).meta[0]
+    damage(copy / name)
+    assert stage_data(data_dir, tmp_path / "dest") == copy
+    assert (copy / name).read_bytes() == (data_dir / name).read_bytes()

@@ -6,7 +6,8 @@ or shards its data manifest lists) to a folder on the node once, verified, and r
                          a complete copy; nothing reads a copy without it)
         <meta files>     the small files the readers need
         files/<name>     each large file, its size and MD5 checked against the manifest while it was copied
-        verified.json    what was verified: each large file's size and md5, and its copy's inode and mtime
+        verified.json    what was verified: each large file's size and md5, and its copy's inode and mtime; each
+                         meta file's size, inode and mtime, in the source and in the copy
         .staging.lock    held by the process that stages
 
 Who copies: every process of a job calls ``stage_data``; the first to take the copy's lock copies, the others wait
@@ -174,7 +175,7 @@ def _check_owned(target: Path) -> None:
 
 def _complete(target: Path, copy: Manifest, data_dir: Path) -> bool:
     """The copy under ``target`` is ``copy`` in full: its manifest (written last), every large file as verified,
-    every meta file as copied from the source now."""
+    every meta file as copied from the source now and untouched since."""
     try:
         if read_manifest(target) != copy:
             return False
@@ -182,7 +183,8 @@ def _complete(target: Path, copy: Manifest, data_dir: Path) -> bool:
         return False
     record = _read_verified(target)
     return (all(_still_verified(target, f, record["files"].get(f.name)) for f in copy.files)
-            and all(record["meta"].get(name) == _meta_stamp(data_dir / name) for name in copy.meta))
+            and all(_unchanged(data_dir / name, record["meta"].get(name))
+                    and _unchanged(target / name, record["meta_copies"].get(name)) for name in copy.meta))
 
 
 def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, workers: int, every_s: float) -> None:
@@ -203,7 +205,7 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
                 shutil.copyfile(data_dir / name, tmp)
         except OSError as exc:
             raise copy_failed(data_dir / name, target / name, exc) from None
-        record["meta"][name] = meta[name]
+        record["meta"][name], record["meta_copies"][name] = meta[name], _meta_stamp(target / name)
     source_dir, total = files_dir(data_dir, manifest), sum(f.size for f in todo)
     log.info("staging %d of the %d files of %s (%s) to %s with %d thread(s)", len(todo), len(manifest.files),
              data_dir, human_bytes(total), target, min(workers, len(todo)) or 1)
@@ -241,9 +243,9 @@ def _check_space(data_dir: Path, target: Path, need: int, files: int) -> None:
 def _read_verified(target: Path) -> dict[str, dict[str, Any]]:
     try:
         record = json.loads((target / VERIFIED).read_bytes())
-        return {"files": dict(record["files"]), "meta": dict(record["meta"])}
+        return {key: dict(record[key]) for key in ("files", "meta", "meta_copies")}
     except (OSError, ValueError, KeyError, TypeError):
-        return {"files": {}, "meta": {}}  # none yet, or damaged: what it would have vouched for is copied again
+        return {"files": {}, "meta": {}, "meta_copies": {}}  # none yet, or damaged: what it would have vouched for is copied again
 
 
 def _stamp(target: Path, entry: ManifestFile) -> dict[str, Any]:
@@ -264,7 +266,13 @@ def _meta_stamp(path: Path) -> dict[str, int] | None:
         st = path.stat()
     except OSError:
         return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+
+
+def _unchanged(path: Path, stamp: dict[str, int] | None) -> bool:
+    """``path`` is the file ``stamp`` was taken of (a meta file: small, rewritten rather than re-hashed)."""
+    now = _meta_stamp(path)
+    return now is not None and now == stamp
 
 
 def as_given(cfg: Config) -> tuple[Config, dict[str, str]]:
