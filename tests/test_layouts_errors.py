@@ -12,7 +12,7 @@ import pytest
 from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
 from layout_helpers import layout_config, prep_layouts
 from pipeline.core.config import ConfigError
-from pipeline.core.data_manifest import MANIFEST_FILE
+from pipeline.core.data_manifest import MANIFEST_FILE, read_manifest, write_manifest
 from pipeline.core.validate import validate
 from pipeline.data.loaders import DataDirError, dataset_info
 from pipeline.prep.archives import TRAIN_TAR, ArchiveError, UnsafeMemberError
@@ -73,6 +73,26 @@ def test_an_index_from_another_data_dir_or_layout_is_refused(packed, tmp_path):
     (tmp_path / "unfinished").mkdir()
     shutil.copy(data_dir / "classes.tsv", tmp_path / "unfinished")
     assert "has no manifest.json" in one_line_error(layout_config(tmp_path / "unfinished", archives, "shards"))
+
+
+def test_an_index_of_the_same_shape_from_shards_with_another_seed_is_refused(packed, tmp_path):
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    other = tmp_path / "seed1"
+    prepare(layout_config(other, archives, "shards", "--shard-seed", "1"))
+    ours, theirs = read_manifest(data_dir).extra["samples"]["train"], read_manifest(other).extra["samples"]["train"]
+    assert (ours["rows"], ours["bytes"]) == (theirs["rows"], theirs["bytes"])  # the same shape: only the digest tells
+    shutil.copy(other / "train.samples.npy", data_dir / "train.samples.npy")
+    message = one_line_error(layout_config(data_dir, archives, "shards"))
+    assert "train.samples.npy has SHA-1" in message and "another --shard-seed" in message
+
+
+def test_a_manifest_without_the_index_digest_is_refused_with_prep_again(packed, tmp_path):
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    manifest = read_manifest(data_dir)
+    del manifest.extra["samples"]["train"]["sha1"]
+    write_manifest(data_dir, manifest)
+    message = one_line_error(layout_config(data_dir, archives, "shards"))
+    assert "records no train.samples.npy (or no SHA-1 of it" in message and "prepare the data dir again" in message
 
 
 def test_prep_refuses_another_layout_in_a_prepared_data_dir_and_archives_with_delete(packed, tmp_path):

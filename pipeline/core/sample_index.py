@@ -5,13 +5,17 @@ Format (a contract between prep, which writes it, and the readers of pipeline.da
 the manifest's ``files``), ``offset`` and ``length`` (bytes of the JPEG payload in that file), ``label`` and ``name``
 (the image's file name, for messages). Rows follow the order of the ``folders`` layout (by label, then by name), so
 sample i is the same image in every layout and the per-(seed, epoch, index) augmentation gives the same tensor.
-The manifest's ``samples`` key records each index's rows and bytes, so an index copied from another data dir is
-refused. Loading is a memory map: 1,281,167 rows open in milliseconds, and forked loader workers share the pages.
+The manifest's ``samples`` key records each index's rows, bytes and SHA-1, so an index copied from another data dir
+is refused, even one of the same shape (shards of the same archives with another --shard-seed). SHA-1, not MD5: the
+check runs in every process at start-up, and SHA-1 reads the 60 MB index of ImageNet's train split about twice as
+fast (about 30 ms against 70 ms on one core); it guards against mix-ups, not attackers, who could rewrite both. Loading is a memory map: 1,281,167 rows open in milliseconds, and forked loader workers share the pages.
 Torch-free: prep writes it without importing torch.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import hashlib
 
 import numpy as np
 
@@ -42,21 +46,28 @@ def make_samples(rows: list[tuple[int, int, int, int, str]]) -> np.ndarray:
 
 
 def write_samples(data_dir: str | Path, split: str, samples: np.ndarray) -> dict[str, int]:
-    """Write the split's index atomically; returns what the manifest records of it (rows and bytes)."""
+    """Write the split's index atomically; returns what the manifest records of it (rows, bytes and SHA-1)."""
     path = Path(data_dir) / samples_name(split)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, samples, allow_pickle=False)
-    return {"rows": len(samples), "bytes": path.stat().st_size}
+    return {"rows": len(samples), "bytes": path.stat().st_size, "sha1": _sha1(path)}
+
+
+def _sha1(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 def read_samples(data_dir: str | Path, split: str, manifest: Manifest, num_classes: int) -> np.ndarray:
-    """The split's index as a read-only memory map, checked against the manifest (rows, bytes, files, sizes)."""
+    """The split's index as a read-only memory map, checked against the manifest (rows, bytes, SHA-1, files,
+    sizes)."""
     path = Path(data_dir) / samples_name(split)
     redo = "prepare the data dir again (or stage it again)"
     recorded = manifest.extra.get("samples", {}).get(split)
-    if not isinstance(recorded, dict):
-        raise SampleIndexError(f"the manifest of {data_dir} records no {path.name}; {redo}")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha1"), str):
+        raise SampleIndexError(f"the manifest of {data_dir} records no {path.name} (or no SHA-1 of it: prepared by "
+                               f"an earlier version); {redo}")
     try:
         size = path.stat().st_size
         samples = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -68,6 +79,13 @@ def read_samples(data_dir: str | Path, split: str, manifest: Manifest, num_class
         raise SampleIndexError(f"{path} holds {len(samples):,} rows in {size:,} bytes, the manifest says "
                                f"{recorded.get('rows')} rows in {recorded.get('bytes')} bytes: it comes from another "
                                f"data dir or changed; {redo}")
+    try:
+        digest = _sha1(path)
+    except OSError as exc:
+        raise SampleIndexError(f"cannot read the sample index {path} ({exc}); {redo}") from None
+    if digest != recorded["sha1"]:
+        raise SampleIndexError(f"{path} has SHA-1 {digest}, the manifest says {recorded['sha1']}: it comes from "
+                               f"another data dir (another --shard-seed, say) or changed; {redo}")
     _check_rows(path, samples, manifest, num_classes, redo)
     return samples
 
