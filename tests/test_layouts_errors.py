@@ -15,6 +15,7 @@ from pipeline.core.config import ConfigError
 from pipeline.core.data_manifest import MANIFEST_FILE, read_manifest, write_manifest
 from pipeline.core.validate import validate
 from pipeline.data.loaders import DataDirError, dataset_info
+from pipeline.data.staging import StagingError, stage_data
 from pipeline.prep.archives import TRAIN_TAR, ArchiveError, UnsafeMemberError
 from pipeline.prep.prepare import prepare
 from prep_fixtures import replace_class_tar, tar_bytes, tar_members
@@ -93,6 +94,21 @@ def test_a_manifest_without_the_index_digest_is_refused_with_prep_again(packed, 
     write_manifest(data_dir, manifest)
     message = one_line_error(layout_config(data_dir, archives, "shards"))
     assert "records no train.samples.npy (or no SHA-1 of it" in message and "prepare the data dir again" in message
+
+
+def test_the_advice_for_a_damaged_shard_leads_to_a_copy_that_stages(packed, tmp_path):
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    shard = data_dir / "shards" / "train-000000.tar"
+    with shard.open("r+b") as fh:  # same size, other bytes: prep on the finished dir (sizes only) would pass
+        fh.seek(700)
+        fh.write(b"\xff")
+    with pytest.raises(StagingError, match=f"{shard} does not match .* remove {data_dir / MANIFEST_FILE} and run prep "
+                                           "again"):
+        stage_data(data_dir, tmp_path / "dest")
+    (data_dir / MANIFEST_FILE).unlink()
+    prepare(layout_config(data_dir, archives, "shards"))
+    copy = stage_data(data_dir, tmp_path / "dest")
+    assert dataset_info(layout_config(copy, archives, "shards")).train_size == 64
 
 
 def test_prep_refuses_another_layout_in_a_prepared_data_dir_and_archives_with_delete(packed, tmp_path):

@@ -94,7 +94,7 @@ def test_a_changed_truncated_or_missing_source_fails_naming_it_and_nothing_is_us
     size = bad.stat().st_size if bad.exists() else 0
     with pytest.raises(StagingError, match=message.format(size=size)) as info:
         stage_data(data_dir, tmp_path / "dest", workers=1)
-    assert str(bad) in str(info.value) and "prepare the data dir again" in str(info.value)
+    assert str(bad) in str(info.value) and f"remove {data_dir}/manifest.json and run prep again" in str(info.value)
     copy = staged_dir(data_dir, tmp_path / "dest")
     assert not (copy / "manifest.json").exists() and list((copy / "files").iterdir()) == []  # the next one not begun
     assert leftovers(copy) == []

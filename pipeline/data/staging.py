@@ -48,7 +48,7 @@ from pipeline.core.data_manifest import (MANIFEST_FILE, DataManifestError, Manif
                                          read_manifest, to_dict, write_manifest)
 from pipeline.core.dir_lock import locked
 from pipeline.core.logs import Progress, format_seconds, human_bytes
-from pipeline.data.verified_copy import REDO, StagingError, copy_failed, copy_verified
+from pipeline.data.verified_copy import StagingError, copy_failed, copy_verified, redo
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def stageable(data_dir: str | Path) -> Manifest:
     bad = [name for name in manifest.meta if name in RESERVED or name.startswith(f"{FILES}/")]
     if bad:
         raise StagingError(f"the data manifest of {data_dir} lists meta file {bad[0]!r}, a name its staged copy "
-                           f"uses itself; {REDO}")
+                           f"uses itself; {redo(Path(data_dir))}")
     return manifest
 
 
@@ -196,7 +196,7 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
     meta = {name: _meta_stamp(data_dir / name) for name in manifest.meta}
     missing = [name for name, stamp in meta.items() if stamp is None]
     if missing:
-        raise StagingError(f"data dir {data_dir} lacks {missing[0]}, which its data manifest lists; {REDO}")
+        raise StagingError(f"data dir {data_dir} lacks {missing[0]}, which its data manifest lists; {redo(data_dir)}")
     _check_space(data_dir, target, sum(f.size for f in todo) + sum(stamp["size"] for stamp in meta.values()),
                  len(todo))
     for name in manifest.meta:
@@ -204,7 +204,7 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
             with atomic_path(target / name) as tmp:
                 shutil.copyfile(data_dir / name, tmp)
         except OSError as exc:
-            raise copy_failed(data_dir / name, target / name, exc) from None
+            raise copy_failed(data_dir / name, target / name, exc, data_dir) from None
         record["meta"][name], record["meta_copies"][name] = meta[name], _meta_stamp(target / name)
     source_dir, total = files_dir(data_dir, manifest), sum(f.size for f in todo)
     log.info("staging %d of the %d files of %s (%s) to %s with %d thread(s)", len(todo), len(manifest.files),
@@ -215,7 +215,8 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
             if failed.is_set():
                 return
             try:
-                copy_verified(source_dir / entry.name, target / FILES / entry.name, entry, progress.update)
+                copy_verified(source_dir / entry.name, target / FILES / entry.name, entry, progress.update,
+                              data_dir=data_dir)
             except BaseException:
                 failed.set()
                 raise
