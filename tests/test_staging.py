@@ -4,7 +4,10 @@ without a manifest each fail with one line and leave nothing usable; a waiting p
 that died."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import errno
+import fcntl
 import filecmp
 import hashlib
 import json
@@ -14,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -23,6 +27,7 @@ from pipeline.core.config import Config
 from pipeline.core.data_manifest import Manifest, ManifestFile, files_dir, read_manifest, write_manifest
 from pipeline.core.validate import validate
 from pipeline.data.staging import LOCK_FILE, STAGED_FROM, StagingError, expand_dest, stage_data, staged_dir
+from pipeline.data.verified_copy import CHUNK, copy_verified
 from pipeline.prep.synthetic import make_image_folder
 from staging_helpers import packed_data_dir
 
@@ -310,3 +315,37 @@ def test_a_damaged_or_missing_meta_file_of_the_copy_is_copied_again(data_dir, tm
     damage(copy / name)
     assert stage_data(data_dir, tmp_path / "dest") == copy
     assert (copy / name).read_bytes() == (data_dir / name).read_bytes()
+
+
+def test_a_destination_without_file_locks_is_refused_in_one_line(data_dir, tmp_path, monkeypatch):
+    """NFS without lockd answers ENOLCK: run.lock goes on with a warning, staging must not (every rank would copy)."""
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(StagingError, match=f"^--stage-data-to: {tmp_path / 'dest'} takes no file locks; pass a "
+                                           "node-local folder"):
+        stage_data(data_dir, tmp_path / "dest")
+    assert not list((tmp_path / "dest").rglob("*.tar"))
+
+
+def test_two_copiers_of_one_file_each_write_their_own_temporary_file(tmp_path):
+    """Were the lock not to hold (a file system without locks), both copies must still end verified."""
+    blob = os.urandom(CHUNK + 1024)  # two chunks: both copiers are inside their copy at the barrier
+    (tmp_path / "source").write_bytes(blob)
+    entry = ManifestFile("source", len(blob), hashlib.md5(blob).hexdigest())
+    barrier = threading.Barrier(2, timeout=30)
+    target = tmp_path / "files" / "copy"
+
+    def copier() -> None:
+        first = [True]
+
+        def progress(n: int) -> None:  # after the first chunk, wait for the other copier's first chunk
+            if first.pop() if first else False:
+                barrier.wait()
+        copy_verified(tmp_path / "source", target, entry, progress, data_dir=tmp_path)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(copier) for _ in range(2)]:
+            done.result()
+    assert target.read_bytes() == blob and leftovers(tmp_path) == []

@@ -39,6 +39,10 @@ class RunDirBusyError(UserError, RuntimeError):
     """Another process holds the run dir's lock."""
 
 
+class NoLocksError(UserError, RuntimeError):
+    """The folder's file system takes no locks, and the caller cannot go on without one."""
+
+
 RUN_DIR_HINT = "wait for it to end, stop it, or pass another --run-dir"
 
 
@@ -49,9 +53,11 @@ def holder_line(what: str) -> str:
 
 @contextlib.contextmanager
 def locked(folder: str | Path, what: str, *, label: str = "run dir", lock_file: str = LOCK_FILE,
-           error: type[Exception] = RunDirBusyError, hint: str = RUN_DIR_HINT) -> Iterator[None]:
+           error: type[Exception] = RunDirBusyError, hint: str = RUN_DIR_HINT,
+           required: bool = False) -> Iterator[None]:
     """Hold ``folder``'s lock (``lock_file`` in it) for the block in this process, as ``what`` (named to a second
-    writer); ``error`` saying who holds the ``label`` folder, followed by ``hint``, if another process does."""
+    writer); ``error`` saying who holds the ``label`` folder, followed by ``hint``, if another process does. On a file
+    system without locks: a warning, or NoLocksError when the lock is ``required``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -67,6 +73,8 @@ def locked(folder: str | Path, what: str, *, label: str = "run dir", lock_file: 
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in NO_LOCKS and required:
+                raise NoLocksError(f"{folder} takes no file locks ({exc.strerror})") from None
             if exc.errno in NO_LOCKS:
                 log.warning("%s %s: its file system takes no locks (%s), so a second writer would not be refused "
                             "(Lustre: mount with -o flock; NFS: run lockd); going on without the lock", label, folder,

@@ -46,7 +46,7 @@ from pipeline.core.atomic import atomic_path, atomic_write_text
 from pipeline.core.config import Config
 from pipeline.core.data_manifest import (MANIFEST_FILE, DataManifestError, Manifest, ManifestFile, files_dir,
                                          read_manifest, to_dict, write_manifest)
-from pipeline.core.dir_lock import locked
+from pipeline.core.dir_lock import NoLocksError, locked
 from pipeline.core.logs import Progress, format_seconds, human_bytes
 from pipeline.data.verified_copy import StagingError, copy_failed, copy_verified, redo
 
@@ -149,7 +149,10 @@ def _lock(target: Path, every_s: float) -> Iterator[None]:
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(locked(target, "staging", label="staged copy", lock_file=LOCK_FILE, error=_Busy,
-                                       hint="waiting for it to finish"))
+                                       hint="waiting for it to finish", required=True))
+        except NoLocksError:  # every process of the node would copy at once
+            raise StagingError(f"--stage-data-to: {target.parent} takes no file locks; pass a node-local folder "
+                               "($TMPDIR, a local disk, /dev/shm)") from None
         except _Busy as exc:
             if time.monotonic() - said >= every_s:
                 said = time.monotonic()

@@ -4,7 +4,7 @@ Why one pass: staging reads 140 GB (ImageNet's train archive) from a shared file
 second read would double the time. A reader thread reads ahead into a few large buffers, the MD5 of each buffer
 is computed here, then a writer thread writes it (reads, writes and hashlib all release the GIL), so the source
 is read without pause and the copy takes about as long as the slowest of the three, not their sum.
-The copy goes to a temporary name beside the target and is renamed only after its check: nothing half-copied
+The copy goes to a temporary name of its own beside the target and is renamed only after its check: nothing half-copied
 or wrong ever carries the final name.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import concurrent.futures
 import errno
 import hashlib
 import os
+import tempfile
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -43,11 +44,6 @@ def copy_failed(source: Path, target: Path, exc: OSError, data_dir: Path) -> Sta
     hint = ("free space there or pass another --stage-data-to" if exc.errno == errno.ENOSPC else
             "check both file systems, then start again (the files verified so far are kept)")
     return StagingError(f"copying {source} to {target.parent} failed: {exc.strerror or exc}; {hint}")
-
-
-def part_name(target: Path) -> Path:
-    """The temporary name a copy has until it is verified (left-overs are removed by the next staging)."""
-    return target.with_name(f".{target.name}.part")
 
 
 def _write_at(fd: int, view: memoryview, offset: int) -> None:
@@ -100,11 +96,14 @@ def copy_verified(source: Path, target: Path, expected: ManifestFile, progress: 
     """Copy ``source`` to ``target`` (fsynced, then renamed into place) if its size and MD5 are ``expected``'s (from
     ``data_dir``'s manifest); StagingError naming ``source`` otherwise, and nothing left at ``target``.
     ``progress(bytes)`` after each chunk."""
-    tmp = part_name(target)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    md5, copied = hashlib.md5(), 0
+    md5, copied, tmp = hashlib.md5(), 0, None
     try:
-        with open(source, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a name of its own until verified (.<name>.<random>.part: left-overs are removed by the next staging), so
+        # two copiers never write one file, should a file system without locks let both in
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        tmp = Path(name)
+        with open(source, "rb", buffering=0) as src, open(fd, "wb", buffering=0) as dst:
             size = os.fstat(src.fileno()).st_size
             if size != expected.size:
                 raise StagingError(f"{source} has {size} bytes but its data manifest says {expected.size}: it "
@@ -125,4 +124,5 @@ def copy_verified(source: Path, target: Path, expected: ManifestFile, progress: 
     except OSError as exc:
         raise copy_failed(source, target, exc, data_dir) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
