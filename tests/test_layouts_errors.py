@@ -3,6 +3,7 @@ shard and an index from another data dir refused in one line, prep resumable and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import gzip
 import tarfile
@@ -170,3 +171,17 @@ def test_the_dry_run_shows_the_layout_each_stage_writes_or_reads(no_slurm_path, 
                                 "--data-dir", tmp_path / "data", "--run-dir", tmp_path / "run")
         assert code == 0
         assert f"===== {stage}: {verb} the 'shards' layout in {tmp_path / 'data'} (--layout) =====" in out
+
+
+@pytest.mark.parametrize("option, message", [
+    (("--shard-seed", "2"), "made with shard_seed 0 (--shard-seed), not 2"),
+    (("--shard-size-mb", "2"), "made with shard_size_mb 1 (--shard-size-mb), not 2"),
+    (("--shard-max-side", "32"), "made with resize None (--shard-max-side/--shard-quality), not {'max_side': 32"),
+])
+def test_prep_on_finished_shards_refuses_other_shard_options(packed, tmp_path, option, message):
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    with pytest.raises(DataDirError, match=f"{data_dir} holds shards {re.escape(message)}.*remove {data_dir}/"
+                                           "manifest.json and run prep again") as info:
+        prepare(layout_config(data_dir, archives, "shards", *option))
+    assert "\n" not in str(info.value)
+    prepare(layout_config(data_dir, archives, "shards"))  # the options it was prepared with: re-verified

@@ -304,7 +304,8 @@ def test_a_source_prepared_again_gets_a_new_copy_and_the_copy_in_use_is_not_rewr
     write_manifest(data_dir, dataclasses.replace(manifest, files=(changed, *manifest.files[1:])))
     new = stage_data(data_dir, tmp_path / "dest")
     assert new != old and new.name.startswith("data-") and read_manifest(new).files[0] == changed
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (old / "files").iterdir()} == in_use
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in (old / "files").iterdir()} == in_use
     assert read_manifest(old).files == manifest.files
 
 

@@ -249,7 +249,7 @@ def _read_verified(target: Path) -> dict[str, dict[str, Any]]:
         record = json.loads((target / VERIFIED).read_bytes())
         return {key: dict(record[key]) for key in ("files", "meta", "meta_copies")}
     except (OSError, ValueError, KeyError, TypeError):
-        return {"files": {}, "meta": {}, "meta_copies": {}}  # none yet, or damaged: what it would have vouched for is copied again
+        return {"files": {}, "meta": {}, "meta_copies": {}}  # none yet, or damaged: what it vouched for is copied again
 
 
 def _stamp(target: Path, entry: ManifestFile) -> dict[str, Any]:
