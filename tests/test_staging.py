@@ -350,3 +350,21 @@ def test_two_copiers_of_one_file_each_write_their_own_temporary_file(tmp_path):
         for done in [pool.submit(copier) for _ in range(2)]:
             done.result()
     assert target.read_bytes() == blob and leftovers(tmp_path) == []
+
+
+def test_old_copies_to_replace_and_unlisted_files_give_their_space_before_it_is_measured(tmp_path, small_dest):
+    if not os.path.ismount(small_dest):
+        pytest.skip("needs a real 1 MiB tmpfs (mounting takes root)")
+    data_dir = tmp_path / "data"
+    blob = os.urandom(600 << 10)  # 600 KiB of 1 MiB: a second copy beside the first does not fit
+    (data_dir / "shards").mkdir(parents=True)
+    (data_dir / "shards" / "shard-000000.tar").write_bytes(blob)
+    write_manifest(data_dir, Manifest("shards", "shards", (ManifestFile("shard-000000.tar", len(blob),
+                                                                        hashlib.md5(blob).hexdigest()),), (), {}))
+    copy = stage_data(data_dir, small_dest)
+    with (copy / "files" / "shard-000000.tar").open("r+b") as fh:  # the copy damaged: it is copied again
+        fh.write(b"damaged")
+    (copy / "files" / "stray.bin").write_bytes(b"\0" * (100 << 10))  # listed by no manifest
+    assert stage_data(data_dir, small_dest) == copy
+    assert (copy / "files" / "shard-000000.tar").read_bytes() == blob
+    assert sorted(p.name for p in (copy / "files").iterdir()) == ["shard-000000.tar"]

@@ -200,6 +200,7 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
     missing = [name for name, stamp in meta.items() if stamp is None]
     if missing:
         raise StagingError(f"data dir {data_dir} lacks {missing[0]}, which its data manifest lists; {redo(data_dir)}")
+    _free_old_copies(target, manifest, todo)
     _check_space(data_dir, target, sum(f.size for f in todo) + sum(stamp["size"] for stamp in meta.values()),
                  len(todo))
     for name in manifest.meta:
@@ -234,6 +235,16 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
     elapsed = time.monotonic() - start
     log.info("staged %s to %s: %s in %s (%s/s)", data_dir, target, human_bytes(total), format_seconds(elapsed),
              human_bytes(total / max(elapsed, 1e-9)))
+
+
+def _free_old_copies(target: Path, manifest: Manifest, todo: list[ManifestFile]) -> None:
+    """Remove the copies about to be replaced and the files the manifest no longer lists, before the free space is
+    measured: an old version keeps its blocks until it is replaced, and an unlisted file would keep them for ever."""
+    listed = {f.name for f in manifest.files} - {f.name for f in todo}
+    folder = target / FILES
+    for path in [p for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()]:
+        if path.relative_to(folder).as_posix() not in listed:
+            path.unlink()
 
 
 def _check_space(data_dir: Path, target: Path, need: int, files: int) -> None:
