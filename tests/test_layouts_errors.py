@@ -8,6 +8,7 @@ import shutil
 import gzip
 import tarfile
 
+import numpy as np
 import pytest
 
 from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
@@ -17,10 +18,10 @@ from pipeline.core.data_manifest import MANIFEST_FILE, read_manifest, write_mani
 from pipeline.core.validate import validate
 from pipeline.data.loaders import DataDirError, dataset_info
 from pipeline.data.staging import StagingError, stage_data
-from pipeline.prep.archives import TRAIN_TAR, ArchiveError, UnsafeMemberError
+from pipeline.prep.archives import TRAIN_TAR, VAL_TAR, ArchiveError, UnsafeMemberError
 from pipeline.prep.prepare import prepare
 from prep_fixtures import replace_class_tar, tar_bytes, tar_members
-from pipeline.prep.synthetic import make_imagenet_archives
+from pipeline.prep.synthetic import file_md5, make_imagenet_archives
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,16 @@ def test_prep_on_finished_shards_refuses_other_shard_options(packed, tmp_path, o
         prepare(layout_config(data_dir, archives, "shards", *option))
     assert "\n" not in str(info.value)
     prepare(layout_config(data_dir, archives, "shards"))  # the options it was prepared with: re-verified
+
+
+def test_a_kept_scan_is_not_reused_for_an_archive_of_the_same_size_changed_since(packed, tmp_path):
+    archives, data_dir = copy_layout(packed, "archives", tmp_path)
+    val_tar = tmp_path / "archives" / VAL_TAR
+    offset = int(np.load(data_dir / "val.samples.npy")["offset"][0])
+    with val_tar.open("r+b") as fh:  # same size, other bytes, a later mtime
+        fh.seek(offset + 100)
+        fh.write(b"\x00\x01")
+    (data_dir / MANIFEST_FILE).unlink()
+    prepare(layout_config(data_dir, tmp_path / "archives", "archives"))
+    recorded = {f.name: f.md5 for f in read_manifest(data_dir).files}
+    assert recorded[VAL_TAR] == file_md5(val_tar)
