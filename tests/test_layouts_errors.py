@@ -14,7 +14,8 @@ import pytest
 from launch_helpers import no_slurm_path, run_main  # noqa: F401 (a fixture)
 from layout_helpers import layout_config, prep_layouts
 from pipeline.core.config import ConfigError
-from pipeline.core.data_manifest import MANIFEST_FILE, read_manifest, write_manifest
+from pipeline.core.data_manifest import MANIFEST_FILE, Manifest, ManifestFile, read_manifest, write_manifest
+from pipeline.core.sample_index import SampleIndexError, make_samples, read_samples, write_samples
 from pipeline.core.validate import validate
 from pipeline.data.loaders import DataDirError, dataset_info
 from pipeline.data.staging import StagingError, stage_data
@@ -199,3 +200,17 @@ def test_a_kept_scan_is_not_reused_for_an_archive_of_the_same_size_changed_since
     prepare(layout_config(data_dir, tmp_path / "archives", "archives"))
     recorded = {f.name: f.md5 for f in read_manifest(data_dir).files}
     assert recorded[VAL_TAR] == file_md5(val_tar)
+
+
+@pytest.mark.parametrize("offset, length, message", [
+    (2 ** 64 - 10, 20, r"row 0 starts at byte 18,446,744,073,709,551,606 of a.tar, beyond its 1,073,741,824 bytes"),
+    (0, 100 << 20, "has an image of 104,857,600 bytes, above the 67,108,864"),
+])
+def test_an_index_row_past_its_file_or_too_long_is_refused(tmp_path, offset, length, message):
+    """A hostile index whose manifest record matches it: offset + length wraps around in uint64, or one image would
+    fill the memory of a loader worker."""
+    samples = make_samples([(0, offset, length, 0, "a.JPEG"), (0, 0, 10, 1, "b.JPEG")])
+    manifest = Manifest("archives", str(tmp_path), (ManifestFile("a.tar", 1 << 30, "0" * 32),), (),
+                        {"samples": {"train": write_samples(tmp_path, "train", samples)}})
+    with pytest.raises(SampleIndexError, match=message):
+        read_samples(tmp_path, "train", manifest, num_classes=2)
