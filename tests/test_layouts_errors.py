@@ -214,3 +214,19 @@ def test_an_index_row_past_its_file_or_too_long_is_refused(tmp_path, offset, len
                         {"samples": {"train": write_samples(tmp_path, "train", samples)}})
     with pytest.raises(SampleIndexError, match=message):
         read_samples(tmp_path, "train", manifest, num_classes=2)
+
+
+def test_a_plan_of_more_shards_than_the_index_can_name_is_refused_before_any_is_written(packed, tmp_path):
+    """The index's file field is uint16. 70,000 images of 1 MB each (a kept scan says so) at --shard-size-mb 1 would
+    be 70,000 shards: refused after the scan, before the first shard is written."""
+    archives, data_dir = copy_layout(packed, "shards", tmp_path)
+    (data_dir / MANIFEST_FILE).unlink()
+    shutil.rmtree(data_dir / "shards")
+    n = 70_000
+    rows = make_samples([(0, 0, 10 ** 6, 0, f"{i:06d}.JPEG") for i in range(n)])
+    np.save(data_dir / ".prep" / "scan-train.npy", rows, allow_pickle=False)
+    val = len(np.load(data_dir / ".prep" / "scan-val.npy"))
+    with pytest.raises(ArchiveError, match=f"cuts the {n + val:,} images into {n + 1:,} shards, more than the 65,536 "
+                                           "the sample index can name; pass a larger --shard-size-mb"):
+        prepare(layout_config(data_dir, archives, "shards"))
+    assert not list((data_dir / "shards").glob("*.tar")) and not (data_dir / MANIFEST_FILE).exists()

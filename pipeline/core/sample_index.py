@@ -26,6 +26,7 @@ from pipeline.core.data_manifest import Manifest
 SUFFIX = ".samples.npy"
 MAX_IMAGE_BYTES = 64 << 20  # bytes of one JPEG (64 MiB): far above any of ImageNet
 FIELDS = (("file", "<u2"), ("offset", "<u8"), ("length", "<u4"), ("label", "<i4"))
+MAX_FILES = 1 << 16  # large files an index can name: its file field is uint16
 
 
 class SampleIndexError(ValueError):

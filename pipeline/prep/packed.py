@@ -30,7 +30,7 @@ from pipeline.prep.datadir import (DataDirError, check_classes, check_dataset, c
 from pipeline.prep.devkit import read_devkit
 from pipeline.prep.imagenet_report import SPLIT_ARCHIVES, imagenet_report, log_summary
 from pipeline.prep.scan import scan_split
-from pipeline.prep.shards import SHARD_DIR, Resize, write_split_shards
+from pipeline.prep.shards import SHARD_DIR, Resize, check_shard_count, write_split_shards
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,13 @@ def prepare_packed(cfg: Config, *, expected_md5: Mapping[str, str] | None) -> di
             files_root, files, rows = SHARD_DIR, [], {}
             extra.update(shard_options(cfg))
             sources = [archive_dir / SPLIT_ARCHIVES[split] for split in SPLITS]
+            shard_bytes = cfg.prep.shard_size_mb * 10 ** 6  # MB as the flag counts them
+            check_shard_count([samples for samples, _ in scans.values()], seed=cfg.prep.shard_seed,
+                              shard_bytes=shard_bytes)
             for split, (samples, _) in scans.items():
                 shard_files, rows[split] = write_split_shards(
                     split, samples, sources, data_dir, first_file=len(files), seed=cfg.prep.shard_seed,
-                    shard_bytes=cfg.prep.shard_size_mb * 10 ** 6, resize=_resize(cfg), workers=cfg.data.workers)
+                    shard_bytes=shard_bytes, resize=_resize(cfg), workers=cfg.data.workers)
                 files += shard_files
         extra["samples"] = {split: write_samples(data_dir, split, rows[split]) for split in SPLITS}
         report = imagenet_report(archive_dir, data_dir, devkit, records)
