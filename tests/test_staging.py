@@ -280,14 +280,18 @@ def test_a_copy_folder_another_user_could_have_made_or_linked_is_refused(data_di
     assert list((tmp_path / "victim").iterdir()) == []
 
 
-def test_a_lock_file_linked_to_another_file_is_neither_followed_nor_truncated(data_dir, tmp_path):
+@pytest.mark.parametrize("plant, message", [
+    (lambda lock, victim: lock.symlink_to(victim), "cannot write {} .*symbolic links"),
+    (lambda lock, victim: os.mkfifo(lock), "{} is not a regular file"),
+])
+def test_a_lock_file_linked_to_another_file_is_neither_followed_nor_truncated(data_dir, tmp_path, plant, message):
     victim = tmp_path / "victim.bashrc"
     victim.write_text("keep me\n")
     target = staged_dir(data_dir, tmp_path / "dest")
     stage_data(data_dir, tmp_path / "dest")
     (target / LOCK_FILE).unlink()
-    (target / LOCK_FILE).symlink_to(victim)
-    with pytest.raises(StagingError, match=f"cannot write {target / LOCK_FILE} .*symbolic links"):
+    plant(target / LOCK_FILE, victim)
+    with pytest.raises(StagingError, match=message.format(target / LOCK_FILE)):
         stage_data(data_dir, tmp_path / "dest")
     assert victim.read_text() == "keep me\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o700

@@ -14,9 +14,8 @@ Torch-free: prep writes it without importing torch.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import hashlib
+from pathlib import Path
 
 import numpy as np
 

@@ -140,7 +140,11 @@ def _lock(target: Path, every_s: float) -> Iterator[None]:
             target.mkdir(mode=0o700)
         _check_owned(target)
         # opened here as the lock opens it (no link followed), so that a failure below can only mean another holder
-        os.close(os.open(target / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        fd = os.open(target / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        os.close(fd)
+        if not regular:
+            raise StagingError(f"--stage-data-to: {target / LOCK_FILE} is not a regular file; remove it")
     except OSError as exc:
         raise StagingError(f"--stage-data-to: cannot write {target / LOCK_FILE} ({exc.strerror}); pass a folder "
                            "this user can write on every node") from None
@@ -169,9 +173,14 @@ def _check_owned(target: Path) -> None:
     a folder another user made there in advance (its name is predictable) could hold a forged verified.json, or be a
     link that sends the copy elsewhere."""
     st = os.lstat(target)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        what = ("a link or not a folder" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
-                if st.st_uid != os.getuid() else f"writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+    what = None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a link or not a folder"
+    elif st.st_uid != os.getuid():
+        what = f"owned by uid {st.st_uid}"
+    elif st.st_mode & 0o022:
+        what = f"writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if what:
         raise StagingError(f"--stage-data-to: {target} is {what}, not a folder of this user (uid {os.getuid()}) that "
                            "only it may write; it is not trusted: remove it, or pass a folder of your own")
 

@@ -4,8 +4,8 @@ Why one pass: staging reads 140 GB (ImageNet's train archive) from a shared file
 second read would double the time. A reader thread reads ahead into a few large buffers, the MD5 of each buffer
 is computed here, then a writer thread writes it (reads, writes and hashlib all release the GIL), so the source
 is read without pause and the copy takes about as long as the slowest of the three, not their sum.
-The copy goes to a temporary name of its own beside the target and is renamed only after its check: nothing half-copied
-or wrong ever carries the final name.
+The copy goes to a temporary name of its own beside the target and is renamed only after its check: nothing
+half-copied or wrong ever carries the final name.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ is checked as extraction checks it (plain names, regular files, inside their tar
 MD5 of each archive is computed from the same pass (the manifest records it; checked when an expected one is given).
 
 The result of each split is kept in ``<data dir>/.prep/`` (rows and record), so an interrupted prep, or shards
-written after it, do not read the archive again; a kept scan is used only for an archive of the size and mtime it was made from.
+written after it, do not read the archive again; a kept scan is used only for an archive of the size and mtime it was
+made from.
 """
 from __future__ import annotations
 
