@@ -89,3 +89,14 @@ def test_a_file_system_without_locks_is_said_and_the_writer_goes_on(tmp_path, mo
     with caplog.at_level(logging.WARNING), locked(tmp_path, "training"):
         ran = True
     assert ran and "its file system takes no locks (No locks available)" in caplog.text
+
+
+def test_a_lock_file_linked_elsewhere_is_refused_and_its_target_kept(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(RunDirBusyError, match="cannot open the lock file .*symbolic links"), \
+            locked(tmp_path / "run", "training"):
+        pass
+    assert victim.read_text() == "keep me\n"

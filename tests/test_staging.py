@@ -4,14 +4,20 @@ without a manifest each fail with one line and leave nothing usable; a waiting p
 that died."""
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import errno
+import fcntl
 import filecmp
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,6 +27,7 @@ from pipeline.core.config import Config
 from pipeline.core.data_manifest import Manifest, ManifestFile, files_dir, read_manifest, write_manifest
 from pipeline.core.validate import validate
 from pipeline.data.staging import LOCK_FILE, STAGED_FROM, StagingError, expand_dest, stage_data, staged_dir
+from pipeline.data.verified_copy import CHUNK, copy_verified
 from pipeline.prep.synthetic import make_image_folder
 from staging_helpers import packed_data_dir
 
@@ -40,7 +47,8 @@ def test_the_copy_is_a_verified_self_contained_data_dir_named_after_its_source(d
     with caplog.at_level(logging.INFO):
         copy = stage_data(data_dir, tmp_path / "dest")
     assert copy == staged_dir(data_dir, tmp_path / "dest") and copy.parent == tmp_path / "dest"
-    assert copy.name.startswith("data-") and copy != staged_dir(tmp_path / "other" / "data", tmp_path / "dest")
+    assert copy.name.startswith("data-") and copy != staged_dir(tmp_path / "other" / "data", tmp_path / "dest",
+                                                                read_manifest(data_dir))
     source, staged = read_manifest(data_dir), read_manifest(copy)
     assert staged.files == source.files and staged.meta == source.meta and staged.files_root == "files"
     assert staged.extra == {STAGED_FROM: str(data_dir.resolve())}
@@ -91,7 +99,7 @@ def test_a_changed_truncated_or_missing_source_fails_naming_it_and_nothing_is_us
     size = bad.stat().st_size if bad.exists() else 0
     with pytest.raises(StagingError, match=message.format(size=size)) as info:
         stage_data(data_dir, tmp_path / "dest", workers=1)
-    assert str(bad) in str(info.value) and "prepare the data dir again" in str(info.value)
+    assert str(bad) in str(info.value) and f"remove {data_dir}/manifest.json and run prep again" in str(info.value)
     copy = staged_dir(data_dir, tmp_path / "dest")
     assert not (copy / "manifest.json").exists() and list((copy / "files").iterdir()) == []  # the next one not begun
     assert leftovers(copy) == []
@@ -174,6 +182,10 @@ def test_dry_run_shows_the_staging_step_with_the_variable_left_for_the_node(data
     assert code == 0 and (f"===== train: the processes of each node first stage data dir {data_dir} to "
                           f"$TMPDIR/stage/{staged} (variables expanded on the node): one copies") in out
     assert out.index("first stage data dir") < out.index("runs one torchrun") and not (tmp_path / "run" / "logs").exists()
+    code, out, _ = run_main(capsys, "--stage", "all", "--executor", "slurm", "--dry-run", "--data-dir",
+                            tmp_path / "unprepared", "--archive-dir", tmp_path, "--run-dir", tmp_path / "run",
+                            "--layout", "shards", "--stage-data-to", "/scratch")  # the copy's name waits for prep
+    assert code == 0 and "to /scratch/unprepared-<hash of its path and manifest> (variables" in out
 
 
 @pytest.mark.parametrize("value, ok", [("/scratch/x", True), ("$TMPDIR", True), ("${TMPDIR}/a b/c", True),
@@ -244,3 +256,119 @@ def test_an_absolute_files_root_is_staged_and_a_rewritten_equal_manifest_keeps_t
     with caplog.at_level(logging.INFO):
         stage_data(data_dir, tmp_path / "dest")
     assert "using its staged copy" in caplog.text and not [m for m in caplog.messages if m.startswith("staging")]
+
+
+def planted(data_dir, dest, plant):
+    """The copy's folder as another user on a shared node could prepare it in advance (its name is predictable)."""
+    target = staged_dir(data_dir, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    plant(target)
+    return target
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user takes root")
+@pytest.mark.parametrize("plant, message", [
+    (lambda t: (t.mkdir(), os.chown(t, 65534, -1)), "owned by uid 65534"),
+    (lambda t: (t.mkdir(), t.chmod(0o777)), "writable by others"),
+    (lambda t: t.symlink_to(t.parent.parent / "victim", target_is_directory=True), "a link or not a folder"),
+])
+def test_a_copy_folder_another_user_could_have_made_or_linked_is_refused(data_dir, tmp_path, plant, message):
+    (tmp_path / "victim").mkdir()
+    target = planted(data_dir, tmp_path / "dest", plant)
+    with pytest.raises(StagingError, match=f"{target} is {message}.*not trusted: remove it"):
+        stage_data(data_dir, tmp_path / "dest")
+    assert list((tmp_path / "victim").iterdir()) == []
+
+
+@pytest.mark.parametrize("plant, message", [
+    (lambda lock, victim: lock.symlink_to(victim), "cannot write {} .*symbolic links"),
+    (lambda lock, victim: os.mkfifo(lock), "{} is not a regular file"),
+])
+def test_a_lock_file_linked_to_another_file_is_neither_followed_nor_truncated(data_dir, tmp_path, plant, message):
+    victim = tmp_path / "victim.bashrc"
+    victim.write_text("keep me\n")
+    target = staged_dir(data_dir, tmp_path / "dest")
+    stage_data(data_dir, tmp_path / "dest")
+    (target / LOCK_FILE).unlink()
+    plant(target / LOCK_FILE, victim)
+    with pytest.raises(StagingError, match=message.format(target / LOCK_FILE)):
+        stage_data(data_dir, tmp_path / "dest")
+    assert victim.read_text() == "keep me\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+
+
+def test_a_source_prepared_again_gets_a_new_copy_and_the_copy_in_use_is_not_rewritten(data_dir, tmp_path):
+    old = stage_data(data_dir, tmp_path / "dest")
+    manifest = read_manifest(data_dir)
+    in_use = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (old / "files").iterdir()}
+    shard = files_dir(data_dir, manifest) / manifest.files[0].name
+    with shard.open("ab") as fh:  # prep again wrote other bytes into a shard of the same name
+        fh.write(b"\0" * 1024)
+    changed = ManifestFile(shard.name, shard.stat().st_size, hashlib.md5(shard.read_bytes()).hexdigest())
+    write_manifest(data_dir, dataclasses.replace(manifest, files=(changed, *manifest.files[1:])))
+    new = stage_data(data_dir, tmp_path / "dest")
+    assert new != old and new.name.startswith("data-") and read_manifest(new).files[0] == changed
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in (old / "files").iterdir()} == in_use
+    assert read_manifest(old).files == manifest.files
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(b"damaged"), lambda p: p.unlink()])
+def test_a_damaged_or_missing_meta_file_of_the_copy_is_copied_again(data_dir, tmp_path, damage):
+    copy = stage_data(data_dir, tmp_path / "dest")
+    name = read_manifest(data_dir).meta[0]
+    damage(copy / name)
+    assert stage_data(data_dir, tmp_path / "dest") == copy
+    assert (copy / name).read_bytes() == (data_dir / name).read_bytes()
+
+
+def test_a_destination_without_file_locks_is_refused_in_one_line(data_dir, tmp_path, monkeypatch):
+    """NFS without lockd answers ENOLCK: run.lock goes on with a warning, staging must not (every rank would copy)."""
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(StagingError, match=f"^--stage-data-to: {tmp_path / 'dest'} takes no file locks; pass a "
+                                           "node-local folder"):
+        stage_data(data_dir, tmp_path / "dest")
+    assert not list((tmp_path / "dest").rglob("*.tar"))
+
+
+def test_two_copiers_of_one_file_each_write_their_own_temporary_file(tmp_path):
+    """Were the lock not to hold (a file system without locks), both copies must still end verified."""
+    blob = os.urandom(CHUNK + 1024)  # two chunks: both copiers are inside their copy at the barrier
+    (tmp_path / "source").write_bytes(blob)
+    entry = ManifestFile("source", len(blob), hashlib.md5(blob).hexdigest())
+    barrier = threading.Barrier(2, timeout=30)
+    target = tmp_path / "files" / "copy"
+
+    def copier() -> None:
+        first = [True]
+
+        def progress(n: int) -> None:  # after the first chunk, wait for the other copier's first chunk
+            if first.pop() if first else False:
+                barrier.wait()
+        copy_verified(tmp_path / "source", target, entry, progress, data_dir=tmp_path)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(copier) for _ in range(2)]:
+            done.result()
+    assert target.read_bytes() == blob and leftovers(tmp_path) == []
+
+
+def test_old_copies_to_replace_and_unlisted_files_give_their_space_before_it_is_measured(tmp_path, small_dest):
+    if not os.path.ismount(small_dest):
+        pytest.skip("needs a real 1 MiB tmpfs (mounting takes root)")
+    data_dir = tmp_path / "data"
+    blob = os.urandom(600 << 10)  # 600 KiB of 1 MiB: a second copy beside the first does not fit
+    (data_dir / "shards").mkdir(parents=True)
+    (data_dir / "shards" / "shard-000000.tar").write_bytes(blob)
+    write_manifest(data_dir, Manifest("shards", "shards", (ManifestFile("shard-000000.tar", len(blob),
+                                                                        hashlib.md5(blob).hexdigest()),), (), {}))
+    copy = stage_data(data_dir, small_dest)
+    with (copy / "files" / "shard-000000.tar").open("r+b") as fh:  # the copy damaged: it is copied again
+        fh.write(b"damaged")
+    (copy / "files" / "stray.bin").write_bytes(b"\0" * (100 << 10))  # listed by no manifest
+    assert stage_data(data_dir, small_dest) == copy
+    assert (copy / "files" / "shard-000000.tar").read_bytes() == blob
+    assert sorted(p.name for p in (copy / "files").iterdir()) == ["shard-000000.tar"]

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,10 @@ class RunDirBusyError(UserError, RuntimeError):
     """Another process holds the run dir's lock."""
 
 
+class NoLocksError(UserError, RuntimeError):
+    """The folder's file system takes no locks, and the caller cannot go on without one."""
+
+
 RUN_DIR_HINT = "wait for it to end, stop it, or pass another --run-dir"
 
 
@@ -48,20 +53,28 @@ def holder_line(what: str) -> str:
 
 @contextlib.contextmanager
 def locked(folder: str | Path, what: str, *, label: str = "run dir", lock_file: str = LOCK_FILE,
-           error: type[Exception] = RunDirBusyError, hint: str = RUN_DIR_HINT) -> Iterator[None]:
+           error: type[Exception] = RunDirBusyError, hint: str = RUN_DIR_HINT,
+           required: bool = False) -> Iterator[None]:
     """Hold ``folder``'s lock (``lock_file`` in it) for the block in this process, as ``what`` (named to a second
-    writer); ``error`` saying who holds the ``label`` folder, followed by ``hint``, if another process does."""
+    writer); ``error`` saying who holds the ``label`` folder, followed by ``hint``, if another process does. On a file
+    system without locks: a warning, or NoLocksError when the lock is ``required``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a lock "file" linked to another file by another user must not be truncated below
+        fd = os.open(folder / lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise error(f"cannot open the lock file {folder / lock_file} of {label} {folder} ({exc.strerror}); it must be "
                     f"a file this user can write: move what is there away") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device opens too
+            raise error(f"the lock file {folder / lock_file} of {label} {folder} is not a regular file; move what is "
+                        "there away")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in NO_LOCKS and required:
+                raise NoLocksError(f"{folder} takes no file locks ({exc.strerror})") from None
             if exc.errno in NO_LOCKS:
                 log.warning("%s %s: its file system takes no locks (%s), so a second writer would not be refused "
                             "(Lustre: mount with -o flock; NFS: run lockd); going on without the lock", label, folder,

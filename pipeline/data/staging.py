@@ -1,12 +1,13 @@
 """Node-local staging (``--stage-data-to DIR``): a train or eval job copies its data dir's large files (the archives
 or shards its data manifest lists) to a folder on the node once, verified, and reads from that copy::
 
-    DIR/<data dir name>-<hash of its real path>/
+    DIR/<data dir name>-<hash of its real path and manifest>/
         manifest.json    the source's manifest with files_root "files" and "staged_from" (written last: it marks
                          a complete copy; nothing reads a copy without it)
         <meta files>     the small files the readers need
         files/<name>     each large file, its size and MD5 checked against the manifest while it was copied
-        verified.json    what was verified: each large file's size and md5, and its copy's inode and mtime
+        verified.json    what was verified: each large file's size and md5, and its copy's inode and mtime; each
+                         meta file's size, inode and mtime, in the source and in the copy
         .staging.lock    held by the process that stages
 
 Who copies: every process of a job calls ``stage_data``; the first to take the copy's lock copies, the others wait
@@ -15,6 +16,10 @@ lock and no collective: staging runs before the process group exists (so the pre
 nodes that are ready), it must serve two jobs on one node as it serves the ranks of one, and a copy of 140 GB can
 outlast a collective's timeout. The kernel releases the lock of a process that dies, so a waiter never waits for a
 dead copier: it takes the lock and copies what is missing.
+
+Trust: DEST may be shared by the node's users (/tmp, /dev/shm). The copy's folder is made mode 0700 and used only
+when it is a real folder of this user that no one else may write (not a link); the lock file is never followed
+through a link. Anything else there is refused, never repaired: another user could have planted it.
 
 A requeue finds the earlier copy: files whose size, inode and mtime still match verified.json are used without
 hashing 140 GB again; a file an earlier attempt left half-copied has only a temporary name and is copied anew.
@@ -31,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -39,10 +45,10 @@ from typing import Any, Iterator
 from pipeline.core.atomic import atomic_path, atomic_write_text
 from pipeline.core.config import Config
 from pipeline.core.data_manifest import (MANIFEST_FILE, DataManifestError, Manifest, ManifestFile, files_dir,
-                                         read_manifest, write_manifest)
-from pipeline.core.dir_lock import locked
+                                         read_manifest, to_dict, write_manifest)
+from pipeline.core.dir_lock import NoLocksError, locked
 from pipeline.core.logs import Progress, format_seconds, human_bytes
-from pipeline.data.verified_copy import REDO, StagingError, copy_failed, copy_verified
+from pipeline.data.verified_copy import StagingError, copy_failed, copy_verified, redo
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +77,21 @@ def expand_dest(value: str) -> Path:
     return Path(expanded)
 
 
-def staged_dir(data_dir: str | Path, dest: Path) -> Path:
-    """The copy of ``data_dir`` under ``dest``: named by the data dir and a hash of its real path, so two data dirs
-    of one name never share a copy."""
+def staged_dir(data_dir: str | Path, dest: Path, manifest: Manifest | None = None) -> Path:
+    """The copy of ``data_dir`` under ``dest``: named by the data dir and a hash of its real path and its manifest
+    (``manifest``, else read), so two data dirs of one name never share a copy, and a data dir prepared again gets a
+    new copy: a copy that jobs read is never rewritten under them."""
     real = os.path.realpath(data_dir)
-    return dest / f"{Path(real).name}-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
+    text = json.dumps(to_dict(manifest or stageable(data_dir)), sort_keys=True)
+    digest = hashlib.sha256(f"{real}\0{text}".encode()).hexdigest()
+    return dest / f"{Path(real).name}-{digest[:12]}"
 
 
 def stage_data(data_dir: str | Path, dest: str | Path, *, workers: int = 4, every_s: float = 30.0) -> Path:
     """Make (or find) the verified copy of ``data_dir``'s packed files under ``dest``; returns the copy's folder, a
     data dir the readers use as they use the original. StagingError, with nothing of it used, when it cannot."""
     manifest = stageable(data_dir)
-    target = staged_dir(data_dir, Path(dest))
+    target = staged_dir(data_dir, Path(dest), manifest)
     source = os.path.realpath(data_dir)
     copy = dataclasses.replace(manifest, files_root=FILES, extra={**manifest.extra, STAGED_FROM: source})
     with _lock(target, every_s):
@@ -95,8 +104,12 @@ def stage_data(data_dir: str | Path, dest: str | Path, *, workers: int = 4, ever
 
 
 def describe(data_dir: str, value: str) -> str:
-    """The staging step as ``--dry-run`` shows it."""
-    return (f"the processes of each node first stage data dir {data_dir} to {staged_dir(data_dir, Path(value))} "
+    """The staging step as ``--dry-run`` shows it (before its prep, the copy's name waits for the manifest)."""
+    try:
+        copy = str(staged_dir(data_dir, Path(value)))
+    except StagingError:
+        copy = f"{Path(value) / Path(os.path.realpath(data_dir)).name}-<hash of its path and manifest>"
+    return (f"the processes of each node first stage data dir {data_dir} to {copy} "
             "(variables expanded on the node): one copies the files its manifest lists, verified by size and md5 (or "
             "finds an earlier verified copy) while the others wait, then all read that copy")
 
@@ -114,7 +127,7 @@ def stageable(data_dir: str | Path) -> Manifest:
     bad = [name for name in manifest.meta if name in RESERVED or name.startswith(f"{FILES}/")]
     if bad:
         raise StagingError(f"the data manifest of {data_dir} lists meta file {bad[0]!r}, a name its staged copy "
-                           f"uses itself; {REDO}")
+                           f"uses itself; {redo(Path(data_dir))}")
     return manifest
 
 
@@ -122,8 +135,16 @@ def stageable(data_dir: str | Path) -> Manifest:
 def _lock(target: Path, every_s: float) -> Iterator[None]:
     """Hold the copy's lock, waiting while another process (this node's other rank, another job) stages."""
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        (target / LOCK_FILE).touch()  # so that a failure below can only mean another holder
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a link or a file there is refused by the check
+            target.mkdir(mode=0o700)
+        _check_owned(target)
+        # opened here as the lock opens it (no link followed), so that a failure below can only mean another holder
+        fd = os.open(target / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        os.close(fd)
+        if not regular:
+            raise StagingError(f"--stage-data-to: {target / LOCK_FILE} is not a regular file; remove it")
     except OSError as exc:
         raise StagingError(f"--stage-data-to: cannot write {target / LOCK_FILE} ({exc.strerror}); pass a folder "
                            "this user can write on every node") from None
@@ -132,7 +153,10 @@ def _lock(target: Path, every_s: float) -> Iterator[None]:
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(locked(target, "staging", label="staged copy", lock_file=LOCK_FILE, error=_Busy,
-                                       hint="waiting for it to finish"))
+                                       hint="waiting for it to finish", required=True))
+        except NoLocksError:  # every process of the node would copy at once
+            raise StagingError(f"--stage-data-to: {target.parent} takes no file locks; pass a node-local folder "
+                               "($TMPDIR, a local disk, /dev/shm)") from None
         except _Busy as exc:
             if time.monotonic() - said >= every_s:
                 said = time.monotonic()
@@ -144,9 +168,26 @@ def _lock(target: Path, every_s: float) -> Iterator[None]:
         return
 
 
+def _check_owned(target: Path) -> None:
+    """``target`` is a real folder of this user that no one else may write: DEST may be shared (/tmp, /dev/shm), and
+    a folder another user made there in advance (its name is predictable) could hold a forged verified.json, or be a
+    link that sends the copy elsewhere."""
+    st = os.lstat(target)
+    what = None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a link or not a folder"
+    elif st.st_uid != os.getuid():
+        what = f"owned by uid {st.st_uid}"
+    elif st.st_mode & 0o022:
+        what = f"writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if what:
+        raise StagingError(f"--stage-data-to: {target} is {what}, not a folder of this user (uid {os.getuid()}) that "
+                           "only it may write; it is not trusted: remove it, or pass a folder of your own")
+
+
 def _complete(target: Path, copy: Manifest, data_dir: Path) -> bool:
     """The copy under ``target`` is ``copy`` in full: its manifest (written last), every large file as verified,
-    every meta file as copied from the source now."""
+    every meta file as copied from the source now and untouched since."""
     try:
         if read_manifest(target) != copy:
             return False
@@ -154,7 +195,8 @@ def _complete(target: Path, copy: Manifest, data_dir: Path) -> bool:
         return False
     record = _read_verified(target)
     return (all(_still_verified(target, f, record["files"].get(f.name)) for f in copy.files)
-            and all(record["meta"].get(name) == _meta_stamp(data_dir / name) for name in copy.meta))
+            and all(_unchanged(data_dir / name, record["meta"].get(name))
+                    and _unchanged(target / name, record["meta_copies"].get(name)) for name in copy.meta))
 
 
 def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, workers: int, every_s: float) -> None:
@@ -166,7 +208,8 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
     meta = {name: _meta_stamp(data_dir / name) for name in manifest.meta}
     missing = [name for name, stamp in meta.items() if stamp is None]
     if missing:
-        raise StagingError(f"data dir {data_dir} lacks {missing[0]}, which its data manifest lists; {REDO}")
+        raise StagingError(f"data dir {data_dir} lacks {missing[0]}, which its data manifest lists; {redo(data_dir)}")
+    _free_old_copies(target, manifest, todo)
     _check_space(data_dir, target, sum(f.size for f in todo) + sum(stamp["size"] for stamp in meta.values()),
                  len(todo))
     for name in manifest.meta:
@@ -174,8 +217,8 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
             with atomic_path(target / name) as tmp:
                 shutil.copyfile(data_dir / name, tmp)
         except OSError as exc:
-            raise copy_failed(data_dir / name, target / name, exc) from None
-        record["meta"][name] = meta[name]
+            raise copy_failed(data_dir / name, target / name, exc, data_dir) from None
+        record["meta"][name], record["meta_copies"][name] = meta[name], _meta_stamp(target / name)
     source_dir, total = files_dir(data_dir, manifest), sum(f.size for f in todo)
     log.info("staging %d of the %d files of %s (%s) to %s with %d thread(s)", len(todo), len(manifest.files),
              data_dir, human_bytes(total), target, min(workers, len(todo)) or 1)
@@ -185,7 +228,8 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
             if failed.is_set():
                 return
             try:
-                copy_verified(source_dir / entry.name, target / FILES / entry.name, entry, progress.update)
+                copy_verified(source_dir / entry.name, target / FILES / entry.name, entry, progress.update,
+                              data_dir=data_dir)
             except BaseException:
                 failed.set()
                 raise
@@ -202,6 +246,16 @@ def _stage(data_dir: Path, manifest: Manifest, target: Path, copy: Manifest, wor
              human_bytes(total / max(elapsed, 1e-9)))
 
 
+def _free_old_copies(target: Path, manifest: Manifest, todo: list[ManifestFile]) -> None:
+    """Remove the copies about to be replaced and the files the manifest no longer lists, before the free space is
+    measured: an old version keeps its blocks until it is replaced, and an unlisted file would keep them for ever."""
+    listed = {f.name for f in manifest.files} - {f.name for f in todo}
+    folder = target / FILES
+    for path in [p for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()]:
+        if path.relative_to(folder).as_posix() not in listed:
+            path.unlink()
+
+
 def _check_space(data_dir: Path, target: Path, need: int, files: int) -> None:
     free = shutil.disk_usage(target).free
     if need > free:
@@ -213,9 +267,9 @@ def _check_space(data_dir: Path, target: Path, need: int, files: int) -> None:
 def _read_verified(target: Path) -> dict[str, dict[str, Any]]:
     try:
         record = json.loads((target / VERIFIED).read_bytes())
-        return {"files": dict(record["files"]), "meta": dict(record["meta"])}
+        return {key: dict(record[key]) for key in ("files", "meta", "meta_copies")}
     except (OSError, ValueError, KeyError, TypeError):
-        return {"files": {}, "meta": {}}  # none yet, or damaged: what it would have vouched for is copied again
+        return {"files": {}, "meta": {}, "meta_copies": {}}  # none yet, or damaged: what it vouched for is copied again
 
 
 def _stamp(target: Path, entry: ManifestFile) -> dict[str, Any]:
@@ -236,7 +290,13 @@ def _meta_stamp(path: Path) -> dict[str, int] | None:
         st = path.stat()
     except OSError:
         return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+
+
+def _unchanged(path: Path, stamp: dict[str, int] | None) -> bool:
+    """``path`` is the file ``stamp`` was taken of (a meta file: small, rewritten rather than re-hashed)."""
+    now = _meta_stamp(path)
+    return now is not None and now == stamp
 
 
 def as_given(cfg: Config) -> tuple[Config, dict[str, str]]:

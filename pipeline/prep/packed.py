@@ -8,8 +8,9 @@
 
 ``--layout shards`` reads the same way, then writes ``D/shards/{train,val}-NNNNNN.tar`` (pipeline.prep.shards)
 and points the indexes and the manifest at them. Either is resumable (the scans and finished shards are kept in
-``D/.prep/``); a finished data dir (its manifest present) is re-verified in seconds (each file's size). The test
-archive has no labels and is not read.
+``D/.prep/``); a finished data dir (its manifest present) is re-verified in seconds (each file's size, and for
+shards the options they were made with: --shard-size-mb, --shard-seed, the resize). The test archive has no labels
+and is not read.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.core.config import Config
-from pipeline.core.data_manifest import DataManifestError, Manifest, ManifestFile, files_dir, read_manifest, \
-    write_manifest
+from pipeline.core.data_manifest import (MANIFEST_FILE, DataManifestError, Manifest, ManifestFile, files_dir,
+                                         read_manifest, write_manifest)
 from pipeline.core.sample_index import samples_name, write_samples
 from pipeline.prep.archives import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, ArchiveError, archive_exists, missing_archive_error
 from pipeline.prep.classes import CLASSES_FILE, write_classes
@@ -29,7 +30,7 @@ from pipeline.prep.datadir import (DataDirError, check_classes, check_dataset, c
 from pipeline.prep.devkit import read_devkit
 from pipeline.prep.imagenet_report import SPLIT_ARCHIVES, imagenet_report, log_summary
 from pipeline.prep.scan import scan_split
-from pipeline.prep.shards import SHARD_DIR, Resize, write_split_shards
+from pipeline.prep.shards import SHARD_DIR, Resize, check_shard_count, write_split_shards
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def prepare_packed(cfg: Config, *, expected_md5: Mapping[str, str] | None) -> di
     except DataManifestError as exc:
         raise DataDirError(f"{exc} (or remove it to prepare {data_dir} again)") from None
     if manifest is not None:
-        return reverify_packed(data_dir, manifest)
+        return reverify_packed(data_dir, manifest, cfg)
     archives = [archive_dir / name for name in (DEVKIT_TAR, TRAIN_TAR, VAL_TAR)]
     absent = [path for path in archives if not archive_exists(path)]
     if absent:
@@ -72,12 +73,16 @@ def prepare_packed(cfg: Config, *, expected_md5: Mapping[str, str] | None) -> di
                      for s, r in records.items()]
             rows = {split: samples for split, (samples, _) in scans.items()}
         else:
-            files_root, files, rows, extra["resize"] = SHARD_DIR, [], {}, _resize(cfg).record()
+            files_root, files, rows = SHARD_DIR, [], {}
+            extra.update(shard_options(cfg))
             sources = [archive_dir / SPLIT_ARCHIVES[split] for split in SPLITS]
+            shard_bytes = cfg.prep.shard_size_mb * 10 ** 6  # MB as the flag counts them
+            check_shard_count([samples for samples, _ in scans.values()], seed=cfg.prep.shard_seed,
+                              shard_bytes=shard_bytes)
             for split, (samples, _) in scans.items():
                 shard_files, rows[split] = write_split_shards(
                     split, samples, sources, data_dir, first_file=len(files), seed=cfg.prep.shard_seed,
-                    shard_bytes=cfg.prep.shard_size_mb * 10 ** 6, resize=_resize(cfg), workers=cfg.data.workers)
+                    shard_bytes=shard_bytes, resize=_resize(cfg), workers=cfg.data.workers)
                 files += shard_files
         extra["samples"] = {split: write_samples(data_dir, split, rows[split]) for split in SPLITS}
         report = imagenet_report(archive_dir, data_dir, devkit, records)
@@ -96,8 +101,24 @@ def _resize(cfg: Config) -> Resize:
     return Resize(cfg.prep.shard_max_side, cfg.prep.shard_quality)
 
 
-def reverify_packed(data_dir: Path, manifest: Manifest) -> dict[str, Any]:
-    """A finished packed data dir: every large file is there with its size (MD5s are staging's and a re-prep's)."""
+def shard_options(cfg: Config) -> dict[str, Any]:
+    """What the shards' bytes depend on besides the archives, as the manifest records it (flags in the errors)."""
+    return {"resize": _resize(cfg).record(), "shard_size_mb": cfg.prep.shard_size_mb, "shard_seed": cfg.prep.shard_seed}
+
+
+OPTION_FLAGS = {"resize": "--shard-max-side/--shard-quality", "shard_size_mb": "--shard-size-mb",
+                "shard_seed": "--shard-seed"}
+
+
+def reverify_packed(data_dir: Path, manifest: Manifest, cfg: Config) -> dict[str, Any]:
+    """A finished packed data dir: shards made with the options asked for now, every large file there with its size
+    (MD5s are staging's and a re-prep's)."""
+    if manifest.layout == "shards":
+        for key, wanted in shard_options(cfg).items():
+            if key in manifest.extra and manifest.extra[key] != wanted:
+                raise DataDirError(f"{data_dir} holds shards made with {key} {manifest.extra[key]} "
+                                   f"({OPTION_FLAGS[key]}), not {wanted}: pass the options it was prepared with, or "
+                                   f"remove {data_dir / MANIFEST_FILE} and run prep again to rewrite the shards")
     root = files_dir(data_dir, manifest)
     for entry in manifest.files:
         path = root / entry.name

@@ -7,7 +7,8 @@ is checked as extraction checks it (plain names, regular files, inside their tar
 MD5 of each archive is computed from the same pass (the manifest records it; checked when an expected one is given).
 
 The result of each split is kept in ``<data dir>/.prep/`` (rows and record), so an interrupted prep, or shards
-written after it, do not read the archive again; a kept scan is used only for an archive of the size it was made from.
+written after it, do not read the archive again; a kept scan is used only for an archive of the size and mtime it was
+made from.
 """
 from __future__ import annotations
 
@@ -88,14 +89,16 @@ def scan_split(split: str, archive: Path, data_dir: Path, devkit: Devkit, *, fil
 
 def _load_kept(rows_path: Path, record_path: Path, archive: Path,
                expected_md5: str | None) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """A kept scan of this archive (same size; the expected MD5 when one is given), else None (scan again)."""
+    """A kept scan of this archive (same size and mtime; the expected MD5 when one is given), else None (scan
+    again). The mtime too: an archive rewritten in place at the same size (another download) has other members."""
     try:
         record = json.loads(record_path.read_text())
         samples = np.load(rows_path, allow_pickle=False)
     except (OSError, ValueError):
         return None
     stat, stats = archive_stat(archive), record.get("archive", {})
-    if stat is None or stat.st_size != stats.get("bytes") or expected_md5 not in (None, stats.get("md5")):
+    if (stat is None or (stat.st_size, stat.st_mtime_ns) != (stats.get("bytes"), stats.get("mtime_ns"))
+            or expected_md5 not in (None, stats.get("md5"))):
         return None
     stats["read_in_this_run"] = False
     return samples, record

@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.core.atomic import atomic_write_text, fsync_dir
 from pipeline.core.data_manifest import ManifestFile
+from pipeline.core.sample_index import MAX_FILES
 from pipeline.prep.archives import READ_CHUNK, ArchiveError
 from pipeline.prep.datadir import STATE_DIR
 
@@ -53,6 +54,15 @@ def plan_shards(samples: np.ndarray, *, seed: int, shard_bytes: int) -> list[np.
     running = np.cumsum(samples["length"][order].astype(np.int64) + TAR_OVERHEAD)
     cuts = np.flatnonzero(np.diff(running // shard_bytes)) + 1
     return [part for part in np.split(order, cuts) if len(part)]
+
+
+def check_shard_count(splits: list[np.ndarray], *, seed: int, shard_bytes: int) -> None:
+    """Refuse, before any shard is written, a plan of more shards than the index can name (MAX_FILES)."""
+    count = sum(len(plan_shards(samples, seed=seed, shard_bytes=shard_bytes)) for samples in splits)
+    if count > MAX_FILES:
+        raise ArchiveError(f"--shard-size-mb {shard_bytes // 10 ** 6} cuts the {sum(map(len, splits)):,} images into "
+                           f"{count:,} shards, more than the {MAX_FILES:,} the sample index can name; pass a larger "
+                           "--shard-size-mb (the archives' scans are kept: they are not read again)")
 
 
 def sample_key(name: bytes) -> str:
