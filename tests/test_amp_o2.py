@@ -2,6 +2,8 @@
 stepped by the optimizer and saved in checkpoints, fp16 loss scaling (dynamic or static), exact resume."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +14,7 @@ from pipeline.core.precision import setup_precision
 from pipeline.core.validate import validate
 from pipeline.models.registry import build_model
 from pipeline.train.trainer import train
-from train_helpers import interrupted_and_resumed, read_rows, tiny_config, tiny_data
+from train_helpers import interrupted_and_resumed, read_rows, run_module, tiny_argv, tiny_config, tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,27 @@ def test_o2_trains_and_checkpoints_the_fp32_master_weights_with_a_static_loss_sc
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")  # weights_only
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
     assert state["scaler"]["scale"] == 256.0  # static: kept whatever overflowed
+
+
+@pytest.mark.slow
+def test_o2_under_ddp_with_accumulation_saves_the_master_weights_it_validated(data_dir, tmp_path):
+    """Two processes (real torchrun, gloo), bf16-o2 with 2-batch windows: the checkpoint's fp32 master weights,
+    evaluated afresh, give the very counts the training's own validation gave (the ranks' low-precision copies
+    stepped in sync through the master weights)."""
+    run_dir = tmp_path / "run"
+    done = run_module("jobs.train", tiny_argv(data_dir, run_dir, "--epochs", "1", "--amp", "bf16-o2",
+                                              "--accum-steps", "2"), nproc=2, timeout_s=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
+    row = read_rows(run_dir / "epochs.csv")[-1]
+    assert (row["amp"], row["world_size"]) == ("bf16-o2", "2")
+    evaluated = run_module("jobs.eval", ["--config", str(run_dir / "config.toml"), "--checkpoint",
+                                         str(run_dir / "checkpoints" / "latest.pt")], timeout_s=120)
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert [record["top1_correct"], record["top5_correct"], record["total"]] == [
+        int(row["val_top1_correct"]), int(row["val_top5_correct"]), int(row["val_total"])]
 
 
 @pytest.mark.parametrize("flags, message", [
