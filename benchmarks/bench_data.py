@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 
-from benchmarks.bench_prep import reference_recipe, timed
+from benchmarks.bench_prep import add_archive_arguments, make_archives, reference_recipe, timed
 from pipeline.core.config import Config
 from pipeline.core.data_manifest import Manifest, ManifestFile, write_manifest
 from pipeline.core.sample_index import make_samples, write_samples
 from pipeline.prep.classes import write_classes
 from pipeline.prep.packed import prepare_packed
 from pipeline.prep.prepare import prepare_imagenet
-from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_imagenet_archives
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
 TRAIN_ROWS = 1_281_167
 STARTUP = ("import sys, time; start = time.perf_counter(); from pipeline.core.config import Config; "
@@ -94,19 +94,14 @@ def loader_speed(cfg: Config, batches: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out/data"))
-    parser.add_argument("--classes", type=int, default=40)
-    parser.add_argument("--train-per-class", type=int, default=50)
-    parser.add_argument("--val-per-class", type=int, default=10)
-    parser.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("WIDTH", "HEIGHT"))
+    add_archive_arguments(parser, out="bench-out/data", classes=40, train_per_class=50, size=(500, 375))
     parser.add_argument("--workers", type=int, default=2, help="prep threads and loader processes")
     parser.add_argument("--batches", type=int, default=40, help="timed loader batches of 32 per layout")
     parser.add_argument("--repeats", type=int, default=3, help="loader timings per layout (interleaved, best kept)")
     args = parser.parse_args(argv)
     out = args.out.absolute()
     logging.basicConfig(level=logging.WARNING)
-    info = make_imagenet_archives(out / "archives", num_classes=args.classes, train_per_class=args.train_per_class,
-                                  val_per_class=args.val_per_class, size=tuple(args.size), seed=0)
+    info = make_archives(args, out / "archives", seed=0)
     nbytes = sum((info.archive_dir / n).stat().st_size for n in (TRAIN_TAR, VAL_TAR, DEVKIT_TAR))
     print(f"archives: {nbytes / 1e6:.0f} MB, {args.classes * (args.train_per_class + args.val_per_class)} images of "
           f"{args.size[0]} x {args.size[1]}; {os.cpu_count()} CPUs")

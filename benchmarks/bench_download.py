@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.prep.download import PART_SUFFIX, download
-from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR, make_imagenet_archives
+from benchmarks.bench_prep import add_archive_arguments, make_archives
+from pipeline.prep.synthetic import DEVKIT_TAR, TRAIN_TAR, VAL_TAR
 
 NAMES = (TRAIN_TAR, VAL_TAR, DEVKIT_TAR)
 
@@ -59,19 +60,13 @@ def tool_copy(command: list[str]) -> Callable[[list[str], Path], None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out/download"))
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--train-per-class", type=int, default=32)
-    parser.add_argument("--val-per-class", type=int, default=10)
-    parser.add_argument("--size", type=int, nargs=2, default=[400, 350], metavar=("WIDTH", "HEIGHT"))
+    add_archive_arguments(parser, out="bench-out/download", classes=100, train_per_class=32, size=(400, 350))
     parser.add_argument("--workers", type=int, default=4, help="files at once (the config default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cap-mb-per-s", type=float, default=25.0, help="per-connection cap of the second server")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    synthetic = make_imagenet_archives(args.out / "served", num_classes=args.classes,
-                                       train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                                       size=tuple(args.size))
+    synthetic = make_archives(args, args.out / "served")
     sizes = {name: (synthetic.archive_dir / name).stat().st_size for name in NAMES}
     total = sum(sizes.values())
 

@@ -57,6 +57,22 @@ def reference_recipe(archive_dir: Path, data_dir: Path) -> None:
         os.rename(val / name, val / wnid_of_id[int(line)] / name)
 
 
+def add_archive_arguments(parser: argparse.ArgumentParser, *, out: str, classes: int, train_per_class: int,
+                          size: tuple[int, int]) -> None:
+    """The synthetic archives a benchmark makes (where, classes, images per class, image size), alike in every one."""
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--classes", type=int, default=classes)
+    parser.add_argument("--train-per-class", type=int, default=train_per_class)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--size", type=int, nargs=2, default=list(size), metavar=("WIDTH", "HEIGHT"))
+
+
+def make_archives(args: argparse.Namespace, folder: Path, **options) -> SyntheticImageNet:
+    """The archives add_archive_arguments describes, made in ``folder``."""
+    return make_imagenet_archives(folder, num_classes=args.classes, train_per_class=args.train_per_class,
+                                  val_per_class=args.val_per_class, size=tuple(args.size), **options)
+
+
 def timed(label: str, run: Callable[[Path], None], data_dir: Path, nbytes: int) -> dict[str, float]:
     shutil.rmtree(data_dir, ignore_errors=True)
     os.sync()
@@ -74,20 +90,14 @@ def tree(folder: Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out/prep"))
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--train-per-class", type=int, default=32)
-    parser.add_argument("--val-per-class", type=int, default=10)
-    parser.add_argument("--size", type=int, nargs=2, default=[400, 350], metavar=("WIDTH", "HEIGHT"))
+    add_archive_arguments(parser, out="bench-out/prep", classes=100, train_per_class=32, size=(400, 350))
     parser.add_argument("--workers", type=int, default=4, help="prep writer threads (the config default)")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
     args.out = args.out.absolute()  # the recipe runs in other folders
     logging.basicConfig(level=logging.WARNING)
 
-    info: SyntheticImageNet = make_imagenet_archives(
-        args.out / "archives", num_classes=args.classes, train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class, size=tuple(args.size), seed=0)
+    info = make_archives(args, args.out / "archives", seed=0)
     nbytes = sum((info.archive_dir / n).stat().st_size for n in (TRAIN_TAR, VAL_TAR, DEVKIT_TAR))
     images = args.classes * (args.train_per_class + args.val_per_class)
     print(f"archives: {nbytes / 1e6:.0f} MB, {images} images, {args.classes} classes; {os.cpu_count()} CPUs")
