@@ -190,7 +190,9 @@ def test_byte_ranges_of_a_file_changed_during_the_download_start_again_in_one_st
         server.replace_after_cut[NAME] = new
         get(server, tmp_path / "out", ranges=4, range_min_bytes=1024)
     refused = [r for r in server.requests if r["headers"].get("If-Range") and r["range"] != "bytes=0-"]
-    assert refused and refused[-1]["status"] == 200  # a range asked after the change: the whole new file instead
+    # a range asked after the change gets the whole new file instead (the other ranges run in parallel threads, so
+    # one asked before the change may reach the server's log after it)
+    assert any(r["status"] == 200 for r in refused)
     assert "the file starts again in one stream" in caplog.text and (tmp_path / "out" / NAME).read_bytes() == new
 
 
